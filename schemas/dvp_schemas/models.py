@@ -1,0 +1,48 @@
+"""GET /v1/models, GET /health: what is served and by which engine."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from ._base import ResponseModel
+
+# Per-token fields an engine may return. Engines list the ones they fill exactly.
+RolloutField = Literal[
+    "token_ids", "logprobs", "masked_logprobs", "safe_logmass", "safe_sizes", "safe_token_ids"
+]
+
+
+class EngineCapabilities(ResponseModel):
+    fields: list[RolloutField] = Field(description="Per-token fields this engine returns.")
+    exact_at_any_temperature: list[RolloutField] = Field(
+        description="Fields exact at every temperature (others may be null when T != 1)."
+    )
+    max_top_k: int | None = Field(
+        None, description="Largest safe set the engine can describe exactly (None: whole vocab)."
+    )
+
+
+class ModelCard(ResponseModel):
+    id: str
+    object: Literal["model"] = "model"
+    owned_by: str = "dvp-serve"
+    engine: str
+    dtype: str
+    vocab_size: int
+    max_model_len: int
+    policy_version: int
+    capabilities: EngineCapabilities
+
+
+class ModelList(ResponseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class HealthResponse(ResponseModel):
+    status: Literal["ok", "starting", "degraded", "dead"]
+    engine: str
+    engine_state: str
+    policy_version: int

@@ -1,0 +1,176 @@
+"""POST /v1/rollouts: request and columnar response.
+
+A response holds one :class:`Rollout` per (prompt, sample); every per-step
+quantity is an array indexed by generated-token position t (columnar: arrays,
+not one object per token). Safe sets travel in CSR form.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from ._base import RequestModel, ResponseModel
+from .rule import PruningRule
+
+MAX_STOP_STRINGS = 16
+
+
+class ChatMessage(RequestModel):
+    role: Literal["system", "user", "assistant", "tool"] = Field(description="Speaker.")
+    content: str = Field(description="Message text.")
+
+
+TokenIds = Annotated[list[int], Field(min_length=1, description="Prompt as token ids.")]
+ChatPrompt = Annotated[
+    list[ChatMessage],
+    Field(min_length=1, description="Chat messages; the server applies the chat template."),
+]
+Prompt = str | TokenIds | ChatPrompt
+
+
+class SamplingOptions(RequestModel):
+    """How to sample. Precedence for each field: request -> server default."""
+
+    temperature: float = Field(
+        1.0, ge=0.0, le=100.0, description="Softmax temperature T; 0 is greedy (S = {argmax})."
+    )
+    max_tokens: int = Field(256, ge=1, description="New tokens per rollout, at most.")
+    stop: list[str] | None = Field(
+        None,
+        max_length=MAX_STOP_STRINGS,
+        description="Stop strings; the text stops before the string, the token ids include "
+        "the token that completed it.",
+    )
+    stop_token_ids: list[int] | None = Field(
+        None, max_length=MAX_STOP_STRINGS, description="Extra token ids that end a rollout."
+    )
+    seed: int | None = Field(
+        None,
+        ge=0,
+        lt=2**63,
+        description="Seed. Sample j of a prompt uses a generator derived from (seed, j), so "
+        "the same request gives the same tokens.",
+    )
+    ignore_eos: bool = Field(False, description="Keep generating past end-of-sequence.")
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_as_list(cls, v: object) -> object:
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_non_empty(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and any(s == "" for s in v):
+            raise ValueError("stop strings must be non-empty")
+        return v
+
+
+class RolloutRequest(RequestModel):
+    """Sample ``n`` rollouts for each prompt under the pruning rule.
+
+    Example::
+
+        {"prompts": ["What is 7*8?"], "n": 4,
+         "sampling": {"max_tokens": 64, "seed": 0},
+         "pruning": {"min_p": 0.001},
+         "return_safe_token_ids": true}
+    """
+
+    prompts: list[Prompt] = Field(
+        min_length=1, description="Prompts: text, token ids, or chat messages (may be mixed)."
+    )
+    n: int = Field(1, ge=1, description="Samples per prompt.")
+    sampling: SamplingOptions = Field(default_factory=SamplingOptions)
+    pruning: PruningRule = Field(default_factory=PruningRule)
+    return_safe_token_ids: bool = Field(
+        False, description="Return the ids of every step's safe set (CSR)."
+    )
+    return_text: bool = Field(True, description="Return the decoded completion text.")
+    model: str | None = Field(None, description="Model id; checked against the served model.")
+
+    @field_validator("prompts")
+    @classmethod
+    def _no_empty_text(cls, v: list[Prompt]) -> list[Prompt]:
+        for i, p in enumerate(v):
+            if isinstance(p, str) and p == "":
+                raise ValueError(f"prompts[{i}] is an empty string")
+        return v
+
+
+class SafeTokenIds(ResponseModel):
+    """Safe sets of every step in CSR form: the set of step t is
+    ``ids[offsets[t]:offsets[t+1]]`` (sorted ascending); ``len(offsets) == T + 1``."""
+
+    ids: list[int] = Field(description="Flat token ids of all steps' safe sets.")
+    offsets: list[int] = Field(description="Row offsets into ids; length T + 1.")
+
+    @model_validator(mode="after")
+    def _check_csr(self) -> SafeTokenIds:
+        if not self.offsets or self.offsets[0] != 0 or self.offsets[-1] != len(self.ids):
+            raise ValueError("offsets must start at 0 and end at len(ids)")
+        if any(b < a for a, b in zip(self.offsets, self.offsets[1:])):
+            raise ValueError("offsets must be non-decreasing")
+        return self
+
+    def step(self, t: int) -> list[int]:
+        """The safe set of step t."""
+        return self.ids[self.offsets[t] : self.offsets[t + 1]]
+
+
+FinishReason = Literal["stop", "length", "abort", "error"]
+
+
+class Rollout(ResponseModel):
+    """One sampled completion with its per-step DVP metadata (arrays of length T)."""
+
+    prompt_index: int = Field(description="Index into the request's prompts.")
+    sample_index: int = Field(description="0..n-1 within its prompt.")
+    prompt_token_ids: list[int] = Field(description="The prompt as the engine saw it.")
+    token_ids: list[int] = Field(description="Generated token ids y_1..y_T.")
+    text: str | None = Field(None, description="Decoded completion (stop string removed).")
+    logprobs: list[float | None] | None = Field(
+        None,
+        description="log p(y_t) under the full tempered distribution; null where the "
+        "engine cannot give it exactly.",
+    )
+    masked_logprobs: list[float] = Field(
+        description="log pi_S(y_t): the log-prob renormalised over the safe set."
+    )
+    safe_logmass: list[float | None] | None = Field(
+        None, description="log Z_S = logsumexp over S of the tempered log-probs (<= 0)."
+    )
+    safe_sizes: list[int] = Field(description="|S_t| per step.")
+    safe_token_ids: SafeTokenIds | None = Field(None, description="S_t ids, when asked.")
+    finish_reason: FinishReason = Field(description="Why the rollout ended.")
+    stop_reason: str | int | None = Field(
+        None, description="The stop string or token id that ended it, if any."
+    )
+    policy_version: int = Field(description="Weights version every token was sampled with.")
+    seed: int | None = Field(None, description="The seed of this sample's generator.")
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+class Usage(ResponseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class RolloutResponse(ResponseModel):
+    """Rollouts ordered by (prompt_index, sample_index)."""
+
+    id: str = Field(description="Request id (echoes X-Request-Id when given).")
+    object: Literal["rollouts"] = "rollouts"
+    model: str
+    engine: str
+    temperature: float = Field(description="The temperature the rollouts were sampled at.")
+    pruning: PruningRule = Field(description="The rule the safe sets were built with.")
+    policy_version: int
+    rollouts: list[Rollout]
+    usage: Usage

@@ -1,0 +1,105 @@
+"""The Engine protocol: what the serving layer needs from a decoding engine.
+
+An engine takes one rollout at a time (a prompt's token ids plus its
+:class:`EngineParams`), streams :class:`RolloutChunk` s for it as tokens are
+decoded, and can abort it by request id. Engines batch concurrent rollouts
+themselves (the torch engine with its scheduler, vLLM with its own), so the
+serving layer simply fans a request's prompts x n out as concurrent
+``generate`` calls. This is the shape of vLLM's ``AsyncLLM.generate``, so the
+vLLM adapter fills it directly.
+
+Per-step data travels as numpy arrays (columnar), never as per-token objects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+from dvp_schemas import EngineCapabilities, FinishReason, PruningRule
+
+
+@dataclass(frozen=True)
+class EngineParams:
+    """Everything an engine needs to decode one rollout (built by ``params.py``)."""
+
+    temperature: float
+    max_tokens: int
+    rule: PruningRule
+    seed: int
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    return_safe_token_ids: bool = False
+
+
+@dataclass
+class RolloutChunk:
+    """Tokens decoded for one rollout since its previous chunk (arrays of length t).
+
+    ``safe_ids`` / ``safe_offsets`` are CSR over these t steps (offsets length
+    t + 1, starting at 0) when safe ids were asked for, else None. ``logprobs`` and
+    ``safe_logmass`` hold NaN where the engine cannot give them exactly.
+    The last chunk of a rollout has ``finish_reason`` set.
+    """
+
+    token_ids: np.ndarray  # int64 (t,)
+    logprobs: np.ndarray  # float32 (t,)
+    masked_logprobs: np.ndarray  # float32 (t,)
+    safe_logmass: np.ndarray  # float32 (t,)
+    safe_sizes: np.ndarray  # int64 (t,)
+    safe_ids: np.ndarray | None = None  # int32 (sum sizes,)
+    safe_offsets: np.ndarray | None = None  # int64 (t + 1,)
+    finish_reason: FinishReason | None = None
+    stop_reason: str | int | None = None
+    policy_version: int = 0
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """Static facts about the served model, reported by ``GET /v1/models``."""
+
+    name: str  # engine name: "torch" | "vllm"
+    model_id: str
+    dtype: str
+    vocab_size: int
+    max_model_len: int
+    capabilities: EngineCapabilities
+    eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+
+
+class EngineError(RuntimeError):
+    """The engine failed a rollout (not the request's fault); maps to 503."""
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """An async decoding engine. ``start`` / ``shutdown`` run in the app lifespan."""
+
+    info: EngineInfo
+
+    @property
+    def policy_version(self) -> int: ...
+
+    @property
+    def state(self) -> str:
+        """'starting' | 'running' | 'dead'."""
+        ...
+
+    async def start(self) -> None: ...
+
+    async def shutdown(self) -> None: ...
+
+    def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: EngineParams
+    ) -> AsyncIterator[RolloutChunk]:
+        """Decode one rollout, yielding chunks; the last one has finish_reason set.
+
+        Closing the iterator early (client gone) must abort the rollout.
+        """
+        ...
+
+    async def abort(self, request_id: str) -> None: ...
