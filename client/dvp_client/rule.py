@@ -60,7 +60,7 @@ class RuleParams:
         *,
         temperature: Scalar | Tensor = 1.0,
         min_p: Scalar | Tensor = 0.0,
-        top_k: int | None | Tensor = None,
+        top_k: int | Tensor | None = None,
         top_p: Scalar | Tensor = 1.0,
         device: torch.device | str | None = None,
     ) -> RuleParams:
@@ -95,7 +95,7 @@ class RuleParams:
         for name, ok, rng in checks:
             if not bool(ok.all()):
                 bad = getattr(p, name)[~ok][0].item()
-                raise ValueError(f"{name} must be {rng}, got {bad}")
+                raise ValueError(f"{name} must be {rng}, got {bad:.6g}")
         return p
 
 
@@ -111,7 +111,7 @@ def _scale(logits: Tensor, temperature: Tensor) -> tuple[Tensor, Tensor]:
 
 def _rule_mask(u: Tensor, params: RuleParams, greedy: Tensor) -> Tensor:
     """Steps 2-4 of the rule on scaled float32 logits ``u`` ``(N, V)``; bool ``(N, V)``."""
-    n, v = u.shape
+    _n, v = u.shape
     u_max = u.max(dim=-1, keepdim=True).values  # (N, 1)
     # 2. min-p in log space: p_v >= rho * p_max  <=>  u_v - u_max >= log(rho).
     log_rho = torch.log(params.min_p).unsqueeze(-1)  # (N, 1); log(0) = -inf keeps all
@@ -194,7 +194,9 @@ class SafeVocab:
         masked = torch.where(in_s, u_y - self.log_z_safe, torch.full_like(u_y, -math.inf))
         return full, masked
 
-    def sample(self, generators: torch.Generator | Sequence[torch.Generator] | None = None) -> Tensor:
+    def sample(
+        self, generators: torch.Generator | Sequence[torch.Generator] | None = None
+    ) -> Tensor:
         """Draw one token per row from ``pi_S`` by inverse CDF; int64 ``(N,)``.
 
         Args:
@@ -223,7 +225,9 @@ class SafeVocab:
         block_cdf = torch.cumsum(blocks.sum(-1, dtype=torch.float64), dim=-1)  # (N, nb)
         target = uni * block_cdf[:, -1]  # (N,)
         b = _search_last_positive(block_cdf, target)  # (N,)
-        below = torch.where(b > 0, block_cdf.gather(-1, (b - 1).clamp(min=0).unsqueeze(-1)).squeeze(-1), 0.0)
+        below = torch.where(
+            b > 0, block_cdf.gather(-1, (b - 1).clamp(min=0).unsqueeze(-1)).squeeze(-1), 0.0
+        )
         rows = torch.arange(n, device=probs.device)
         inner_cdf = torch.cumsum(blocks[rows, b].double(), dim=-1)  # (N, BLOCK)
         j = _search_last_positive(inner_cdf, target - below)
@@ -247,7 +251,7 @@ def safe_vocab(
     *,
     temperature: Scalar | Tensor = 1.0,
     min_p: Scalar | Tensor = 0.0,
-    top_k: int | None | Tensor = None,
+    top_k: int | Tensor | None = None,
     top_p: Scalar | Tensor = 1.0,
 ) -> SafeVocab:
     """Apply the rule to logits ``(N, V)`` (any float dtype); see the module docstring.
@@ -285,7 +289,7 @@ def safe_mask(
     *,
     temperature: Scalar | Tensor = 1.0,
     min_p: Scalar | Tensor = 0.0,
-    top_k: int | None | Tensor = None,
+    top_k: int | Tensor | None = None,
     top_p: Scalar | Tensor = 1.0,
 ) -> Tensor:
     """The safe sets only: bool ``(..., V)`` for logits ``(..., V)``.

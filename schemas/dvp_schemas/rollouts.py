@@ -111,7 +111,7 @@ class SafeTokenIds(ResponseModel):
     def _check_csr(self) -> SafeTokenIds:
         if not self.offsets or self.offsets[0] != 0 or self.offsets[-1] != len(self.ids):
             raise ValueError("offsets must start at 0 and end at len(ids)")
-        if any(b < a for a, b in zip(self.offsets, self.offsets[1:])):
+        if any(b < a for a, b in zip(self.offsets, self.offsets[1:], strict=False)):
             raise ValueError("offsets must be non-decreasing")
         return self
 
