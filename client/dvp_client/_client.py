@@ -1,0 +1,378 @@
+"""``Client`` and ``AsyncClient``: thin shells over the core in :mod:`dvp_client._base`.
+
+They differ only in how they send, sleep and close; URLs, headers, bodies,
+retries and backoff live in the core.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping, Sequence
+from types import TracebackType
+from typing import Any
+
+import httpx
+from dvp_schemas import HealthResponse, ModelList, PruningRule
+
+from ._base import BaseClient, Plan, RequestOptions, _json
+from ._constants import DEFAULT_MAX_RETRIES, IDEMPOTENT_METHODS
+from ._types import NOT_GIVEN, Headers, NotGivenOr, PromptInput, TimeoutTypes
+from .batch import RolloutBatch
+
+__all__ = ["AsyncClient", "Client"]
+
+
+def _request_options(
+    method: str,
+    path: str,
+    json: object,
+    timeout: NotGivenOr[TimeoutTypes],
+    extra_headers: Headers | None,
+    safe_to_retry: bool | None,
+) -> RequestOptions:
+    retryable = method.upper() in IDEMPOTENT_METHODS if safe_to_retry is None else safe_to_retry
+    return RequestOptions(method.upper(), path, json, extra_headers, timeout, retryable)
+
+
+class Client(BaseClient[httpx.Client]):
+    """Synchronous client of a dvp-serve server.
+
+    Example::
+
+        from dvp_client import Client
+
+        with Client("http://127.0.0.1:8000") as c:
+            batch = c.rollouts(["What is 7*8?"], n=4, max_tokens=64, pruning={"min_p": 1e-3})
+        r = batch.rollouts[0]
+        r.token_ids, r.masked_logprobs, r.safe_logmass, r.safe_sizes, r.policy_version
+
+    Args:
+        base_url: Server URL, e.g. ``"http://127.0.0.1:8000"``; None reads
+            ``DVP_BASE_URL``, else ``http://127.0.0.1:8000``.
+        api_key: Sent as ``Authorization: Bearer <key>``; None reads ``DVP_API_KEY``;
+            no header when neither is set.
+        timeout: Default timeout of every call (seconds, an ``httpx.Timeout``, or
+            None for none). NOT_GIVEN: 600 s, 5 s to connect (or ``http_client``'s
+            own timeout when it set one).
+        max_retries: Retries after the first attempt, for retryable failures.
+        http_client: An ``httpx.Client`` to send with (proxies, limits, or an
+            ``httpx.MockTransport`` in tests). The caller keeps ownership: ``close()``
+            only closes a client this object created.
+    """
+
+    def __init__(
+        self,
+        base_url: str | httpx.URL | None = None,
+        *,
+        api_key: str | None = None,
+        timeout: NotGivenOr[TimeoutTypes] = NOT_GIVEN,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        http_client: httpx.Client | None = None,
+    ) -> None:
+        super().__init__(
+            base_url,
+            api_key=api_key,
+            timeout=timeout,
+            max_retries=max_retries,
+            http_client=http_client if http_client is not None else httpx.Client(),
+            owns_http_client=http_client is None,
+        )
+
+    # -- the three things that differ from AsyncClient --------------------------------
+
+    def _send(self, request: httpx.Request) -> httpx.Response:
+        return self._client.send(request)
+
+    def _sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+    def close(self) -> None:
+        """Close the underlying httpx client if this object created it."""
+        if self._owns_http_client:
+            self._client.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _run(self, plan: Plan) -> httpx.Response:
+        """Drive a retry plan: send its requests, sleep its delays."""
+        reply: httpx.Response | None = None
+        error: httpx.TransportError | None = None
+        while True:
+            try:
+                step = plan.send(reply) if error is None else plan.throw(error)
+            except StopIteration as done:
+                return done.value  # type: ignore[no-any-return]
+            reply, error = None, None
+            if isinstance(step, httpx.Request):
+                try:
+                    reply = self._send(step)
+                except httpx.TransportError as err:
+                    error = err
+            else:
+                self._sleep(step)
+
+    # -- API ---------------------------------------------------------------------
+
+    def rollouts(
+        self,
+        prompts: PromptInput | Sequence[PromptInput],
+        *,
+        n: int = 1,
+        temperature: NotGivenOr[float] = NOT_GIVEN,
+        max_tokens: NotGivenOr[int] = NOT_GIVEN,
+        stop: NotGivenOr[str | Sequence[str] | None] = NOT_GIVEN,
+        stop_token_ids: NotGivenOr[Sequence[int] | None] = NOT_GIVEN,
+        seed: NotGivenOr[int | None] = NOT_GIVEN,
+        ignore_eos: NotGivenOr[bool] = NOT_GIVEN,
+        pruning: PruningRule | Mapping[str, object] | None = None,
+        return_safe_token_ids: bool = False,
+        return_text: bool = True,
+        model: str | None = None,
+        timeout: NotGivenOr[TimeoutTypes] = NOT_GIVEN,
+        extra_headers: Headers | None = None,
+    ) -> RolloutBatch:
+        """Sample ``n`` rollouts per prompt from pi_S, with per-step DVP metadata.
+
+        The arguments are validated client side (as a
+        :class:`dvp_schemas.RolloutRequest`) before anything is sent. Sampling
+        arguments left NOT_GIVEN are not sent, so the server's defaults apply.
+
+        Retries: the request is retried (connection errors, 408, 409, 429, 5xx) only
+        because it is safe to repeat. With ``seed`` NOT_GIVEN the client draws a
+        63-bit seed once, before the first attempt, and sends it on every attempt,
+        so a retry reproduces exactly the samples the lost attempt drew (the seed
+        of each sample comes back in ``Rollout.seed``). ``seed=None`` sends an
+        unseeded request, which is then not retried.
+
+        Args:
+            prompts: One text prompt, or a list of prompts: text, token ids, or chat
+                messages (``[{"role": "user", "content": "..."}]``).
+            n: Samples per prompt.
+            temperature: Softmax temperature T; 0 is greedy.
+            max_tokens: New tokens per rollout, at most.
+            stop: Stop string(s); None for none.
+            stop_token_ids: Extra token ids that end a rollout.
+            seed: See above.
+            ignore_eos: Keep generating past end-of-sequence.
+            pruning: The safe-vocabulary rule (:class:`PruningRule` or a dict such as
+                ``{"min_p": 1e-3}``); None: the server's default.
+            return_safe_token_ids: Also return every step's safe set (CSR).
+            return_text: Return the decoded completion text.
+            model: Model id the server must be serving; None skips the check.
+            timeout: This call's timeout; NOT_GIVEN uses the client's.
+            extra_headers: Headers added to (and overriding) the client's.
+
+        Returns:
+            The rollouts, ordered by (prompt_index, sample_index).
+
+        Raises:
+            pydantic.ValidationError: An argument is invalid (nothing was sent).
+            APIStatusError: The server refused (subclass by status; ``param`` names
+                the field on a 422).
+            APIConnectionError: No response after the retries.
+        """
+        sampling: dict[str, Any] = {
+            "temperature": temperature,
+            "max_tokens": max_tokens,
+            "stop": stop,
+            "stop_token_ids": stop_token_ids,
+            "seed": seed,
+            "ignore_eos": ignore_eos,
+        }
+        options = self._rollouts_options(
+            prompts,
+            n=n,
+            sampling=sampling,
+            pruning=pruning,
+            return_safe_token_ids=return_safe_token_ids,
+            return_text=return_text,
+            model=model,
+            timeout=timeout,
+            extra_headers=extra_headers,
+        )
+        return self._parse(self._run(self._plan(options)), RolloutBatch)
+
+    def health(self, *, timeout: NotGivenOr[TimeoutTypes] = NOT_GIVEN) -> HealthResponse:
+        """``GET /health``: whether the server and its engine are up."""
+        options = RequestOptions("GET", "/health", timeout=timeout)
+        return self._parse(self._run(self._plan(options)), HealthResponse)
+
+    def models(self, *, timeout: NotGivenOr[TimeoutTypes] = NOT_GIVEN) -> ModelList:
+        """``GET /v1/models``: the served model, its engine and the fields it returns."""
+        options = RequestOptions("GET", "/v1/models", timeout=timeout)
+        return self._parse(self._run(self._plan(options)), ModelList)
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        json: object = None,
+        *,
+        timeout: NotGivenOr[TimeoutTypes] = NOT_GIVEN,
+        extra_headers: Headers | None = None,
+        safe_to_retry: bool | None = None,
+    ) -> Any:
+        """Call any route with the client's URL, auth, timeout and retries.
+
+        Args:
+            method: HTTP method.
+            path: Path under the base URL.
+            json: JSON body, or None.
+            timeout: This call's timeout; NOT_GIVEN uses the client's.
+            extra_headers: Headers added to (and overriding) the client's.
+            safe_to_retry: Whether retrying is safe; None: only for idempotent methods
+                (GET, HEAD, OPTIONS, PUT, DELETE), never for a POST.
+
+        Returns:
+            The decoded JSON body (None when the body is empty).
+        """
+        options = _request_options(method, path, json, timeout, extra_headers, safe_to_retry)
+        return _json(self._run(self._plan(options)))
+
+
+class AsyncClient(BaseClient[httpx.AsyncClient]):
+    """Asynchronous client of a dvp-serve server; the same API as :class:`Client`.
+
+    Example::
+
+        async with AsyncClient("http://127.0.0.1:8000") as c:
+            batch = await c.rollouts(["What is 7*8?"], n=4, max_tokens=64)
+
+    Args: as :class:`Client`, with ``http_client`` an ``httpx.AsyncClient``.
+    """
+
+    def __init__(
+        self,
+        base_url: str | httpx.URL | None = None,
+        *,
+        api_key: str | None = None,
+        timeout: NotGivenOr[TimeoutTypes] = NOT_GIVEN,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        http_client: httpx.AsyncClient | None = None,
+    ) -> None:
+        super().__init__(
+            base_url,
+            api_key=api_key,
+            timeout=timeout,
+            max_retries=max_retries,
+            http_client=http_client if http_client is not None else httpx.AsyncClient(),
+            owns_http_client=http_client is None,
+        )
+
+    # -- the three things that differ from Client ----------------------------------
+
+    async def _send(self, request: httpx.Request) -> httpx.Response:
+        return await self._client.send(request)
+
+    async def _sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+    async def close(self) -> None:
+        """Close the underlying httpx client if this object created it."""
+        if self._owns_http_client:
+            await self._client.aclose()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def _run(self, plan: Plan) -> httpx.Response:
+        """Drive a retry plan: send its requests, sleep its delays."""
+        reply: httpx.Response | None = None
+        error: httpx.TransportError | None = None
+        while True:
+            try:
+                step = plan.send(reply) if error is None else plan.throw(error)
+            except StopIteration as done:
+                return done.value  # type: ignore[no-any-return]
+            reply, error = None, None
+            if isinstance(step, httpx.Request):
+                try:
+                    reply = await self._send(step)
+                except httpx.TransportError as err:
+                    error = err
+            else:
+                await self._sleep(step)
+
+    # -- API ---------------------------------------------------------------------
+
+    async def rollouts(
+        self,
+        prompts: PromptInput | Sequence[PromptInput],
+        *,
+        n: int = 1,
+        temperature: NotGivenOr[float] = NOT_GIVEN,
+        max_tokens: NotGivenOr[int] = NOT_GIVEN,
+        stop: NotGivenOr[str | Sequence[str] | None] = NOT_GIVEN,
+        stop_token_ids: NotGivenOr[Sequence[int] | None] = NOT_GIVEN,
+        seed: NotGivenOr[int | None] = NOT_GIVEN,
+        ignore_eos: NotGivenOr[bool] = NOT_GIVEN,
+        pruning: PruningRule | Mapping[str, object] | None = None,
+        return_safe_token_ids: bool = False,
+        return_text: bool = True,
+        model: str | None = None,
+        timeout: NotGivenOr[TimeoutTypes] = NOT_GIVEN,
+        extra_headers: Headers | None = None,
+    ) -> RolloutBatch:
+        """Sample ``n`` rollouts per prompt; see :meth:`Client.rollouts`."""
+        sampling: dict[str, Any] = {
+            "temperature": temperature,
+            "max_tokens": max_tokens,
+            "stop": stop,
+            "stop_token_ids": stop_token_ids,
+            "seed": seed,
+            "ignore_eos": ignore_eos,
+        }
+        options = self._rollouts_options(
+            prompts,
+            n=n,
+            sampling=sampling,
+            pruning=pruning,
+            return_safe_token_ids=return_safe_token_ids,
+            return_text=return_text,
+            model=model,
+            timeout=timeout,
+            extra_headers=extra_headers,
+        )
+        return self._parse(await self._run(self._plan(options)), RolloutBatch)
+
+    async def health(self, *, timeout: NotGivenOr[TimeoutTypes] = NOT_GIVEN) -> HealthResponse:
+        """``GET /health``; see :meth:`Client.health`."""
+        options = RequestOptions("GET", "/health", timeout=timeout)
+        return self._parse(await self._run(self._plan(options)), HealthResponse)
+
+    async def models(self, *, timeout: NotGivenOr[TimeoutTypes] = NOT_GIVEN) -> ModelList:
+        """``GET /v1/models``; see :meth:`Client.models`."""
+        options = RequestOptions("GET", "/v1/models", timeout=timeout)
+        return self._parse(await self._run(self._plan(options)), ModelList)
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        json: object = None,
+        *,
+        timeout: NotGivenOr[TimeoutTypes] = NOT_GIVEN,
+        extra_headers: Headers | None = None,
+        safe_to_retry: bool | None = None,
+    ) -> Any:
+        """Call any route; see :meth:`Client.request`."""
+        options = _request_options(method, path, json, timeout, extra_headers, safe_to_retry)
+        return _json(await self._run(self._plan(options)))
