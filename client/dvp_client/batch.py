@@ -2,8 +2,35 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from dvp_schemas import RolloutResponse
+
+if TYPE_CHECKING:  # torch is optional for the HTTP client: imported only in to_torch
+    import torch
+
+    from .tensors import RolloutTensors
 
 
 class RolloutBatch(RolloutResponse):
     """A :class:`dvp_schemas.RolloutResponse` as returned by :class:`dvp_client.Client`."""
+
+    def to_torch(
+        self, *, device: torch.device | str | None = None, pad_id: int = 0
+    ) -> RolloutTensors:
+        """The batch as padded tensors plus replayable safe sets (needs torch).
+
+        Prompts are left-padded, completions right-padded, so
+        ``tensors.completion_logits(model_logits)`` is a view; safe sets come as
+        CSR (:class:`dvp_client.tensors.SafeSets`). See :mod:`dvp_client.tensors`.
+
+        Args:
+            device: where the tensors go (default: CPU).
+            pad_id: the id written into padding positions.
+
+        Raises:
+            ValueError: inconsistent per-step arrays (the message names the rollout).
+        """
+        from .tensors import rollouts_to_tensors
+
+        return rollouts_to_tensors(self, device=device, pad_id=pad_id)
