@@ -1,0 +1,228 @@
+"""The FastAPI app: thin routes over :class:`~dvp_server.serving.RolloutService`.
+
+``create_app(config)`` builds the engine in the async lifespan (torch engine:
+:func:`~dvp_server.model_store.resolve_model` + ``TorchEngine``), keeps it on
+``app.state`` and shuts it down in ``finally``. Every route declares its error
+responses (all of them :class:`dvp_schemas.ErrorResponse`, see ``errors.py``);
+every response carries ``X-Request-Id`` (the client's, or a fresh one).
+OpenAPI: ``/openapi.json``, docs at ``/docs``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from dvp_schemas import (
+    ErrorResponse,
+    HealthResponse,
+    ModelCard,
+    ModelList,
+    RolloutRequest,
+    RolloutResponse,
+)
+from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .config import ServerConfig
+from .engines.base import Engine
+from .errors import install_error_handlers
+from .serving import RolloutService, run_until_disconnect
+
+__all__ = ["RequestIdMiddleware", "build_engine", "create_app"]
+
+logger = logging.getLogger(__name__)
+
+REQUEST_ID_HEADER = "x-request-id"
+_VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses=`` entries: each code answers with the error envelope."""
+    described = {
+        404: "Model not served / no such route.",
+        422: "Invalid request; `param` names the field.",
+        499: "Client closed the connection.",
+        500: "Unexpected server error (logged).",
+        503: "Engine unavailable or failed; retryable.",
+    }
+    return {c: {"model": ErrorResponse, "description": described[c]} for c in codes}
+
+
+router = APIRouter()
+
+
+@router.post(
+    "/v1/rollouts", response_model=RolloutResponse, responses=_errors(404, 422, 499, 500, 503)
+)
+async def create_rollouts(body: RolloutRequest, request: Request) -> Response:
+    """Sample ``n`` rollouts per prompt with safe-vocabulary (DVP) metadata per token.
+
+    curl -s localhost:8000/v1/rollouts -H 'content-type: application/json' -d '{
+      "prompts": ["What is 7*8?", [1, 2, 3], [{"role": "user", "content": "Hi"}]],
+      "n": 4, "sampling": {"max_tokens": 64, "seed": 0},
+      "pruning": {"min_p": 0.001}, "return_safe_token_ids": true}'
+    """
+    service: RolloutService = request.app.state.service
+    work = service.create_rollouts(body, request.state.request_id)
+    result = await run_until_disconnect(request, work)
+    return Response(result.model_dump_json(), media_type="application/json")
+
+
+@router.get("/health", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
+async def health(request: Request) -> JSONResponse:
+    """Liveness and engine state; 200 when serving, 503 otherwise.
+
+    curl -s localhost:8000/health
+    """
+    engine: Engine = request.app.state.engine
+    status = {"running": "ok", "starting": "starting", "dead": "dead"}.get(engine.state, "degraded")
+    body = HealthResponse(
+        status=status,  # type: ignore[arg-type]
+        engine=engine.info.name,
+        engine_state=engine.state,
+        policy_version=engine.policy_version,
+    )
+    return JSONResponse(body.model_dump(), status_code=200 if status == "ok" else 503)
+
+
+@router.get("/v1/models", response_model=ModelList, responses=_errors(500))
+async def list_models(request: Request) -> ModelList:
+    """The served model: id, engine, dtype, vocabulary, context and returned fields.
+
+    curl -s localhost:8000/v1/models
+    """
+    service: RolloutService = request.app.state.service
+    info = service.engine.info
+    card = ModelCard(
+        id=service.model_id,
+        engine=info.name,
+        dtype=info.dtype,
+        vocab_size=info.vocab_size,
+        max_model_len=info.max_model_len,
+        policy_version=service.engine.policy_version,
+        capabilities=info.capabilities,
+    )
+    return ModelList(data=[card])
+
+
+def build_engine(config: ServerConfig) -> tuple[Engine, Any]:
+    """Build the configured engine and the model's tokenizer (blocking: loads weights).
+
+    Raises:
+        ValueError: unknown or unavailable engine, or a model that cannot be found.
+    """
+    from .model_store import load_tokenizer, resolve_model
+
+    if config.engine != "torch":
+        raise ValueError(f"engine {config.engine!r} is not available in this build; use 'torch'")
+    from .engines.torch_engine import TorchEngine
+
+    path = resolve_model(config.model, config.cache_dir)
+    engine = TorchEngine(
+        path,
+        dtype=config.dtype,
+        max_batch=config.max_batch,
+        max_model_len=config.max_model_len,
+    )
+    return engine, load_tokenizer(path)
+
+
+def create_app(
+    config: ServerConfig | None = None, engine: Engine | None = None, tokenizer: Any = None
+) -> FastAPI:
+    """The dvp-serve ASGI app.
+
+    Args:
+        config: server configuration (default: :class:`ServerConfig()`).
+        engine: an engine to serve instead of building one from ``config``; the
+            app starts and shuts it down in its lifespan either way.
+        tokenizer: the engine's tokenizer; None: loaded from ``config.model``.
+    """
+    config = config or ServerConfig()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        eng, tok = await asyncio.to_thread(_load, config, engine, tokenizer)
+        await eng.start()
+        app.state.config = config
+        app.state.engine = eng
+        app.state.service = RolloutService(eng, tok, config)
+        info = eng.info
+        logger.info(
+            "serving %s with the %s engine (%s, vocab %d, max_model_len %d)",
+            info.model_id,
+            info.name,
+            info.dtype,
+            info.vocab_size,
+            info.max_model_len,
+        )
+        try:
+            yield
+        finally:
+            await eng.shutdown()
+
+    app = FastAPI(
+        title="dvp-serve",
+        summary="Rollouts with safe-vocabulary (DVP) metadata for LLM reinforcement learning.",
+        version=_version(),
+        lifespan=lifespan,
+    )
+    app.include_router(router)
+    install_error_handlers(app)
+    app.add_middleware(RequestIdMiddleware)  # outermost: stamps errors from inside too
+    return app
+
+
+def _load(config: ServerConfig, engine: Engine | None, tokenizer: Any) -> tuple[Engine, Any]:
+    """The given engine / tokenizer, building what is missing (blocking)."""
+    if engine is None:
+        return build_engine(config)
+    if tokenizer is None:
+        from .model_store import load_tokenizer, resolve_model
+
+        tokenizer = load_tokenizer(resolve_model(config.model, config.cache_dir))
+    return engine, tokenizer
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("dvp-serve")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+class RequestIdMiddleware:
+    """Give every request an id (the client's ``X-Request-Id`` if well-formed, else
+    ``req-<uuid4 hex>``), store it in ``request.state.request_id`` and echo it."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = next(
+            (v.decode("latin-1") for k, v in scope["headers"] if k == REQUEST_ID_HEADER.encode()),
+            "",
+        )
+        request_id = given if _VALID_REQUEST_ID.fullmatch(given) else f"req-{uuid.uuid4().hex}"
+        scope.setdefault("state", {})["request_id"] = request_id
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", []) if k != b"x-request-id"]
+                headers.append((REQUEST_ID_HEADER.encode(), request_id.encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)

