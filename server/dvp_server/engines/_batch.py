@@ -1,0 +1,165 @@
+"""One batch of rollouts decoded together by the torch engine: KV cache and rule step.
+
+Shapes: B rows, K cached positions (left-padded), V vocabulary.
+
+The batch is left-padded: row i's prompt sits at the right end of the first K
+columns, its ``attention_mask`` row is 0 over the padding, and its positions
+count real tokens only (``position_ids = attention_mask.cumsum(-1) - 1``, as
+``generate()`` builds them), so a row's logits do not depend on how much padding
+its batch mates force on it (up to float rounding).
+
+Finished rows leave through :meth:`DecodeBatch.keep`, which selects the
+surviving rows of the cache, so they cost nothing afterwards; leading columns
+that became padding for every survivor are cut. Admitting rows into a running
+batch (continuous batching) would prefill the new rows on their own and
+concatenate their cache into this one after padding both to the same K; the
+state needed for that (mask, next positions, last tokens) is all here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+import numpy as np
+import torch
+from dvp_client.rule import safe_vocab
+from torch import Tensor
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from ._rows import Row
+
+
+@dataclass
+class StepOutput:
+    """What one rule step produced for a batch (numpy, on the host).
+
+    Attributes:
+        tokens: int64 ``(B,)`` sampled from pi_S.
+        logprobs: float32 ``(B,)`` log p(y), full tempered distribution.
+        masked: float32 ``(B,)`` log pi_S(y).
+        logmass: float32 ``(B,)`` log Z_S.
+        sizes: int64 ``(B,)`` |S|.
+        safe_ids: per row, int32 ids of S (ascending) or None when not asked.
+    """
+
+    tokens: np.ndarray
+    logprobs: np.ndarray
+    masked: np.ndarray
+    logmass: np.ndarray
+    sizes: np.ndarray
+    safe_ids: list[np.ndarray | None]
+
+
+def rule_step(logits: Tensor, rows: Sequence[Row]) -> StepOutput:
+    """Apply the shared rule to last-position logits ``(B, V)`` and sample one token per row.
+
+    Per-row temperature / min_p / top_k / top_p; each row draws from its own
+    generator (inverse CDF over pi_S, see ``SafeVocab.sample``), so its token does
+    not depend on its batch mates. Safe ids are extracted only for rows that asked.
+    """
+    params = [r.params for r in rows]
+    sv = safe_vocab(
+        logits,
+        temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32),
+        min_p=torch.tensor([p.rule.min_p for p in params], dtype=torch.float32),
+        top_k=torch.tensor([p.rule.top_k or 0 for p in params], dtype=torch.int64),
+        top_p=torch.tensor([p.rule.top_p for p in params], dtype=torch.float32),
+    )
+    tokens = sv.sample([r.generator for r in rows])  # (B,) int64
+    full, masked = sv.logprobs(tokens)
+    safe_ids: list[np.ndarray | None] = [
+        sv.mask[i].nonzero().squeeze(-1).to(torch.int32).numpy()
+        if r.params.return_safe_token_ids
+        else None
+        for i, r in enumerate(rows)
+    ]
+    return StepOutput(
+        tokens=tokens.numpy(),
+        logprobs=full.numpy(),
+        masked=masked.numpy(),
+        logmass=sv.safe_logmass.numpy(),
+        sizes=sv.safe_sizes.numpy(),
+        safe_ids=safe_ids,
+    )
+
+
+class DecodeBatch:
+    """Rows decoding in lock-step over one shared (left-padded) KV cache.
+
+    Attributes:
+        rows: the B rows, in cache order.
+        cache: transformers ``DynamicCache`` of K positions.
+        attention_mask: int64 ``(B, K)``; 1 over real tokens.
+        next_pos: int64 ``(B,)``, the position of each row's next token.
+    """
+
+    def __init__(self, model: Any, rows: list[Row], pad_id: int) -> None:
+        self.model = model
+        self.rows = rows
+        self.pad_id = pad_id
+        self.cache = DynamicCache(config=model.config)
+        self.attention_mask = torch.zeros(0, 0, dtype=torch.int64)
+        self.next_pos = torch.zeros(0, dtype=torch.int64)
+
+    def prefill(self) -> Tensor:
+        """Run the left-padded prompts through the model; float logits ``(B, V)``."""
+        lens = [len(r.prompt) for r in self.rows]
+        b, k = len(self.rows), max(lens)
+        ids = torch.full((b, k), self.pad_id, dtype=torch.int64)
+        mask = torch.zeros((b, k), dtype=torch.int64)
+        for i, r in enumerate(self.rows):
+            ids[i, k - lens[i] :] = torch.tensor(r.prompt, dtype=torch.int64)
+            mask[i, k - lens[i] :] = 1
+        pos = (mask.cumsum(-1) - 1).masked_fill_(mask == 0, 1)  # (B, K), as generate()
+        self.attention_mask = mask
+        self.next_pos = pos[:, -1] + 1
+        return self._forward(ids, pos)
+
+    def decode(self, tokens: np.ndarray) -> Tensor:
+        """Feed each row's last sampled token (int64 ``(B,)``); logits ``(B, V)``."""
+        ids = torch.from_numpy(tokens).to(torch.int64).unsqueeze(-1)  # (B, 1)
+        ones = torch.ones((len(self.rows), 1), dtype=torch.int64)
+        self.attention_mask = torch.cat([self.attention_mask, ones], dim=-1)  # (B, K + 1)
+        pos = self.next_pos.unsqueeze(-1)  # (B, 1)
+        self.next_pos = self.next_pos + 1
+        return self._forward(ids, pos)
+
+    def _forward(self, ids: Tensor, pos: Tensor) -> Tensor:
+        out = self.model(
+            input_ids=ids,
+            attention_mask=self.attention_mask,
+            position_ids=pos,
+            past_key_values=self.cache,
+            use_cache=True,
+            logits_to_keep=1,  # the lm_head on the last position only
+        )
+        return out.logits[:, -1, :]  # (B, V)
+
+    def keep(self, indices: list[int]) -> None:
+        """Keep only rows ``indices`` (in that order); drop the others from the cache."""
+        if len(indices) == len(self.rows):
+            return
+        idx = torch.tensor(indices, dtype=torch.int64)
+        self.rows = [self.rows[i] for i in indices]
+        self.cache.batch_select_indices(idx)
+        self.attention_mask = self.attention_mask[idx]
+        self.next_pos = self.next_pos[idx]
+        self._trim_left()
+
+    def _trim_left(self) -> None:
+        """Cut leading columns that are padding in every row (plain cache layers only)."""
+        layers = self.cache.layers
+        if not self.rows or not all(type(layer) is DynamicLayer for layer in layers):
+            return
+        real = self.attention_mask.any(dim=0)  # (K,)
+        first = int(real.int().argmax())
+        if first == 0:
+            return
+        self.attention_mask = self.attention_mask[:, first:]
+        for layer in cast(list[DynamicLayer], layers):
+            if layer.keys is not None and layer.values is not None and layer.keys.numel() > 0:
+                layer.keys = layer.keys[..., first:, :]
+                layer.values = layer.values[..., first:, :]

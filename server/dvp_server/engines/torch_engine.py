@@ -1,0 +1,382 @@
+"""The torch reference engine: transformers on CPU, the rule on the full vocabulary.
+
+Every step of every rollout goes through the shared rule
+(:func:`dvp_client.rule.safe_vocab`) on the full vocabulary, so every field
+(log p, log pi_S, log Z_S, |S|, the ids of S) is exact at any temperature; this
+engine is the numeric oracle the vLLM engine is tested against.
+
+Threading: one scheduler thread owns the model and does all torch work, so the
+asyncio loop never blocks. ``generate`` submits a :class:`~._rows.Row` and awaits
+chunks on a per-rollout ``asyncio.Queue`` that the thread fills through
+``loop.call_soon_threadsafe``. The scheduler takes up to ``max_batch`` pending
+rollouts, prefills them left-padded, decodes them in lock-step with the KV
+cache, and drops each row as it finishes; rollouts that arrive meanwhile start
+with the next batch (admission into a running batch is a later step: see
+``_batch.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import threading
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from dvp_schemas import EngineCapabilities, FinishReason
+
+from ..model_store import load_tokenizer
+from ._batch import DecodeBatch, rule_step
+from ._rows import Row, StopStringMatcher
+from .base import EngineError, EngineInfo, EngineParams, RolloutChunk
+
+__all__ = ["DTYPES", "TorchEngine"]
+
+logger = logging.getLogger(__name__)
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+_ALL_FIELDS: list[Any] = [
+    "token_ids",
+    "logprobs",
+    "masked_logprobs",
+    "safe_logmass",
+    "safe_sizes",
+    "safe_token_ids",
+]
+StepHook = Callable[[Sequence[str]], None]
+
+
+class TorchEngine:
+    """Batched decoding with a KV cache and the safe-vocabulary rule at every step.
+
+    Args:
+        model_dir: a transformers directory (see ``model_store.resolve_model``).
+        dtype: "float32" | "bfloat16" | "float16" for the weights; the rule
+            always runs in float32.
+        max_batch: most rollouts decoded together.
+        max_model_len: cap on prompt + completion tokens; default and upper bound
+            the config's ``max_position_embeddings``.
+        threads: ``torch.set_num_threads`` (process-wide); default all cores.
+        model_id: the name reported in ``info``; default the model's own name.
+        flush_every: steps between chunks of a running rollout (and at finish).
+
+    Raises:
+        ValueError: an unknown dtype or a non-positive size.
+    """
+
+    def __init__(
+        self,
+        model_dir: str | os.PathLike[str],
+        *,
+        dtype: str = "float32",
+        max_batch: int = 16,
+        max_model_len: int | None = None,
+        threads: int | None = None,
+        model_id: str | None = None,
+        flush_every: int = 16,
+    ) -> None:
+        from transformers import AutoModelForCausalLM, GenerationConfig
+
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        for name, value in (("max_batch", max_batch), ("flush_every", flush_every)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if threads is not None and threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads or os.cpu_count() or 1)
+        self.model_dir = Path(model_dir)
+        self.max_batch = max_batch
+        self.flush_every = flush_every
+        self.model: Any = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=DTYPES[dtype])
+        self.model.eval()
+        self.tokenizer = load_tokenizer(model_dir)  # used by the scheduler thread only
+        config = self.model.config
+        limit = int(getattr(config, "max_position_embeddings", 0) or 0) or (max_model_len or 2048)
+        if max_model_len is not None and max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {max_model_len}")
+        self.max_model_len = min(limit, max_model_len) if max_model_len else limit
+        self.eos_ids = frozenset(_eos_ids(self.tokenizer, GenerationConfig, self.model_dir))
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = int(pad if pad is not None else min(self.eos_ids, default=0))
+        self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
+        self.info = EngineInfo(
+            name="torch",
+            model_id=model_id or _model_name(self.model_dir),
+            dtype=dtype,
+            vocab_size=self.vocab_size,
+            max_model_len=self.max_model_len,
+            capabilities=EngineCapabilities(
+                fields=list(_ALL_FIELDS), exact_at_any_temperature=list(_ALL_FIELDS), max_top_k=None
+            ),
+            eos_token_ids=tuple(sorted(self.eos_ids)),
+        )
+        #: Test seam: called in the scheduler thread before each forward with the
+        #: batch's request ids; an exception it raises fails that batch only.
+        self.step_hook: StepHook | None = None
+        self._cond = threading.Condition()
+        self._pending: deque[Row] = deque()
+        self._rows: dict[str, Row] = {}  # every submitted, unfinished row
+        self._aborts: set[Row] = set()  # rows (not ids: an id may be reused)
+        self._batch: DecodeBatch | None = None
+        self._last_tokens = np.zeros(0, dtype=np.int64)  # (B,) fed to the next decode
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._state = "starting"
+
+    # ----------------------------------------------------------------- protocol
+
+    @property
+    def policy_version(self) -> int:
+        """Weights version (0 until weight updates land)."""
+        return 0
+
+    @property
+    def state(self) -> str:
+        """'starting' | 'running' | 'dead'."""
+        if self._state == "running" and not (self._thread and self._thread.is_alive()):
+            return "dead"
+        return self._state
+
+    async def start(self) -> None:
+        """Start the scheduler thread (idempotent)."""
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._run, name="dvp-torch-engine", daemon=True)
+        self._state = "running"
+        self._thread.start()
+
+    async def shutdown(self) -> None:
+        """Stop the scheduler; unfinished rollouts end with finish_reason 'abort'."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+        self._state = "dead"
+
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: EngineParams
+    ) -> AsyncIterator[RolloutChunk]:
+        """Decode one rollout; yields chunks, the last with ``finish_reason`` set.
+
+        Raises:
+            ValueError: a bad prompt or parameter (the message names it), or a
+                request id already in use.
+            EngineError: the engine is not running, or the rollout's batch failed.
+        """
+        prompt = self._validate(request_id, prompt_token_ids, params)
+        loop = asyncio.get_running_loop()
+        row = Row(
+            request_id=request_id,
+            prompt=prompt,
+            params=params,
+            loop=loop,
+            queue=asyncio.Queue(),
+            eos_ids=self.eos_ids,
+            stop_matcher=StopStringMatcher(self.tokenizer, params.stop) if params.stop else None,
+        )
+        with self._cond:
+            if self.state != "running" or self._stopping:
+                raise EngineError(f"torch engine is not running (state {self.state!r})")
+            if request_id in self._rows:
+                raise ValueError(f"request_id {request_id!r} is already in use")
+            self._rows[request_id] = row
+            self._pending.append(row)
+            self._cond.notify_all()
+        finished = False
+        try:
+            while True:
+                chunk = await row.queue.get()
+                if chunk.finish_reason == "error":
+                    finished = True
+                    raise EngineError(f"rollout {request_id!r} failed: {chunk.error}")
+                finished = chunk.finish_reason is not None
+                yield chunk
+                if finished:
+                    return
+        finally:
+            if not finished:  # closed early: the client went away
+                self._request_abort(request_id)
+
+    async def abort(self, request_id: str) -> None:
+        """Abort a rollout; it ends with a chunk whose finish_reason is 'abort'."""
+        self._request_abort(request_id)
+
+    # ------------------------------------------------------------ submission
+
+    def _validate(self, request_id: str, prompt: list[int], params: EngineParams) -> list[int]:
+        if not prompt:
+            raise ValueError("prompt_token_ids must not be empty")
+        ids = [int(t) for t in prompt]
+        bad = next((i for i, t in enumerate(ids) if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise ValueError(
+                f"prompt_token_ids[{bad}] = {ids[bad]} is outside the vocabulary "
+                f"[0, {self.vocab_size})"
+            )
+        if len(ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {len(ids)} tokens; the model's context is {self.max_model_len} "
+                f"(prompt + at least one new token)"
+            )
+        if not params.temperature >= 0:  # also catches NaN
+            raise ValueError(f"temperature must be >= 0, got {params.temperature}")
+        if params.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {params.max_tokens}")
+        return ids
+
+    def _request_abort(self, request_id: str) -> None:
+        with self._cond:
+            row = self._rows.get(request_id)
+            if row is None:
+                return
+            if row in self._pending:  # not started: end it here
+                self._pending.remove(row)
+                self._finish(row, "abort", None)
+            else:
+                self._aborts.add(row)
+                self._cond.notify_all()
+
+    def _finish(
+        self, row: Row, reason: FinishReason, stop: str | int | None, error: str | None = None
+    ) -> None:
+        """Emit a row's last chunk and forget it (call with ``_cond`` held or from the thread)."""
+        row.emit(row.take_chunk(reason, stop, error=error, policy_version=self.policy_version))
+        self._rows.pop(row.request_id, None)
+
+    # ------------------------------------------------------------- scheduler
+
+    def _run(self) -> None:
+        """Scheduler thread: admit, step, repeat; never lets a step's error escape."""
+        with torch.inference_mode():
+            while True:
+                with self._cond:
+                    while not self._stopping and not self._pending and self._batch is None:
+                        self._cond.wait()
+                    if self._stopping:
+                        break
+                    new_rows = self._admit()
+                    aborts, self._aborts = self._aborts, set()
+                self._step(new_rows, aborts)
+        with self._cond:
+            for row in list(self._rows.values()):
+                self._finish(row, "abort", None, error=None)
+            self._pending.clear()
+            self._batch = None
+
+    def _admit(self) -> list[Row]:
+        """Rows that start now: up to max_batch pending ones, only when no batch runs."""
+        if self._batch is not None:
+            return []
+        n = min(self.max_batch, len(self._pending))
+        return [self._pending.popleft() for _ in range(n)]
+
+    def _step(self, new_rows: list[Row], aborts: set[Row]) -> None:
+        """One forward + rule step of the current batch (or the prefill of a new one)."""
+        batch = self._batch
+        try:
+            if batch is None:
+                live = [r for r in new_rows if r not in aborts]
+                if not live:
+                    return
+                batch = self._batch = DecodeBatch(self.model, live, self.pad_id)
+                self._call_hook(batch)
+                logits = batch.prefill()
+            else:
+                if aborts:
+                    self._drop(batch, aborts)
+                    if not batch.rows:
+                        self._batch = None
+                        return
+                self._call_hook(batch)
+                logits = batch.decode(self._last_tokens)
+            self._emit_step(batch, rule_step(logits, batch.rows))
+        except Exception as exc:  # a failed step fails its batch, not the engine
+            logger.exception("torch engine step failed")
+            msg = f"{type(exc).__name__}: {exc}"
+            rows = batch.rows if batch is not None else new_rows
+            with self._cond:
+                for r in rows:
+                    if not r.done:
+                        self._finish(r, "error", None, error=msg)
+            self._batch = None
+
+    def _call_hook(self, batch: DecodeBatch) -> None:
+        if self.step_hook is not None:
+            self.step_hook([r.request_id for r in batch.rows])
+
+    def _drop(self, batch: DecodeBatch, aborts: set[Row]) -> None:
+        keep = []
+        for i, r in enumerate(batch.rows):
+            if r in aborts:
+                with self._cond:
+                    self._finish(r, "abort", None)
+            else:
+                keep.append(i)
+        batch.keep(keep)
+        self._last_tokens = self._last_tokens[keep]
+
+    def _emit_step(self, batch: DecodeBatch, out: Any) -> None:
+        """Record a step in every row, emit due chunks, drop finished rows."""
+        keep: list[int] = []
+        for i, row in enumerate(batch.rows):
+            token = int(out.tokens[i])
+            row.record(
+                token,
+                float(out.logprobs[i]),
+                float(out.masked[i]),
+                float(out.logmass[i]),
+                int(out.sizes[i]),
+                out.safe_ids[i],
+            )
+            end = row.finish_check(token, self.max_model_len)
+            if end is not None:
+                with self._cond:
+                    self._finish(row, end[0], end[1])
+            else:
+                keep.append(i)
+                if row.pending_steps >= self.flush_every:
+                    row.emit(row.take_chunk(policy_version=self.policy_version))
+        self._last_tokens = out.tokens[keep]
+        if keep:
+            batch.keep(keep)
+        else:
+            self._batch = None
+
+
+def _eos_ids(tokenizer: Any, generation_config_cls: Any, model_dir: Path) -> set[int]:
+    """End-of-sequence ids: the tokenizer's and the generation config's."""
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    try:
+        gen = generation_config_cls.from_pretrained(str(model_dir))
+    except OSError:  # no generation_config.json
+        return ids
+    eos = gen.eos_token_id
+    if eos is not None:
+        ids.update(int(e) for e in ([eos] if isinstance(eos, int) else eos))
+    return ids
+
+
+def _model_name(model_dir: Path) -> str:
+    """The GGUF source name for a converted model, else the directory name."""
+    marker = model_dir / "dvp-converted.json"
+    if marker.is_file():
+        try:
+            source = str(json.loads(marker.read_text())["source"])
+            return source.removesuffix(".gguf")
+        except (ValueError, KeyError):
+            pass
+    return model_dir.name
