@@ -15,7 +15,7 @@ import json
 import random
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import dvp_client
@@ -90,7 +90,7 @@ def error_json(status: int, type_: str = "invalid_request_error", param: str | N
     }
 
 
-def ok(_: httpx.Request) -> httpx.Response:
+def ok(_: httpx.Request | None = None) -> httpx.Response:
     return httpx.Response(200, json=batch_json())
 
 
@@ -102,40 +102,39 @@ class Harness:
         sleeps: Every backoff delay the client asked for, in order (nothing sleeps).
     """
 
-    def __init__(self, kind: str, replies: list[Reply] | Handler, **client_kw: Any) -> None:
+    def __init__(self, kind: str, replies: Sequence[Reply] | Handler, **client_kw: Any) -> None:
         self.requests: list[httpx.Request] = []
         self.sleeps: list[float] = []
-        self.kind = kind
-        script = list(replies) if isinstance(replies, list) else None
+        script = None if callable(replies) else list(replies)
 
         def handle(request: httpx.Request) -> httpx.Response:
             request.read()
             self.requests.append(request)
-            reply = script.pop(0) if script is not None else replies(request)  # type: ignore[operator]
+            reply = replies(request) if script is None else script.pop(0)  # type: ignore[operator]
             if isinstance(reply, Exception):
                 raise reply
             # a fresh copy: a script may list the same response several times
             return httpx.Response(reply.status_code, headers=reply.headers, content=reply.content)
 
-        transport = httpx.MockTransport(handle)
+        self.client = self._make_client(kind, httpx.MockTransport(handle), client_kw)
+
+    def _make_client(self, kind: str, transport: httpx.MockTransport, kw: dict[str, Any]) -> Any:
+        client: Any
         if kind == "sync":
-            self.client: Any = Client(
-                BASE, http_client=httpx.Client(transport=transport), **client_kw
-            )
-            self.client._sleep = self.sleeps.append
-        else:
-            self.client = AsyncClient(
-                BASE, http_client=httpx.AsyncClient(transport=transport), **client_kw
-            )
+            client = Client(BASE, http_client=httpx.Client(transport=transport), **kw)
+            client._sleep = self.sleeps.append
+            return client
 
-            async def sleep(seconds: float) -> None:
-                self.sleeps.append(seconds)
+        async def sleep(seconds: float) -> None:
+            self.sleeps.append(seconds)
 
-            self.client._sleep = sleep
+        client = AsyncClient(BASE, http_client=httpx.AsyncClient(transport=transport), **kw)
+        client._sleep = sleep
+        return client
 
     def __call__(self, method: str, *args: Any, **kwargs: Any) -> Any:
         result = getattr(self.client, method)(*args, **kwargs)
-        return asyncio.run(result) if inspect.isawaitable(result) else result
+        return asyncio.run(result) if inspect.iscoroutine(result) else result
 
     def body(self, i: int = -1) -> Any:
         return json.loads(self.requests[i].content)
@@ -264,7 +263,7 @@ def test_bad_arguments_fail_before_the_network(
 
 
 def test_connection_errors_are_retried_with_the_same_request(kind: str) -> None:
-    h = Harness(kind, [connect_error(), connect_error(), ok(None)])  # type: ignore[arg-type]
+    h = Harness(kind, [connect_error(), connect_error(), ok()])
     batch = h("rollouts", ["x"], n=2)
     assert batch.rollouts[0].token_ids == [5, 6, 7]
     assert len(h.requests) == 3 and len(h.sleeps) == 2
@@ -275,7 +274,7 @@ def test_connection_errors_are_retried_with_the_same_request(kind: str) -> None:
 
 def test_connection_error_after_the_last_retry(kind: str) -> None:
     cause = connect_error("refused")
-    h = Harness(kind, [cause, cause, cause, ok(None)], max_retries=2)  # type: ignore[arg-type]
+    h = Harness(kind, [cause, cause, cause, ok()], max_retries=2)
     with pytest.raises(APIConnectionError) as info:
         h("rollouts", ["x"])
     assert type(info.value) is APIConnectionError
@@ -336,7 +335,7 @@ def test_real_refused_connection(kind: str) -> None:
 )
 def test_429_honours_retry_after(kind: str, header: str, value: str, expected: float) -> None:
     busy = httpx.Response(429, headers={header: value}, json=error_json(429, "rate_limit_error"))
-    h = Harness(kind, [busy, ok(None)])  # type: ignore[arg-type]
+    h = Harness(kind, [busy, ok()])
     h("rollouts", ["x"])
     assert len(h.requests) == 2
     assert h.sleeps == [pytest.approx(expected)]
@@ -363,7 +362,7 @@ def test_429_without_retry_after_backs_off(kind: str) -> None:
 
 @pytest.mark.parametrize("status", [408, 409, 500, 502, 503, 504])
 def test_retryable_statuses(kind: str, status: int) -> None:
-    h = Harness(kind, [httpx.Response(status, json=error_json(status)), ok(None)])  # type: ignore[arg-type]
+    h = Harness(kind, [httpx.Response(status, json=error_json(status)), ok()])
     h("rollouts", ["x"])
     assert len(h.requests) == 2 and len(h.sleeps) == 1
 
@@ -383,7 +382,7 @@ def test_503_until_the_retries_run_out(kind: str) -> None:
 
 @pytest.mark.parametrize("status", [400, 401, 403, 404, 413, 422])
 def test_client_errors_are_not_retried(kind: str, status: int) -> None:
-    h = Harness(kind, [httpx.Response(status, json=error_json(status)), ok(None)])  # type: ignore[arg-type]
+    h = Harness(kind, [httpx.Response(status, json=error_json(status)), ok()])
     with pytest.raises(APIStatusError):
         h("rollouts", ["x"])
     assert len(h.requests) == 1 and h.sleeps == []
@@ -429,8 +428,8 @@ def test_max_retries_zero_and_negative(kind: str) -> None:
 
 
 def test_seed_is_fixed_across_retries(kind: str) -> None:
-    replies = [httpx.Response(500), httpx.Response(503), ok(None), ok(None)]
-    h = Harness(kind, replies)  # type: ignore[arg-type]
+    replies = [httpx.Response(500), httpx.Response(503), ok(), ok()]
+    h = Harness(kind, replies)
     h("rollouts", ["x"], n=4)
     seeds = [json.loads(r.content)["sampling"]["seed"] for r in h.requests]
     assert len(seeds) == 3 and len(set(seeds)) == 1 and isinstance(seeds[0], int)
@@ -439,13 +438,13 @@ def test_seed_is_fixed_across_retries(kind: str) -> None:
 
 
 def test_explicit_seed_is_sent(kind: str) -> None:
-    h = Harness(kind, [httpx.Response(500), ok(None)])  # type: ignore[arg-type]
+    h = Harness(kind, [httpx.Response(500), ok()])
     h("rollouts", ["x"], seed=2**63 - 1)
     assert [json.loads(r.content)["sampling"]["seed"] for r in h.requests] == [2**63 - 1] * 2
 
 
 def test_unseeded_request_is_not_retried(kind: str) -> None:
-    h = Harness(kind, [httpx.Response(503), ok(None)])  # type: ignore[arg-type]
+    h = Harness(kind, [httpx.Response(503), ok()])
     with pytest.raises(ServiceUnavailableError):
         h("rollouts", ["x"], seed=None)
     assert h.body()["sampling"]["seed"] is None
@@ -544,8 +543,11 @@ def test_client_timeout_and_http_client_timeout(kind: str) -> None:
     h = Harness(kind, ok, timeout=12.0)
     h("request", "GET", "/v1/models")
     assert set(h.requests[-1].extensions["timeout"].values()) == {12.0}
-    own = httpx.Client(timeout=42.0) if kind == "sync" else httpx.AsyncClient(timeout=42.0)
-    client = (Client if kind == "sync" else AsyncClient)(BASE, http_client=own)  # type: ignore[operator]
+    client: Client | AsyncClient
+    if kind == "sync":
+        client = Client(BASE, http_client=httpx.Client(timeout=42.0))
+    else:
+        client = AsyncClient(BASE, http_client=httpx.AsyncClient(timeout=42.0))
     assert client.timeout == httpx.Timeout(42.0)  # an http_client's own timeout is kept
 
 
@@ -621,14 +623,14 @@ def test_health_models_and_request(kind: str) -> None:
 
 
 def test_escape_hatch_retries_only_what_is_safe(kind: str) -> None:
-    h = Harness(kind, [httpx.Response(503), ok(None)])  # type: ignore[arg-type]
+    h = Harness(kind, [httpx.Response(503), ok()])
     h("request", "GET", "/v1/weights")
     assert len(h.requests) == 2
-    h = Harness(kind, [httpx.Response(503), ok(None)])  # type: ignore[arg-type]
+    h = Harness(kind, [httpx.Response(503), ok()])
     with pytest.raises(ServiceUnavailableError):
         h("request", "POST", "/v1/weights", {"path": "w"})
     assert len(h.requests) == 1
-    h = Harness(kind, [httpx.Response(503), ok(None)])  # type: ignore[arg-type]
+    h = Harness(kind, [httpx.Response(503), ok()])
     h("request", "POST", "/v1/score", {}, safe_to_retry=True)
     assert len(h.requests) == 2
 
@@ -669,3 +671,13 @@ def test_not_given_sentinel() -> None:
 
     assert copy.deepcopy(NOT_GIVEN) is NOT_GIVEN
     assert pickle.loads(pickle.dumps(NOT_GIVEN)) is NOT_GIVEN
+
+
+def test_health_answers_503_while_starting(kind: str) -> None:
+    starting: dict[str, object] = {"status": "starting", "engine": "torch"}
+    starting |= {"engine_state": "starting", "policy_version": 0}
+    h = Harness(kind, [httpx.Response(503, json=starting), httpx.Response(503, text="proxy")])
+    health = h("health")
+    assert health.status == "starting" and len(h.requests) == 1 and h.sleeps == []
+    with pytest.raises(ServiceUnavailableError, match="proxy"):
+        h("health")

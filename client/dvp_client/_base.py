@@ -31,7 +31,7 @@ from typing import Any, Generic, TypeVar
 
 import httpx
 import pydantic
-from dvp_schemas import PruningRule, RolloutRequest
+from dvp_schemas import HealthResponse, PruningRule, RolloutRequest
 
 from . import _constants as C
 from ._exceptions import (
@@ -74,6 +74,8 @@ class RequestOptions:
         extra_headers: Headers that override the client's for this call.
         timeout: This call's timeout; NOT_GIVEN means the client's.
         retryable: Whether another attempt is safe (the same effect twice is fine).
+        answer_statuses: Non-2xx statuses that are an answer, not a failure: returned
+            as they are, without retry (``GET /health`` answers 503 while starting).
     """
 
     method: str
@@ -82,6 +84,7 @@ class RequestOptions:
     extra_headers: Headers | None = None
     timeout: NotGivenOr[TimeoutTypes] = NOT_GIVEN
     retryable: bool = True
+    answer_statuses: frozenset[int] = frozenset()
 
 
 def build_rollout_request(
@@ -306,7 +309,7 @@ class BaseClient(Generic[_HttpxT]):
                     raise APITimeoutError(request) from err
                 raise APIConnectionError(request) from err
             assert response is not None, "the shell must send back the response"
-            if response.is_success:
+            if response.is_success or response.status_code in options.answer_statuses:
                 return response
             if should_retry(response) and retries_taken < max_retries:
                 reason = f"status {response.status_code}"
@@ -334,6 +337,18 @@ class BaseClient(Generic[_HttpxT]):
         return delay
 
     # -- responses -----------------------------------------------------------------
+
+    def _health_options(self, timeout: NotGivenOr[TimeoutTypes]) -> RequestOptions:
+        return RequestOptions("GET", "/health", timeout=timeout, answer_statuses=frozenset({503}))
+
+    def _parse_health(self, response: httpx.Response) -> HealthResponse:
+        """A 200 or 503 health answer; a 503 without one (a proxy's) raises."""
+        if response.is_success:
+            return self._parse(response, HealthResponse)
+        try:
+            return HealthResponse.model_validate(_json(response))
+        except (APIResponseValidationError, pydantic.ValidationError):
+            raise make_status_error(response) from None
 
     @staticmethod
     def _parse(response: httpx.Response, cast_to: type[_ModelT]) -> _ModelT:

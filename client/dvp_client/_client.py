@@ -203,9 +203,13 @@ class Client(BaseClient[httpx.Client]):
         return self._parse(self._run(self._plan(options)), RolloutBatch)
 
     def health(self, *, timeout: NotGivenOr[TimeoutTypes] = NOT_GIVEN) -> HealthResponse:
-        """``GET /health``: whether the server and its engine are up."""
-        options = RequestOptions("GET", "/health", timeout=timeout)
-        return self._parse(self._run(self._plan(options)), HealthResponse)
+        """``GET /health``: whether the server and its engine are up.
+
+        A server that is starting, degraded or dead answers 503 with a health body;
+        that answer is returned (``status != "ok"``), not retried or raised, so a
+        readiness loop can poll it. Connection errors still raise.
+        """
+        return self._parse_health(self._run(self._plan(self._health_options(timeout))))
 
     def models(self, *, timeout: NotGivenOr[TimeoutTypes] = NOT_GIVEN) -> ModelList:
         """``GET /v1/models``: the served model, its engine and the fields it returns."""
@@ -355,8 +359,7 @@ class AsyncClient(BaseClient[httpx.AsyncClient]):
 
     async def health(self, *, timeout: NotGivenOr[TimeoutTypes] = NOT_GIVEN) -> HealthResponse:
         """``GET /health``; see :meth:`Client.health`."""
-        options = RequestOptions("GET", "/health", timeout=timeout)
-        return self._parse(await self._run(self._plan(options)), HealthResponse)
+        return self._parse_health(await self._run(self._plan(self._health_options(timeout))))
 
     async def models(self, *, timeout: NotGivenOr[TimeoutTypes] = NOT_GIVEN) -> ModelList:
         """``GET /v1/models``; see :meth:`Client.models`."""
