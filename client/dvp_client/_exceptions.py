@@ -219,6 +219,6 @@ def make_status_error(response: httpx.Response) -> APIStatusError:
     if cls is None:
         cls = InternalServerError if response.status_code >= 500 else APIStatusError
     text = f"Error code: {response.status_code} - {message}"
-    if param:
+    if param and param not in message:
         text += f" (param: {param})"
     return cls(text, response=response, body=body, type=type_, param=param)
