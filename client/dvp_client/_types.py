@@ -63,8 +63,3 @@ Headers: TypeAlias = Mapping[str, str]
 
 PromptInput: TypeAlias = str | Sequence[int] | Sequence[ChatMessage | Mapping[str, str]]
 """One prompt: text, token ids, or chat messages (models or ``{"role", "content"}`` dicts)."""
-
-
-def given(value: NotGivenOr[_T]) -> bool:
-    """True when ``value`` is not :data:`NOT_GIVEN` (``None`` counts as given)."""
-    return not isinstance(value, NotGiven)
