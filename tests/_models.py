@@ -41,7 +41,7 @@ def build_tiny_model(path: Path, *, seed: int = TINY_SEED) -> Path:
         pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(torch.float32)
+    model = LlamaForCausalLM(config)  # float32, torch's default dtype
     # Random init gives near-uniform logits; scale the output head up so that
     # distributions are peaked like a trained model's (max p ~ 0.1; |S| ~ 10 at
     # min_p = 0.1, ~ 1000 at 1e-3) and pruning bites. Untied: tied embeddings

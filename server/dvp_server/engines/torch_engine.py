@@ -23,7 +23,7 @@ import logging
 import os
 import threading
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +73,10 @@ class TorchEngine:
     Raises:
         ValueError: an unknown dtype or a non-positive size.
     """
+
+    #: Quiet time that closes the arrival window of a new batch, and its round cap.
+    ADMIT_WINDOW_S = 0.005
+    ADMIT_ROUNDS = 20
 
     def __init__(
         self,
@@ -167,7 +171,7 @@ class TorchEngine:
 
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], params: EngineParams
-    ) -> AsyncIterator[RolloutChunk]:
+    ) -> AsyncGenerator[RolloutChunk, None]:
         """Decode one rollout; yields chunks, the last with ``finish_reason`` set.
 
         Raises:
@@ -266,6 +270,8 @@ class TorchEngine:
                         self._cond.wait()
                     if self._stopping:
                         break
+                    if self._batch is None:
+                        self._collect_arrivals()
                     new_rows = self._admit()
                     aborts, self._aborts = self._aborts, set()
                 self._step(new_rows, aborts)
@@ -274,6 +280,21 @@ class TorchEngine:
                 self._finish(row, "abort", None, error=None)
             self._pending.clear()
             self._batch = None
+
+    def _collect_arrivals(self) -> None:
+        """Before a new batch, wait while rollouts keep arriving (call with ``_cond`` held).
+
+        A request's samples are submitted one coroutine at a time; without this
+        window the first one would start a batch alone and the rest would wait
+        for it to finish. Waits at most ``ADMIT_ROUNDS`` windows.
+        """
+        for _ in range(self.ADMIT_ROUNDS):
+            n = len(self._pending)
+            if n >= self.max_batch or self._stopping:
+                return
+            self._cond.wait(self.ADMIT_WINDOW_S)
+            if len(self._pending) == n:
+                return
 
     def _admit(self) -> list[Row]:
         """Rows that start now: up to max_batch pending ones, only when no batch runs."""
