@@ -226,7 +226,7 @@ def _as_sets(safe: SafeSets | Tensor | None, v: int) -> ChunkedSets | None:
                 f"safe-set id {bad} at {_where(row, safe.shape[1])} is outside the "
                 f"vocabulary [0, {v})"
             )
-    return ChunkedSets(csr=safe)
+    return ChunkedSets.from_csr(safe)
 
 
 def _check_contains(sets: ChunkedSets, tokens: Tensor, valid: Tensor, b: int, t: int) -> None:
@@ -307,7 +307,7 @@ def _recompute(
     not_in &= valid
     if xor is not None:
         xor = torch.where(valid, xor, 0)
-    return ChunkedSets(csr=sets), xor, not_in
+    return ChunkedSets.from_csr(sets), xor, not_in
 
 
 def _prunes(p: RuleParams) -> bool:
