@@ -59,3 +59,34 @@ __all__ = [
     "ServiceUnavailableError",
     "UnprocessableEntityError",
 ]
+
+# Trainer-side names need torch: resolved on first access (PEP 562) so that the HTTP
+# client imports without torch. They are left out of __all__ for the same reason
+# (a star-import would pull torch in).
+_TORCH_EXPORTS = {
+    "Aggregation": "losses",
+    "Correction": "losses",
+    "PolicyLossConfig": "losses",
+    "PolicyLossOutput": "losses",
+    "policy_loss": "losses",
+    "group_advantages": "advantages",
+    "PrunedLogprobs": "objective",
+    "pruned_logprobs": "objective",
+    "RolloutTensors": "tensors",
+    "SafeSets": "tensors",
+    "batch_metrics": "metrics",
+    "mismatch_metrics": "metrics",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _TORCH_EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f".{module}", __name__), name)
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_TORCH_EXPORTS])

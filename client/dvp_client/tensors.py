@@ -200,7 +200,7 @@ def _pad(
     rows: Sequence[np.ndarray], width: int, fill: float, dtype: type, left: bool
 ) -> np.ndarray:
     """Stack ragged 1-d arrays into ``(len(rows), width)``, padding left or right."""
-    out = np.full((len(rows), width), fill, dtype=dtype)
+    out: np.ndarray = np.full((len(rows), width), fill, dtype=dtype)
     lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
     if lengths.sum() == 0:
         return out
