@@ -101,6 +101,8 @@ def tiny_server(
 ) -> Iterator[ServerProcess]:
     """The real server over the tiny model (fp32, limits :data:`TINY_LIMITS`)."""
     args = [
+        "--engine",
+        "torch",
         "--max-batch",
         "16",
         "--max-tokens-cap",
@@ -135,7 +137,9 @@ def smollm2_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     The GGUF is converted once into ``$DVP_CACHE_DIR`` / ``~/.cache/dvp-serve``.
     """
     log = tmp_path_factory.mktemp("smollm2-server") / "server.log"
-    server = start_server("smollm2", log, ["--max-batch", "16"], SMOLLM2_STARTUP_TIMEOUT_S)
+    server = start_server(
+        "smollm2", log, ["--engine", "torch", "--max-batch", "16"], SMOLLM2_STARTUP_TIMEOUT_S
+    )
     try:
         yield server.base_url
     finally:

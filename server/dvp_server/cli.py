@@ -72,7 +72,11 @@ def serve(
         typer.Option(help="Longest prompt in tokens (else 422); default: max_model_len - 1."),
     ] = None,
     engine: Annotated[
-        str, typer.Option(help=f"Decoding engine, one of {', '.join(ENGINES)}.")
+        str,
+        typer.Option(
+            help=f"Decoding engine, one of {', '.join(ENGINES)} (auto: vllm when it is "
+            "importable, else torch)."
+        ),
     ] = _DEFAULTS.engine,
     cache_dir: Annotated[
         Path | None,
@@ -84,6 +88,35 @@ def serve(
     log_level: Annotated[
         str, typer.Option(help=f"Logging level, one of {', '.join(LOG_LEVELS)}.")
     ] = _DEFAULTS.log_level,
+    tensor_parallel_size: Annotated[
+        int, typer.Option(help="vLLM: GPUs per model replica (tensor parallelism).")
+    ] = _DEFAULTS.tensor_parallel_size,
+    data_parallel_size: Annotated[
+        int, typer.Option(help="vLLM: model replicas inside the engine (data parallelism).")
+    ] = _DEFAULTS.data_parallel_size,
+    gpu_memory_utilization: Annotated[
+        float, typer.Option(help="vLLM on GPU: fraction of GPU memory vLLM may use.")
+    ] = _DEFAULTS.gpu_memory_utilization,
+    enforce_eager: Annotated[
+        bool | None,
+        typer.Option(
+            "--enforce-eager/--no-enforce-eager",
+            help="vLLM: run eagerly (no CUDA graphs / compile); default: on for CPU, off on GPU.",
+        ),
+    ] = None,
+    kv_cache_bytes: Annotated[
+        int | None,
+        typer.Option(
+            help="vLLM: KV cache size in bytes; default 1 GiB on CPU, vLLM's own sizing on GPU."
+        ),
+    ] = None,
+    max_logprobs: Annotated[
+        int,
+        typer.Option(
+            help="vLLM: K, top-K log-probs per step that safe sets are derived from; also the "
+            "largest pruning.top_k served (a rule without top_k gets top_k = K)."
+        ),
+    ] = _DEFAULTS.max_logprobs,
 ) -> None:
     """Serve POST /v1/rollouts, GET /v1/models and GET /health (OpenAPI: /openapi.json)."""
     try:
@@ -103,6 +136,12 @@ def serve(
             engine=engine,
             cache_dir=cache_dir,
             log_level=log_level.lower(),
+            tensor_parallel_size=tensor_parallel_size,
+            data_parallel_size=data_parallel_size,
+            gpu_memory_utilization=gpu_memory_utilization,
+            enforce_eager=enforce_eager,
+            kv_cache_bytes=kv_cache_bytes,
+            max_logprobs=max_logprobs,
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc

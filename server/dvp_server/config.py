@@ -20,7 +20,7 @@ from pathlib import Path
 __all__ = ["DTYPES", "ENGINES", "LOG_LEVELS", "ServerConfig"]
 
 DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
-ENGINES: tuple[str, ...] = ("torch", "vllm")
+ENGINES: tuple[str, ...] = ("auto", "torch", "vllm")
 LOG_LEVELS: tuple[str, ...] = ("critical", "error", "warning", "info", "debug")
 
 
@@ -36,7 +36,7 @@ class ServerConfig:
         served_model_name: the id reported by ``/v1/models`` and accepted in a
             request's ``model`` field; None: the engine's own model id.
         dtype: engine weights/activations dtype (see the module docstring).
-        max_batch: most rollouts the engine decodes in one step.
+        max_batch: most rollouts the engine decodes in one step (vLLM: ``max_num_seqs``).
         max_model_len: context length (prompt + completion) to serve; None: the
             model's own ``max_position_embeddings``.
         max_tokens_cap: largest ``sampling.max_tokens`` a request may ask for.
@@ -46,10 +46,22 @@ class ServerConfig:
         max_rollouts_per_request: largest ``len(prompts) * n``.
         max_prompt_tokens: longest prompt in tokens; None: ``max_model_len - 1``
             (room for at least one generated token).
-        engine: ``"torch"`` (reference engine) or ``"vllm"``.
+        engine: ``"vllm"`` (vLLM's ``AsyncLLM``), ``"torch"`` (the reference engine)
+            or ``"auto"`` (vLLM when it is importable, else torch).
         cache_dir: where a GGUF model is converted to safetensors once; None: the
             model store's default (``$DVP_CACHE_DIR`` or ``~/.cache/dvp-serve``).
         log_level: one of :data:`LOG_LEVELS`.
+        tensor_parallel_size: vLLM only: GPUs per model replica.
+        data_parallel_size: vLLM only: model replicas inside the engine.
+        gpu_memory_utilization: vLLM only (GPU): fraction of GPU memory vLLM may use.
+        enforce_eager: vLLM only: no CUDA graphs / torch.compile; None: True on CPU
+            (compiling takes minutes there and its cache does not reload), False on GPU.
+        kv_cache_bytes: vLLM only: KV cache size in bytes; None: 1 GiB on CPU (vLLM's
+            own default, 92% of the NUMA node, refuses to start on a shared machine),
+            vLLM's own sizing from ``gpu_memory_utilization`` on GPU.
+        max_logprobs: vLLM only: K, the top-K raw log-probs per step that the safe
+            sets are derived from; also the largest ``pruning.top_k`` served (a rule
+            without ``top_k`` gets ``top_k = K``).
     """
 
     host: str = "127.0.0.1"
@@ -67,6 +79,12 @@ class ServerConfig:
     engine: str = "torch"
     cache_dir: Path | None = None
     log_level: str = "info"
+    tensor_parallel_size: int = 1
+    data_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.9
+    enforce_eager: bool | None = None
+    kv_cache_bytes: int | None = None
+    max_logprobs: int = 20
 
     def __post_init__(self) -> None:
         """Validate values; the message names the field and the value.
@@ -88,11 +106,19 @@ class ServerConfig:
             "default_max_tokens": self.default_max_tokens,
             "max_n": self.max_n,
             "max_rollouts_per_request": self.max_rollouts_per_request,
+            "tensor_parallel_size": self.tensor_parallel_size,
+            "data_parallel_size": self.data_parallel_size,
+            "max_logprobs": self.max_logprobs,
         }
         optional = {
             "max_model_len": self.max_model_len,
             "max_prompt_tokens": self.max_prompt_tokens,
+            "kv_cache_bytes": self.kv_cache_bytes,
         }
         for name, value in {**positive, **optional}.items():
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
