@@ -22,8 +22,10 @@ import json
 import logging
 import os
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncGenerator, Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +38,7 @@ from ._batch import DecodeBatch, rule_step
 from ._rows import Row, StopStringMatcher
 from .base import EngineError, EngineInfo, EngineParams, RolloutChunk
 
-__all__ = ["DTYPES", "TorchEngine"]
+__all__ = ["DTYPES", "EngineStats", "TorchEngine"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +56,18 @@ _ALL_FIELDS: list[Any] = [
     "safe_token_ids",
 ]
 StepHook = Callable[[Sequence[str]], None]
+
+
+@dataclass
+class EngineStats:
+    """Cumulative scheduler counters (wall seconds spent in the scheduler thread)."""
+
+    batches: int = 0
+    steps: int = 0  # forward + rule steps (a prefill counts as one)
+    tokens: int = 0  # tokens sampled
+    forward_s: float = 0.0  # model forwards (prefill and decode)
+    rule_s: float = 0.0  # rule, sampling, log-probs, safe ids: the DVP metadata
+    emit_s: float = 0.0  # bookkeeping: buffers, finish checks, chunks
 
 
 class TorchEngine:
@@ -98,7 +112,8 @@ class TorchEngine:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if threads is not None and threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
-        torch.set_num_threads(threads or os.cpu_count() or 1)
+        self.threads = threads or os.cpu_count() or 1
+        torch.set_num_threads(self.threads)
         self.model_dir = Path(model_dir)
         self.max_batch = max_batch
         self.flush_every = flush_every
@@ -128,6 +143,7 @@ class TorchEngine:
         #: Test seam: called in the scheduler thread before each forward with the
         #: batch's request ids; an exception it raises fails that batch only.
         self.step_hook: StepHook | None = None
+        self.stats = EngineStats()
         self._cond = threading.Condition()
         self._pending: deque[Row] = deque()
         self._rows: dict[str, Row] = {}  # every submitted, unfinished row
@@ -263,6 +279,7 @@ class TorchEngine:
 
     def _run(self) -> None:
         """Scheduler thread: admit, step, repeat; never lets a step's error escape."""
+        torch.set_num_threads(self.threads)  # intra-op threads of this thread's work
         with torch.inference_mode():
             while True:
                 with self._cond:
@@ -313,7 +330,9 @@ class TorchEngine:
                     return
                 batch = self._batch = DecodeBatch(self.model, live, self.pad_id)
                 self._call_hook(batch)
+                t0 = time.perf_counter()
                 logits = batch.prefill()
+                self.stats.batches += 1
             else:
                 if aborts:
                     self._drop(batch, aborts)
@@ -321,8 +340,17 @@ class TorchEngine:
                         self._batch = None
                         return
                 self._call_hook(batch)
+                t0 = time.perf_counter()
                 logits = batch.decode(self._last_tokens)
-            self._emit_step(batch, rule_step(logits, batch.rows))
+            t1 = time.perf_counter()
+            out = rule_step(logits, batch.rows)
+            t2 = time.perf_counter()
+            self.stats.steps += 1
+            self.stats.tokens += len(batch.rows)
+            self._emit_step(batch, out)
+            self.stats.forward_s += t1 - t0
+            self.stats.rule_s += t2 - t1
+            self.stats.emit_s += time.perf_counter() - t2
         except Exception as exc:  # a failed step fails its batch, not the engine
             logger.exception("torch engine step failed")
             msg = f"{type(exc).__name__}: {exc}"
