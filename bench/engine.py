@@ -27,7 +27,6 @@ import platform
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from dvp_schemas import PruningRule
