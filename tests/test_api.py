@@ -117,7 +117,7 @@ def _post(base: str, body: Any, **kw: Any) -> httpx.Response:
     return httpx.post(f"{base}/v1/rollouts", json=body, timeout=60, **kw)
 
 
-def _check_envelope(r: httpx.Response, status: int, param: str | None, text: str) -> None:
+def _check_envelope(r: Any, status: int, param: str | None, text: str) -> None:
     assert r.status_code == status, r.text
     error = r.json()["error"]
     assert set(error) == {"type", "message", "param", "code"}

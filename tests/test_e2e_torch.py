@@ -14,6 +14,7 @@ uses the real SmolLM2-135M-Instruct (slow). Tolerances:
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections.abc import Iterator
@@ -25,7 +26,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import ServerProcess
-from dvp_client import Client, Rollout, RolloutBatch
+from dvp_client import AsyncClient, Client, Rollout, RolloutBatch
 from dvp_client.rule import safe_vocab
 from dvp_server.model_store import load_tokenizer
 
@@ -240,7 +241,7 @@ def test_finish_reasons_and_stops(client: Client, tiny_tokenizer: Any) -> None:
     stop, cut = _stop_string_from(ref, tiny_tokenizer)
     got = client.rollouts(["Once upon a time"], stop=[stop], **kw).rollouts[0]
     assert (got.finish_reason, got.stop_reason) == ("stop", stop)
-    assert got.text == ref.text[:cut]
+    assert got.text == (ref.text or "")[:cut]
     assert got.token_ids == ref.token_ids[: len(got.token_ids)]
     decoded = tiny_tokenizer.decode(got.token_ids, skip_special_tokens=True)
     assert stop in decoded and stop not in decoded[: len(got.text or "")] + stop[:-1]
@@ -267,6 +268,26 @@ def test_greedy_is_argmax_with_one_token_sets(client: Client) -> None:
         _check_rollout_arrays(r)
     by_prompt = {r.prompt_index: r.token_ids for r in batch.rollouts if r.sample_index == 0}
     assert all(r.token_ids == by_prompt[r.prompt_index] for r in batch.rollouts)
+
+
+def test_concurrent_requests_may_share_a_request_id(server: str) -> None:
+    """Two in-flight requests with the same X-Request-Id are both served (the engine's
+    rollout ids are made unique server side) and both get the id echoed."""
+
+    async def both() -> list[RolloutBatch]:
+        async with AsyncClient(server, timeout=120, max_retries=0) as c:
+            calls = [
+                c.rollouts(
+                    MIXED_PROMPTS, n=2, max_tokens=6, seed=s, extra_headers={"X-Request-Id": "same"}
+                )
+                for s in (1, 2)
+            ]
+            return list(await asyncio.gather(*calls))
+
+    a, b = asyncio.run(both())
+    assert a.id == b.id == "same"
+    assert len(a.rollouts) == len(b.rollouts) == 6
+    assert [r.token_ids for r in a.rollouts] != [r.token_ids for r in b.rollouts]
 
 
 def test_client_disconnect_aborts_its_rollouts(tiny_server: ServerProcess) -> None:
