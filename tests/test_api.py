@@ -233,3 +233,50 @@ def test_openapi_declares_the_error_envelope(app_client: TestClient) -> None:
     ref = responses["422"]["content"]["application/json"]["schema"]["$ref"]
     assert ref.endswith("/ErrorResponse")
     assert "curl" in spec["paths"]["/v1/rollouts"]["post"]["description"]
+
+
+def test_dead_engine_gives_503s(tiny_model_dir: Path) -> None:
+    """After the engine stops, /health says so and rollouts are refused with a 503."""
+    app = create_app(ServerConfig(model=str(tiny_model_dir), max_batch=2))
+    with TestClient(app, raise_server_exceptions=False) as c:
+        assert c.get("/health").json()["status"] == "ok"
+        c.portal.call(app.state.engine.shutdown)  # type: ignore[union-attr]
+        health = c.get("/health")
+        assert health.status_code == 503
+        assert health.json()["status"] == "dead" and health.json()["engine_state"] == "dead"
+        r = c.post("/v1/rollouts", json=_body())
+        _check_envelope(r, 503, None, "engine is dead")
+
+
+def test_cli_help_explains_every_option() -> None:
+    from dvp_server.cli import app as cli
+    from typer.testing import CliRunner
+
+    result = CliRunner().invoke(cli, ["--help"], prog_name="dvp-serve", env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    for option in (
+        "--host",
+        "--port",
+        "--model",
+        "--dtype",
+        "--max-batch",
+        "--max-tokens-cap",
+        "--max-n",
+        "--cache-dir",
+        "--log-level",
+    ):
+        line = next(x for x in result.output.splitlines() if f"{option} " in x)
+        assert len(line.split(option, 1)[1].strip()) > 10, f"{option} has no help text"
+
+
+@pytest.mark.parametrize(
+    ("args", "field"),
+    [(["--dtype", "int8"], "dtype"), (["--max-n", "0"], "max_n"), (["--port", "-5"], "port")],
+)
+def test_cli_rejects_bad_settings_naming_them(args: list[str], field: str) -> None:
+    from dvp_server.cli import app as cli
+    from typer.testing import CliRunner
+
+    result = CliRunner().invoke(cli, args, env={"COLUMNS": "200"})
+    assert result.exit_code == 2
+    assert field in result.output
