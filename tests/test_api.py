@@ -245,7 +245,7 @@ def test_dead_engine_gives_503s(tiny_model_dir: Path) -> None:
         assert health.status_code == 503
         assert health.json()["status"] == "dead" and health.json()["engine_state"] == "dead"
         r = c.post("/v1/rollouts", json=_body())
-        _check_envelope(r, 503, None, "engine is dead")
+        _check_envelope(r, 503, None, "dead")
 
 
 def test_cli_help_explains_every_option() -> None:
