@@ -150,6 +150,12 @@ class Rollout(ResponseModel):
     )
     policy_version: int = Field(description="Weights version every token was sampled with.")
     seed: int | None = Field(None, description="The seed of this sample's generator.")
+    outside_safe_set: list[int] | None = Field(
+        None,
+        description="Steps t whose sampled token was outside the safe set the engine derived "
+        "(vLLM's sampler and the rule disagreed at a threshold); S_t then includes y_t. "
+        "Empty: none; null: the engine samples from S exactly (torch engine).",
+    )
 
     @property
     def num_tokens(self) -> int:

@@ -35,7 +35,7 @@ from __future__ import annotations
 import secrets
 
 import numpy as np
-from dvp_schemas import RolloutRequest
+from dvp_schemas import PruningRule, RolloutRequest
 
 from .config import ServerConfig
 from .engines.base import EngineParams
@@ -43,6 +43,7 @@ from .engines.base import EngineParams
 __all__ = [
     "SEED_BITS",
     "draw_request_seed",
+    "effective_rule",
     "request_seed_of",
     "sample_seed",
     "to_engine_params",
@@ -128,3 +129,27 @@ def to_engine_params(
 def request_seed_of(request: RolloutRequest, fallback_seed: int) -> int:
     """The request seed echoed in every rollout: the request's own, else the fallback."""
     return request.sampling.seed if request.sampling.seed is not None else fallback_seed
+
+
+def effective_rule(rule: PruningRule, max_top_k: int | None) -> PruningRule:
+    """The rule as an engine that describes at most ``max_top_k`` tokens per step serves it.
+
+    The vLLM engine derives safe sets from the top-K log-probs (K =
+    ``--max-logprobs``), exact only when S lies inside them: a rule without
+    ``top_k`` is served with ``top_k = K`` (the response echoes it), a rule with a
+    larger ``top_k`` is refused. ``max_top_k`` None (torch engine): unchanged.
+
+    Raises:
+        ValueError: ``rule.top_k > max_top_k``.
+    """
+    if max_top_k is None:
+        return rule
+    if rule.top_k is None:
+        return rule.model_copy(update={"top_k": max_top_k})
+    if rule.top_k > max_top_k:
+        raise ValueError(
+            f"top_k={rule.top_k} is over this engine's limit {max_top_k}: safe sets are "
+            f"derived from the top-{max_top_k} log-probs (serve with --max-logprobs "
+            f"{rule.top_k} to allow it)"
+        )
+    return rule

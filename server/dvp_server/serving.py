@@ -41,7 +41,7 @@ from starlette.requests import Request
 from .config import ServerConfig
 from .engines.base import Engine, EngineError, EngineParams, RolloutChunk
 from .errors import ServiceError, validation_error
-from .params import draw_request_seed, request_seed_of, to_engine_params
+from .params import draw_request_seed, effective_rule, request_seed_of, to_engine_params
 
 __all__ = ["ClientDisconnected", "RolloutService", "assemble_rollout", "run_until_disconnect"]
 
@@ -108,7 +108,10 @@ class RolloutService:
             ServiceError: the request does not fit the model or the server limits.
             EngineError: the engine failed a rollout (all others were aborted).
         """
+        if self.engine.state != "running":
+            raise EngineError(f"the {self.engine.info.name} engine is {self.engine.state}")
         self._check_request(request)
+        request = self._with_effective_rule(request)
         prompts = [self._prompt_ids(i, p) for i, p in enumerate(request.prompts)]
         seed = request_seed_of(request, draw_request_seed())
         max_len = self.engine.info.max_model_len
@@ -186,6 +189,16 @@ class RolloutService:
                     f"token id {tok} is outside the vocabulary [0, {vocab})",
                 )
 
+    def _with_effective_rule(self, request: RolloutRequest) -> RolloutRequest:
+        """The request with the rule the engine serves (``params.effective_rule``)."""
+        try:
+            rule = effective_rule(request.pruning, self.engine.info.capabilities.max_top_k)
+        except ValueError as exc:
+            raise validation_error("pruning.top_k", str(exc)) from exc
+        if rule == request.pruning:
+            return request
+        return request.model_copy(update={"pruning": rule})
+
     def _prompt_ids(self, index: int, prompt: Prompt) -> list[int]:
         """Token ids of prompt ``index``, checked against the vocabulary and context."""
         param = f"prompts.{index}"
@@ -198,18 +211,13 @@ class RolloutService:
             self._check_vocab(param, ids)
         if not ids:
             raise validation_error(param, "the prompt tokenizes to no tokens")
-        limit = self.max_prompt_tokens
-        if len(ids) > limit:
+        if len(ids) > (limit := self.max_prompt_tokens):
+            max_len = self.engine.info.max_model_len
+            why = f"a context of {max_len} tokens leaves room for {max_len - 1}"
+            if self.config.max_prompt_tokens is not None:
+                why += f"; the server allows {self.config.max_prompt_tokens}"
             raise validation_error(
-                param,
-                f"prompt has {len(ids)} tokens, over the limit of {limit} "
-                f"(max_model_len {self.engine.info.max_model_len} minus one new token"
-                + (
-                    f", --max-prompt-tokens {self.config.max_prompt_tokens}"
-                    if self.config.max_prompt_tokens
-                    else ""
-                )
-                + ")",
+                param, f"prompt has {len(ids)} tokens, over the limit of {limit} ({why})"
             )
         return ids
 
@@ -396,4 +404,16 @@ def assemble_rollout(
         stop_reason=last.stop_reason,
         policy_version=versions.pop(),
         seed=seed,
+        outside_safe_set=_outside_steps(chunks),
     )
+
+
+def _outside_steps(chunks: list[RolloutChunk]) -> list[int] | None:
+    """Step indices flagged ``outside_safe_set`` by the engine; None if it flags nothing."""
+    if all(c.outside_safe_set is None for c in chunks):
+        return None
+    flags = [
+        c.outside_safe_set if c.outside_safe_set is not None else np.zeros(len(c.token_ids), bool)
+        for c in chunks
+    ]
+    return np.flatnonzero(np.concatenate(flags)).tolist()

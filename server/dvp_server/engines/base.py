@@ -56,6 +56,9 @@ class RolloutChunk:
     stop_reason: str | int | None = None
     policy_version: int = 0
     error: str | None = None
+    #: bool (t,): the sampled token was outside the engine's derived safe set (S
+    #: then includes it); None: the engine samples from S exactly (torch).
+    outside_safe_set: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
