@@ -11,16 +11,21 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 TINY_SEED = 1234
 TINY_MAX_LEN = 512
 LOGIT_SCALE = 20.0
+#: Heads for a tiny model that vLLM's CPU attention accepts (head size 64 / 2 = 32).
+VLLM_TINY_HEADS = {"num_heads": 2, "num_kv_heads": 1}
 
 
-def build_tiny_model(path: Path, *, seed: int = TINY_SEED) -> Path:
+def build_tiny_model(
+    path: Path, *, seed: int = TINY_SEED, num_heads: int = 4, num_kv_heads: int = 2
+) -> Path:
     """Save a tiny random Llama with the SmolLM2 tokenizer into ``path``.
 
     Hidden 64, 2 layers, 4 heads (2 kv heads), 512 positions, fp32, weights from
     a fixed torch seed; the vocabulary (49152) and tokenizer (chat template
     included) are SmolLM2's, taken from :func:`resolve_model`'s directory, so
     text prompts, chat prompts and stop strings work. A standard Llama config
-    that transformers and vLLM both load.
+    that transformers and vLLM both load. vLLM's CPU attention needs a head
+    size of 32 or more: pass ``**VLLM_TINY_HEADS`` (2 heads of 32, 1 kv head).
 
     Returns:
         ``path``.
@@ -31,8 +36,8 @@ def build_tiny_model(path: Path, *, seed: int = TINY_SEED) -> Path:
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
         max_position_embeddings=TINY_MAX_LEN,
         rms_norm_eps=1e-5,
         tie_word_embeddings=False,
