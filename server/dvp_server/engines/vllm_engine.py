@@ -1,0 +1,293 @@
+"""The vLLM engine: ``AsyncLLM`` with safe-vocabulary (DVP) metadata per step.
+
+One ``generate`` call is one rollout: an ``n=1`` request to vLLM with the rule
+mapped onto its sampler (temperature -> min_p -> top_k -> top_p, the order of
+our rule), the rollout's own seed, stop strings / stop token ids / ignore_eos,
+and K raw top-K log-probs per step. Safe sets, masked log-probs, sizes and
+(at T = 1) full log-probs and log Z_S are derived from those log-probs with
+the shared rule (``_vllm_steps.py``), one batched call per chunk.
+
+The rule's top_k bounds K: a rule without top_k is served with ``top_k = K``
+(the serving layer echoes the effective rule), one above K is refused. Steps
+whose sampled token falls outside the derived set are flagged per chunk.
+
+Set source: on CPU (here) always the raw top-K. On GPUs with Model Runner V2,
+vLLM can return the sampler's own mask (``return_sampling_mask``, needs
+``processed_logprobs``); that would replace ``derive_steps`` as the set source
+only. It is not written: it cannot be run here (no GPU with vLLM).
+
+Lifecycle: ``start()`` builds the ``AsyncLLM`` (model load, worker processes;
+~20 s on CPU) inside the FastAPI lifespan; ``shutdown()`` stops it (~5 s).
+vLLM is imported lazily, only here and in ``_vllm_args.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncGenerator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from dvp_schemas import EngineCapabilities, FinishReason
+
+from ..model_store import load_tokenizer
+from ._vllm_args import (
+    VllmSettings,
+    effective_top_k,
+    engine_args,
+    on_cpu,
+    sampling_params,
+    setup_cpu_env,
+)
+from ._vllm_steps import derive_steps, read_flat_topk
+from .base import EngineError, EngineInfo, EngineParams, RolloutChunk
+
+__all__ = ["VllmEngine", "VllmSettings"]
+
+logger = logging.getLogger(__name__)
+
+EXACT_FIELDS: list[Any] = ["token_ids", "masked_logprobs", "safe_sizes", "safe_token_ids"]
+ALL_FIELDS: list[Any] = [*EXACT_FIELDS, "logprobs", "safe_logmass"]  # the last two: T = 1 only
+_FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length", "abort": "abort"}
+
+
+class VllmEngine:
+    """vLLM's ``AsyncLLM`` behind the :class:`~.base.Engine` protocol.
+
+    Args:
+        model_dir: a transformers directory (``model_store.resolve_model``).
+        settings: engine knobs (:class:`VllmSettings`).
+        model_id: the name reported in ``info``; default the directory name.
+    """
+
+    def __init__(
+        self, model_dir: Path, settings: VllmSettings | None = None, *, model_id: str | None = None
+    ) -> None:
+        self.model_dir = Path(model_dir)
+        self.settings = settings or VllmSettings()
+        if self.settings.max_logprobs < 1:
+            raise ValueError(f"max_logprobs must be >= 1, got {self.settings.max_logprobs}")
+        self._model_id = model_id or _model_name(self.model_dir)
+        self._llm: Any = None
+        self._state = "starting"
+        self._eos_ids: frozenset[int] = frozenset()
+        self.info = self._make_info(vocab_size=0, max_model_len=0)
+        #: Steps whose sampled token was outside the derived set, since start.
+        self.outside_steps = 0
+
+    # ----------------------------------------------------------------- protocol
+
+    @property
+    def policy_version(self) -> int:
+        """Weights version (0 until weight updates land)."""
+        return 0
+
+    @property
+    def state(self) -> str:
+        """'starting' | 'running' | 'dead'."""
+        if self._state == "running" and self._llm is not None and self._llm.errored:
+            return "dead"
+        return self._state
+
+    async def start(self) -> None:
+        """Build the ``AsyncLLM`` (blocking the loop while the model loads, ~20 s on CPU).
+
+        It is built on the event loop on purpose: its output handler task and
+        ZMQ sockets belong to the loop that serves requests.
+
+        Raises:
+            ValueError: bad settings for this model.
+        """
+        if self._llm is not None:
+            return
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        cpu = on_cpu()
+        if cpu:
+            setup_cpu_env(self.settings)
+        args = engine_args(self.model_dir, self.settings, cpu=cpu)
+        t0 = time.perf_counter()
+        try:
+            self._llm = AsyncLLM.from_engine_args(args)
+        except Exception:
+            self._state = "dead"
+            raise
+        model_config = self._llm.vllm_config.model_config
+        self._eos_ids = frozenset(_eos_ids(self.model_dir))
+        self.info = self._make_info(
+            vocab_size=int(model_config.get_vocab_size()),
+            max_model_len=int(model_config.max_model_len),
+        )
+        self._state = "running"
+        logger.info(
+            "vLLM engine up in %.1f s (%s, %s, K=%d)",
+            time.perf_counter() - t0,
+            "cpu" if cpu else "gpu",
+            self.settings.dtype,
+            self.settings.max_logprobs,
+        )
+
+    async def shutdown(self) -> None:
+        """Stop the engine (its processes); unfinished rollouts end with an error."""
+        llm, self._llm = self._llm, None
+        self._state = "dead"
+        if llm is not None:
+            llm.shutdown()  # synchronous: SIGTERM to EngineCore, waits for the worker
+            del llm  # else AsyncLLM.__del__ shuts down again at interpreter exit
+
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: EngineParams
+    ) -> AsyncGenerator[RolloutChunk, None]:
+        """Decode one rollout; yields chunks, the last with ``finish_reason`` set.
+
+        Raises:
+            ValueError: a bad prompt or parameter (the message names it).
+            EngineError: the engine is not running, or it died.
+        """
+        from vllm import TokensPrompt
+        from vllm.exceptions import VLLMValidationError
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        llm = self._running()
+        prompt = self._validate(prompt_token_ids, params)
+        k = effective_top_k(params, self.settings.max_logprobs)
+        sp = sampling_params(params, k, self.settings.flush_every)
+        stream = llm.generate(TokensPrompt(prompt_token_ids=prompt), sp, request_id=request_id)
+        done, finished = 0, False
+        try:
+            async for out in stream:
+                comp = out.outputs[0]
+                n = len(comp.token_ids)  # the lists grow in place: read them now
+                if not out.finished and n - done < self.settings.flush_every:
+                    continue
+                chunk = self._chunk(comp, done, n, params, k)
+                done = n
+                if out.finished:
+                    finished = True
+                    chunk.finish_reason = _FINISH.get(str(comp.finish_reason), "error")
+                    chunk.stop_reason = self._stop_reason(comp.stop_reason, params)
+                yield chunk
+                if finished:
+                    return
+        except EngineDeadError as exc:
+            finished = True  # nothing to abort
+            self._state = "dead"
+            raise EngineError(f"vLLM engine died: {exc}") from exc
+        except VLLMValidationError as exc:
+            raise ValueError(str(exc)) from exc
+        finally:
+            await stream.aclose()  # vLLM aborts the request on GeneratorExit
+            if not finished and self._llm is not None:
+                await self._llm.abort(request_id)
+
+    async def abort(self, request_id: str) -> None:
+        """Abort a rollout; its stream ends with finish_reason 'abort'."""
+        if self._llm is not None:
+            await self._llm.abort(request_id)
+
+    # ---------------------------------------------------------------- helpers
+
+    def _make_info(self, vocab_size: int, max_model_len: int) -> EngineInfo:
+        return EngineInfo(
+            name="vllm",
+            model_id=self._model_id,
+            dtype=self.settings.dtype,
+            vocab_size=vocab_size,
+            max_model_len=max_model_len,
+            capabilities=EngineCapabilities(
+                fields=list(ALL_FIELDS),
+                exact_at_any_temperature=list(EXACT_FIELDS),
+                max_top_k=self.settings.max_logprobs,
+            ),
+            eos_token_ids=tuple(sorted(self._eos_ids)),
+        )
+
+    def _running(self) -> Any:
+        if self._llm is None or self.state != "running":
+            raise EngineError(f"vLLM engine is not running (state {self.state!r})")
+        return self._llm
+
+    def _validate(self, prompt: list[int], params: EngineParams) -> list[int]:
+        if not prompt:
+            raise ValueError("prompt_token_ids must not be empty")
+        ids = [int(t) for t in prompt]
+        vocab, max_len = self.info.vocab_size, self.info.max_model_len
+        bad = next((i for i, t in enumerate(ids) if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(
+                f"prompt_token_ids[{bad}] = {ids[bad]} is outside the vocabulary [0, {vocab})"
+            )
+        if len(ids) >= max_len:
+            raise ValueError(
+                f"prompt has {len(ids)} tokens; the model's context is {max_len} "
+                f"(prompt + at least one new token)"
+            )
+        if not params.temperature >= 0:  # also catches NaN
+            raise ValueError(f"temperature must be >= 0, got {params.temperature}")
+        if params.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {params.max_tokens}")
+        return ids
+
+    def _chunk(
+        self, comp: Any, start: int, stop: int, params: EngineParams, k: int
+    ) -> RolloutChunk:
+        """Steps ``[start, stop)`` of a completion as a chunk (one rule call)."""
+        top = read_flat_topk(comp.logprobs, start, stop, k)
+        tokens = np.asarray(comp.token_ids[start:stop], dtype=np.int64)
+        if not np.array_equal(top.sampled, tokens):
+            raise EngineError("vLLM log-probs do not line up with the sampled tokens")
+        steps = derive_steps(top, params.temperature, params.rule, params.return_safe_token_ids)
+        flagged = int(steps.outside.sum())
+        if flagged:
+            self.outside_steps += flagged
+            logger.warning(
+                "%d step(s) sampled outside the derived safe set (flagged in the response)",
+                flagged,
+            )
+        return RolloutChunk(
+            token_ids=tokens,
+            logprobs=steps.logprobs,
+            masked_logprobs=steps.masked,
+            safe_logmass=steps.logmass,
+            safe_sizes=steps.sizes,
+            safe_ids=steps.safe_ids,
+            safe_offsets=steps.safe_offsets,
+            policy_version=self.policy_version,
+            outside_safe_set=steps.outside,
+        )
+
+    def _stop_reason(self, reason: Any, params: EngineParams) -> str | int | None:
+        """vLLM's stop reason, with end-of-sequence reported as None (as the torch engine).
+
+        vLLM adds the generation config's extra eos ids to ``stop_token_ids`` and
+        then reports them as the stop reason.
+        """
+        if isinstance(reason, int) and reason in self._eos_ids:
+            return reason if reason in params.stop_token_ids else None
+        return reason if isinstance(reason, (str, int)) else None
+
+
+def _eos_ids(model_dir: Path) -> set[int]:
+    """End-of-sequence ids: the tokenizer's and the generation config's."""
+    from transformers import GenerationConfig
+
+    ids: set[int] = set()
+    tok = load_tokenizer(model_dir)
+    if tok.eos_token_id is not None:
+        ids.add(int(tok.eos_token_id))
+    try:
+        eos = GenerationConfig.from_pretrained(str(model_dir)).eos_token_id
+    except OSError:
+        return ids
+    if eos is not None:
+        ids.update(int(e) for e in ([eos] if isinstance(eos, int) else eos))
+    return ids
+
+
+def _model_name(model_dir: Path) -> str:
+    """Same naming as the torch engine (the GGUF source for a converted model)."""
+    from .torch_engine import _model_name as torch_model_name
+
+    return torch_model_name(model_dir)
