@@ -11,9 +11,9 @@
 3. build each sample's :class:`EngineParams` (``params.py``) and fan the
    ``prompts x n`` rollouts out as concurrent ``engine.generate`` calls; if one
    fails, or the HTTP client goes away, all of them are cancelled and aborted;
-4. join each rollout's chunks into a :class:`Rollout` (NaN -> null for
-   ``logprobs`` / ``safe_logmass``, CSR safe ids, decoded text with the stop string
-   removed), ordered by ``(prompt_index, sample_index)``.
+4. join each rollout's chunks into a :class:`Rollout` (``assembly.py``: NaN ->
+   null for ``logprobs`` / ``safe_logmass``, CSR safe ids, decoded text with the
+   stop string removed), ordered by ``(prompt_index, sample_index)``.
 """
 
 from __future__ import annotations
@@ -21,29 +21,26 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import math
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import numpy as np
 from dvp_schemas import (
     ChatMessage,
     Prompt,
-    Rollout,
     RolloutRequest,
     RolloutResponse,
-    SafeTokenIds,
     Usage,
 )
 from starlette.requests import Request
 
+from .assembly import assemble_rollout
 from .config import ServerConfig
 from .engines.base import Engine, EngineError, EngineParams, RolloutChunk
 from .errors import ServiceError, validation_error
 from .params import draw_request_seed, effective_rule, request_seed_of, to_engine_params
 
-__all__ = ["ClientDisconnected", "RolloutService", "assemble_rollout", "run_until_disconnect"]
+__all__ = ["ClientDisconnected", "RolloutService", "run_until_disconnect"]
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -127,11 +124,14 @@ class RolloutService:
             assemble_rollout(
                 _rollout_id(key, job),
                 chunks,
-                job,
+                prompt_index=job.prompt_index,
+                sample_index=job.sample_index,
+                prompt_ids=job.prompt_ids,
                 seed=seed,
                 tokenizer=self.tokenizer if request.return_text else None,
                 with_logprobs="logprobs" in fields,
                 with_logmass="safe_logmass" in fields,
+                with_safe_ids=job.params.return_safe_token_ids,
             )
             for job, chunks in zip(jobs, results, strict=True)
         ]
@@ -311,109 +311,3 @@ async def run_until_disconnect(request: Request, work: Coroutine[Any, Any, T]) -
     if task.cancelled():
         raise ClientDisconnected()
     return task.result()
-
-
-# --- chunks -> Rollout ----------------------------------------------------------------
-
-
-def _nan_to_none(values: np.ndarray) -> list[float | None]:
-    """float array -> list with NaN as None (JSON null)."""
-    return [None if math.isnan(x) else x for x in values.astype(np.float64).tolist()]
-
-
-def _join_csr(rollout: str, chunks: list[RolloutChunk]) -> SafeTokenIds:
-    """Concatenate the chunks' CSR safe sets (each chunk's offsets start at 0)."""
-    ids: list[np.ndarray] = []
-    offsets: list[np.ndarray] = [np.zeros(1, dtype=np.int64)]
-    base = 0
-    for c in chunks:
-        if c.safe_ids is None or c.safe_offsets is None:
-            raise EngineError(f"rollout {rollout}: safe ids were asked for but not returned")
-        if len(c.safe_offsets) != len(c.token_ids) + 1 or int(c.safe_offsets[-1]) != len(
-            c.safe_ids
-        ):
-            raise EngineError(f"rollout {rollout}: inconsistent CSR safe ids in a chunk")
-        ids.append(c.safe_ids)
-        offsets.append(np.asarray(c.safe_offsets[1:], dtype=np.int64) + base)
-        base += len(c.safe_ids)
-    flat = np.concatenate(ids) if ids else np.zeros(0, dtype=np.int32)
-    return SafeTokenIds(ids=flat.tolist(), offsets=np.concatenate(offsets).tolist())
-
-
-def _strip_stop(text: str, stop_reason: str | int | None) -> str:
-    """The text before the stop string that ended the rollout (if it did)."""
-    if isinstance(stop_reason, str) and (cut := text.find(stop_reason)) >= 0:
-        return text[:cut]
-    return text
-
-
-def assemble_rollout(
-    rollout_id: str,
-    chunks: list[RolloutChunk],
-    job: _Job,
-    *,
-    seed: int,
-    tokenizer: Any | None,
-    with_logprobs: bool,
-    with_logmass: bool,
-) -> Rollout:
-    """Join one rollout's chunks into the columnar :class:`Rollout`.
-
-    Args:
-        rollout_id: for error messages.
-        chunks: the engine's chunks, the last with ``finish_reason`` set.
-        job: the rollout's prompt, indices and params.
-        seed: the request seed echoed in the rollout.
-        tokenizer: decodes the text (special tokens skipped); None: no text.
-        with_logprobs, with_logmass: the engine returns these fields (its
-            capabilities); else they are null.
-
-    Raises:
-        EngineError: the chunks break the engine contract (mixed policy versions,
-            ragged arrays, missing safe ids).
-    """
-    versions = {c.policy_version for c in chunks}
-    if len(versions) != 1:  # the engine must never mix weights inside a rollout
-        raise EngineError(f"rollout {rollout_id} mixes policy versions {sorted(versions)}")
-    for c in chunks:
-        n = len(c.token_ids)
-        cols = (c.logprobs, c.masked_logprobs, c.safe_logmass, c.safe_sizes)
-        if any(len(a) != n for a in cols):
-            raise EngineError(f"rollout {rollout_id}: a chunk has arrays of different lengths")
-
-    def cat(name: str) -> np.ndarray:
-        return np.concatenate([getattr(c, name) for c in chunks])
-
-    token_ids = cat("token_ids").astype(np.int64).tolist()
-    last = chunks[-1]
-    text = None
-    if tokenizer is not None:
-        text = _strip_stop(tokenizer.decode(token_ids, skip_special_tokens=True), last.stop_reason)
-    return Rollout(
-        prompt_index=job.prompt_index,
-        sample_index=job.sample_index,
-        prompt_token_ids=job.prompt_ids,
-        token_ids=token_ids,
-        text=text,
-        logprobs=_nan_to_none(cat("logprobs")) if with_logprobs else None,
-        masked_logprobs=cat("masked_logprobs").astype(np.float64).tolist(),
-        safe_logmass=_nan_to_none(cat("safe_logmass")) if with_logmass else None,
-        safe_sizes=cat("safe_sizes").astype(np.int64).tolist(),
-        safe_token_ids=_join_csr(rollout_id, chunks) if job.params.return_safe_token_ids else None,
-        finish_reason=last.finish_reason or "error",
-        stop_reason=last.stop_reason,
-        policy_version=versions.pop(),
-        seed=seed,
-        outside_safe_set=_outside_steps(chunks),
-    )
-
-
-def _outside_steps(chunks: list[RolloutChunk]) -> list[int] | None:
-    """Step indices flagged ``outside_safe_set`` by the engine; None if it flags nothing."""
-    if all(c.outside_safe_set is None for c in chunks):
-        return None
-    flags = [
-        c.outside_safe_set if c.outside_safe_set is not None else np.zeros(len(c.token_ids), bool)
-        for c in chunks
-    ]
-    return np.flatnonzero(np.concatenate(flags)).tolist()
