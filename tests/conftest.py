@@ -23,7 +23,12 @@ import pytest
 from _models import VLLM_TINY_HEADS, build_tiny_model  # tests/ is on sys.path
 
 # Limits of the tiny-model server; tests/test_api.py checks the 422s at these edges.
-TINY_LIMITS = {"max_tokens_cap": 400, "max_n": 16, "max_rollouts_per_request": 64}
+TINY_LIMITS = {
+    "max_tokens_cap": 400,
+    "max_n": 16,
+    "max_rollouts_per_request": 64,
+    "max_request_bytes": 1 << 20,
+}
 STARTUP_TIMEOUT_S = 120.0  # the tiny model starts in seconds
 SMOLLM2_STARTUP_TIMEOUT_S = 600.0  # the first start converts the GGUF (~20 s) and loads
 VLLM_STARTUP_TIMEOUT_S = 300.0  # vLLM starts in 20-40 s on 2 busy cores
@@ -117,6 +122,8 @@ def tiny_server(
         str(TINY_LIMITS["max_rollouts_per_request"]),
         "--default-max-tokens",
         "32",
+        "--max-request-bytes",
+        str(TINY_LIMITS["max_request_bytes"]),
         "--log-level",
         "info",
     ]

@@ -150,6 +150,29 @@ def test_http_errors_use_the_envelope(server: str) -> None:
     _check_envelope(r, 405, None, "method not allowed")
 
 
+def test_request_body_over_the_limit_is_a_413(server: str) -> None:
+    limit = TINY_LIMITS["max_request_bytes"]
+    big = _body(prompts=[[1] * (limit // 2)])  # ~1 MB of "1, " pairs: over the limit
+    r = _post(server, big)
+    _check_envelope(r, 413, None, f"over the limit of {limit} bytes")
+    assert r.json()["error"]["type"] == "request_too_large_error"
+
+    def chunked() -> Iterator[bytes]:  # no Content-Length: counted as it streams
+        yield b'{"prompts": [['
+        for _ in range(limit // 1000 + 1):
+            yield b"1, " * 333 + b"1, "
+        yield b"1]]}"
+
+    r = httpx.post(
+        f"{server}/v1/rollouts",
+        content=chunked(),
+        headers={"content-type": "application/json"},
+        timeout=60,
+    )
+    _check_envelope(r, 413, None, "over the limit")
+    assert _post(server, _body()).status_code == 200
+
+
 def test_error_responses_echo_the_request_id(server: str) -> None:
     r = _post(server, _body(n=0), headers={"X-Request-Id": "bad-1"})
     assert r.status_code == 422 and r.headers["x-request-id"] == "bad-1"

@@ -27,16 +27,16 @@ from dvp_schemas import (
     RolloutRequest,
     RolloutResponse,
 )
-from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi import APIRouter, FastAPI, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .config import ServerConfig
 from .engines.base import Engine
-from .errors import install_error_handlers
+from .errors import error_response, install_error_handlers
 from .serving import RolloutService, run_until_disconnect
 
-__all__ = ["RequestIdMiddleware", "build_engine", "create_app"]
+__all__ = ["BodyLimitMiddleware", "RequestIdMiddleware", "build_engine", "create_app"]
 
 logger = logging.getLogger(__name__)
 
@@ -171,6 +171,7 @@ def create_app(
     )
     app.include_router(router)
     install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, limit=config.max_request_bytes)
     app.add_middleware(RequestIdMiddleware)  # outermost: stamps errors from inside too
     return app
 
@@ -221,3 +222,40 @@ class RequestIdMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_with_id)
+
+
+class BodyLimitMiddleware:
+    """Refuse a request body over ``limit`` bytes with a 413 error body.
+
+    A ``Content-Length`` over the limit is refused before anything is read; a
+    body without one (chunked) is counted as it arrives and refused once it
+    passes the limit, so no request can make the server buffer more.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    def _too_large(self) -> HTTPException:
+        return HTTPException(413, f"request body is over the limit of {self.limit} bytes")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = next((v for k, v in scope["headers"] if k == b"content-length"), b"")
+        if length.isdigit() and int(length) > self.limit:
+            await error_response(self._too_large())(scope, receive, send)
+            return
+        seen = 0
+
+        async def counted_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:  # FastAPI re-raises an HTTPException from body reading
+                    raise self._too_large()
+            return message
+
+        await self.app(scope, counted_receive, send)

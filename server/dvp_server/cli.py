@@ -71,6 +71,9 @@ def serve(
         int | None,
         typer.Option(help="Longest prompt in tokens (else 422); default: max_model_len - 1."),
     ] = None,
+    max_request_bytes: Annotated[
+        int, typer.Option(help="Largest request body in bytes (else 413).")
+    ] = _DEFAULTS.max_request_bytes,
     engine: Annotated[
         str,
         typer.Option(
@@ -133,6 +136,7 @@ def serve(
             max_n=max_n,
             max_rollouts_per_request=max_rollouts,
             max_prompt_tokens=max_prompt_tokens,
+            max_request_bytes=max_request_bytes,
             engine=engine,
             cache_dir=cache_dir,
             log_level=log_level.lower(),

@@ -46,6 +46,9 @@ class ServerConfig:
         max_rollouts_per_request: largest ``len(prompts) * n``.
         max_prompt_tokens: longest prompt in tokens; None: ``max_model_len - 1``
             (room for at least one generated token).
+        max_request_bytes: largest request body (413 above it). 64 MiB holds a
+            request at the default limits: 512 prompts of 2048 token ids is ~7 MB
+            of JSON.
         engine: ``"vllm"`` (vLLM's ``AsyncLLM``), ``"torch"`` (the reference engine)
             or ``"auto"`` (vLLM when it is importable, else torch).
         cache_dir: where a GGUF model is converted to safetensors once; None: the
@@ -76,6 +79,7 @@ class ServerConfig:
     max_n: int = 64
     max_rollouts_per_request: int = 512
     max_prompt_tokens: int | None = None
+    max_request_bytes: int = 64 << 20
     engine: str = "torch"
     cache_dir: Path | None = None
     log_level: str = "info"
@@ -106,6 +110,7 @@ class ServerConfig:
             "default_max_tokens": self.default_max_tokens,
             "max_n": self.max_n,
             "max_rollouts_per_request": self.max_rollouts_per_request,
+            "max_request_bytes": self.max_request_bytes,
             "tensor_parallel_size": self.tensor_parallel_size,
             "data_parallel_size": self.data_parallel_size,
             "max_logprobs": self.max_logprobs,
