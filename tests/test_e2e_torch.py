@@ -7,9 +7,9 @@ uses the real SmolLM2-135M-Instruct (slow). Tolerances:
   the same scaled logits, so they agree to float32 rounding: ``1e-5`` absolute.
 - teacher-forced recomputation: a float32 forward of prompt + completion (no KV
   cache, no padding) through ``dvp_client.rule`` gives the same safe sets and
-  log-probs within ``TF_ATOL = 2e-4``: the engine's batched, left-padded
+  log-probs within ``TF_ATOL = 5e-5``: the engine's batched, left-padded
   KV-cache forward sums in another order (float32 logits of magnitude ~10 carry
-  ~1e-6 of rounding each; measured max deviation is printed on failure).
+  ~1e-6 of rounding each; measured here: at most 4e-6, printed with ``-s``).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from dvp_client.rule import safe_vocab
 from dvp_server.model_store import load_tokenizer
 
 IDENTITY_ATOL = 1e-5
-TF_ATOL = 2e-4
+TF_ATOL = 5e-5
 VOCAB = 49152  # SmolLM2's, used by the tiny model
 CHAT = [{"role": "user", "content": "What is 7*8?"}]
 MIXED_PROMPTS: list[Any] = ["The capital of France is", [1, 2, 3, 4, 5], CHAT]
