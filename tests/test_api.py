@@ -207,7 +207,7 @@ def test_server_still_serves_after_bad_requests(server: str) -> None:
 
 @pytest.fixture(scope="module")
 def app_client(tiny_model_dir: Path) -> Iterator[TestClient]:
-    app = create_app(ServerConfig(model=str(tiny_model_dir), max_batch=4))
+    app = create_app(ServerConfig(model=str(tiny_model_dir), engine="torch", max_batch=4))
     with TestClient(app, raise_server_exceptions=False) as c:
         yield c
 
@@ -260,7 +260,7 @@ def test_openapi_declares_the_error_envelope(app_client: TestClient) -> None:
 
 def test_dead_engine_gives_503s(tiny_model_dir: Path) -> None:
     """After the engine stops, /health says so and rollouts are refused with a 503."""
-    app = create_app(ServerConfig(model=str(tiny_model_dir), max_batch=2))
+    app = create_app(ServerConfig(model=str(tiny_model_dir), engine="torch", max_batch=2))
     with TestClient(app, raise_server_exceptions=False) as c:
         assert c.get("/health").json()["status"] == "ok"
         c.portal.call(app.state.engine.shutdown)  # type: ignore[union-attr]

@@ -80,7 +80,7 @@ class ServerConfig:
     max_rollouts_per_request: int = 512
     max_prompt_tokens: int | None = None
     max_request_bytes: int = 64 << 20
-    engine: str = "torch"
+    engine: str = "auto"
     cache_dir: Path | None = None
     log_level: str = "info"
     tensor_parallel_size: int = 1
