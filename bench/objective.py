@@ -6,9 +6,12 @@ Baseline (same inputs, same run)::
     logp = u.masked_fill(~mask, -inf).log_softmax(-1).gather(-1, y[..., None])
 
 Ours: ``dvp_client.objective.pruned_logprobs`` with the safe sets as CSR (what
-``RolloutBatch.to_torch`` gives) and, for reference, as the same dense bool mask
-the baseline uses. Both compute ``loss = sum(w * logp)`` with fixed random
-weights ``w`` and call ``backward()`` on float logits that require grad.
+``RolloutBatch.to_torch`` gives), computing also the full ``log p(y)`` and
+``log Z_S`` (its default: one dense pass over the logits in forward) or, like
+the baseline, only ``log pi_S(y)`` (``with_full=False``: a sparse forward); and
+with the same dense bool mask the baseline uses (converted to CSR inside).
+Each computes ``loss = sum(w * logp)`` with fixed random weights ``w`` and calls
+``backward()`` on float logits that require grad.
 
 Measured:
 - time: wall clock of forward+backward (``time.perf_counter``), ``--repeat``
@@ -84,6 +87,10 @@ def ours_csr(c: Case, logits: Tensor) -> Tensor:
     return pruned_logprobs(logits, c.tokens, c.sets, TEMPERATURE).logprobs
 
 
+def ours_csr_masked_only(c: Case, logits: Tensor) -> Tensor:
+    return pruned_logprobs(logits, c.tokens, c.sets, TEMPERATURE, with_full=False).logprobs
+
+
 def ours_dense(c: Case, logits: Tensor) -> Tensor:
     return pruned_logprobs(logits, c.tokens, c.mask, TEMPERATURE).logprobs
 
@@ -142,7 +149,8 @@ def run(shape: tuple[int, int, int], dtype: torch.dtype, repeat: int) -> None:
     rows: list[tuple[str, Fn]] = [
         ("naive masked_fill+log_softmax+gather", naive),
         ("pruned_logprobs, CSR sets", ours_csr),
-        ("pruned_logprobs, dense mask", ours_dense),
+        ("  same, with_full=False", ours_csr_masked_only),
+        ("pruned_logprobs, dense bool mask", ours_dense),
     ]
     times = time_rounds([fn for _, fn in rows], c, repeat)
     base_m = extra_peak_bytes(naive, c)

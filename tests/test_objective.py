@@ -46,16 +46,25 @@ def reference(
     return out
 
 
+def widen(mask: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """Sets with 40% of the vocabulary: a dense mask this full stays dense internally."""
+    g = torch.Generator().manual_seed(seed)
+    return mask | (torch.rand(mask.shape, generator=g) < 0.4)
+
+
 def sets_as(form: str, mask: torch.Tensor, temp: float) -> SafeSets | torch.Tensor:
+    """csr: SafeSets; dense: a sparse bool mask (converted to CSR inside); wide: a dense
+    mask with large sets (kept dense inside)."""
     return SafeSets.from_mask(mask, temperature=temp) if form == "csr" else mask
 
 
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("form", ["csr", "dense"])
+@pytest.mark.parametrize("form", ["csr", "dense", "wide"])
 @pytest.mark.parametrize("temp", [1.0, 0.7])
 def test_replay_values_match_float64(seed: int, dtype: torch.dtype, form: str, temp: float) -> None:
     _, z, mask, y = make(seed, dtype=dtype)
+    mask = widen(mask, seed) if form == "wide" else mask
     res = pruned_logprobs(z, y, sets_as(form, mask, temp), temp, chunk_size=3)
     ref = reference(z, mask, y, temp)
     tol = LOGP_ATOL[dtype]
@@ -69,11 +78,12 @@ def test_replay_values_match_float64(seed: int, dtype: torch.dtype, form: str, t
 
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("form", ["csr", "dense", "full"])
+@pytest.mark.parametrize("form", ["csr", "dense", "wide", "full"])
 def test_gradient_is_onehot_minus_pi_s(seed: int, dtype: torch.dtype, form: str) -> None:
     """d/dz of sum(g_m log pi_S + g_f log p) = (g_m (e_y - pi_S 1_S) + g_f (e_y - p)) / T."""
     temp = 0.8
     _, z, mask, y = make(seed, dtype=dtype)
+    mask = widen(mask, seed) if form == "wide" else mask
     if form == "full":
         mask = torch.ones_like(mask)
         safe: SafeSets | torch.Tensor = SafeSets.full(tuple(y.shape), temperature=temp)
@@ -95,9 +105,10 @@ def test_gradient_is_onehot_minus_pi_s(seed: int, dtype: torch.dtype, form: str)
             np.testing.assert_allclose(got, want, atol=GRAD_ATOL[dtype], rtol=1e-2)
 
 
-@pytest.mark.parametrize("form", ["csr", "dense", "full"])
+@pytest.mark.parametrize("form", ["csr", "dense", "wide", "full"])
 def test_gradcheck_float64(form: str) -> None:
     _, z, mask, y = make(5, b=2, t=3, v=9, dtype=torch.float64)
+    mask = widen(mask) if form == "wide" else mask
     safe = SafeSets.full((2, 3)) if form == "full" else sets_as(form, mask, 0.9)
     keep = torch.tensor([[True, True, False], [True, True, True]])
 
@@ -106,6 +117,23 @@ def test_gradcheck_float64(form: str) -> None:
         return r.logprobs, r.full_logprobs
 
     assert torch.autograd.gradcheck(f, (z.clone().requires_grad_(True),), eps=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("form", ["csr", "wide"])
+def test_without_full_the_masked_part_is_unchanged(form: str) -> None:
+    """with_full=False: same log pi_S(y) and gradient, no log p(y) / log Z_S."""
+    _, z, mask, y = make(15, v=200)
+    mask = widen(mask) if form == "wide" else mask
+    outs = []
+    for with_full in (True, False):
+        x = z.clone().requires_grad_(True)
+        r = pruned_logprobs(x, y, sets_as(form, mask, 0.9), 0.9, with_full=with_full, chunk_size=4)
+        r.logprobs.sum().backward()
+        outs.append((r, x.grad))
+    (a, ga), (b, gb) = outs
+    assert b.full_logprobs is None and b.log_z is None and a.full_logprobs is not None
+    torch.testing.assert_close(a.logprobs, b.logprobs, atol=0, rtol=0)
+    torch.testing.assert_close(ga, gb, atol=0, rtol=0)
 
 
 def test_chunk_size_does_not_change_anything() -> None:
@@ -253,8 +281,8 @@ def test_recompute_without_pruning_uses_full_sets() -> None:
 
 
 def test_no_full_size_copy_is_saved_for_backward() -> None:
-    """Saved tensors: the logits by reference plus [B, T]-sized ones; the naive path keeps
-    a full-size float32 log-softmax (so this check can fail)."""
+    """Saved tensors: the logits by reference, [B, T]-sized ones and the |S| scaled logits
+    of each step; the naive path keeps a full-size float32 log-softmax (so this can fail)."""
     _, z, mask, y = make(13, b=2, t=16, v=256)
 
     def saved_bytes(fn: object) -> int:
@@ -274,7 +302,7 @@ def test_no_full_size_copy_is_saved_for_backward() -> None:
     )
     full = z.numel() * 4
     assert naive >= full
-    assert ours <= 8 * y.numel() * 8  # a few [B, T] tensors
+    assert ours <= 8 * y.numel() * 8 + int(mask.sum()) * 4  # a few [B, T] + the |S| logits
 
 
 def _err(match: str) -> pytest.RaisesContext[ValueError]:
@@ -326,3 +354,12 @@ def test_bad_input_names_what_and_where() -> None:
         pruned_logprobs(z, y, SafeSets((3, 7), sets.offsets, ids, temperature=1.0))
     with _err(r"rule temperature 0.5 does not match temperature 1.0"):
         pruned_logprobs(z, y, sets, mode="recompute", rule=RuleParams.make(21, temperature=0.5))
+
+
+def test_dense_masks_take_the_sparse_path_when_small() -> None:
+    from dvp_client._chunks import ChunkedSets
+
+    _, _, mask, _ = make(0)
+    small, wide = ChunkedSets.from_mask(mask), ChunkedSets.from_mask(widen(mask))
+    assert small.dense is None and small.csr is not None  # the "dense" form above: CSR inside
+    assert wide.dense is not None and wide.csr is None  # the "wide" form: dense inside

@@ -16,11 +16,17 @@ Naive equivalent (what this replaces)::
     u.masked_fill(~mask, -inf).log_softmax(-1).gather(-1, y[..., None])
 
 which keeps a full-size float32 log-softmax alive for backward and materialises
-two more full-size tensors in backward. Here the forward runs over chunks of
-the sequence and saves only the inputs (by reference) and two ``[B, T]``
-normalisers; backward recomputes what it needs chunk by chunk and writes the
-gradient straight into its output. With CSR sets the masked part of backward is
-sparse: ``-g * pi_S(k)`` is scattered at the ``|S|`` ids of each step only.
+two more full-size tensors in backward. Here forward saves only the inputs (by
+reference), two ``[B, T]`` normalisers and, for CSR sets, the ``|S|`` scaled
+logits of each step; backward writes the gradient straight into its output.
+
+With CSR sets (the usual case: |S| is tens to hundreds of tokens) the masked
+part is sparse in both directions: forward gathers the ``|S|`` logits of each
+step, backward zero-fills the gradient and scatters
+``g (1[k = y] - pi_S(k)) / T`` at those ids, one batch row at a time, so the
+number of tensor ops does not grow with the sequence. The dense work (``log p(y)``
+and ``log Z_S`` need ``logsumexp`` over V; full or dense-mask sets need a dense
+``pi_S``) runs over chunks of the sequence, each a ``(n, V)`` view of the logits.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ from .tensors import SafeSets
 __all__ = ["ChunkedSets", "pruned_logprob_function"]
 
 
-# A dense mask whose chunk has fewer than 1/8 of its entries set is indexed sparsely.
+# A dense mask with fewer than 1/8 of its entries set is converted to CSR.
 _SPARSE_FRACTION = 8
 
 
@@ -64,14 +70,44 @@ class ChunkedSets:
             return cls()
         return cls(csr=sets, csr_rows=sets.to_index()[0])
 
+    @classmethod
+    def from_mask(cls, mask: Tensor) -> ChunkedSets:
+        """Dense bool ``[B, T, V]``: converted to CSR when the sets are small (the sparse
+        path then skips every dense pass over pi_S), kept dense otherwise."""
+        if int(mask.sum()) * _SPARSE_FRACTION < mask.numel():
+            return cls.from_csr(SafeSets.from_mask(mask))
+        return cls(dense=mask)
+
+    @property
+    def is_sparse(self) -> bool:
+        return self.csr is not None
+
+    def row_flats(self, width: int, vocab: int) -> list[Tensor]:
+        """For each batch row b, flat indices ``t * V + id`` of its ids into the row's
+        ``(T, V)`` logits (CSR rows are sorted, so row b's ids are one slice)."""
+        csr = self.csr
+        assert csr is not None and csr.offsets is not None and csr.ids is not None
+        assert self.csr_rows is not None
+        bounds = csr.offsets[::width].tolist()  # (B + 1,) offsets of each batch row
+        out = []
+        for b in range(len(bounds) - 1):
+            lo, hi = bounds[b], bounds[b + 1]
+            out.append((self.csr_rows[lo:hi] - b * width) * vocab + csr.ids[lo:hi])
+        return out
+
+    def contains_all(self, tokens: Tensor) -> Tensor:
+        """Whether ``tokens[b, t]`` is in its set, bool ``[B, T]`` (CSR sets)."""
+        csr = self.csr
+        assert csr is not None and csr.ids is not None and self.csr_rows is not None
+        flat_y = tokens.reshape(-1)
+        hit = (csr.ids == flat_y.index_select(0, self.csr_rows)).long()
+        count = torch.zeros_like(flat_y).index_add_(0, self.csr_rows, hit)
+        return (count > 0).view(tokens.shape)
+
     def chunk(self, b: int, t0: int, t1: int, width: int) -> _Chunk:
         """The sets of steps ``(b, t0:t1)``; ``width`` is T (to flatten ``(b, t)``)."""
         if self.dense is not None:
-            m = self.dense[b, t0:t1]  # (n, V)
-            if int(m.sum()) * _SPARSE_FRACTION >= m.numel():
-                return _Chunk(t1 - t0, dense=m)
-            rows, cols = m.nonzero(as_tuple=True)  # small sets: take the sparse path
-            return _Chunk(t1 - t0, rows=rows, cols=cols)
+            return _Chunk(t1 - t0, dense=self.dense[b, t0:t1])
         csr = self.csr
         if csr is not None and csr.offsets is not None and csr.ids is not None:
             assert self.csr_rows is not None
@@ -95,8 +131,13 @@ class _Chunk:
         assert self.rows is not None and self.cols is not None
         return self.rows * vocab + self.cols
 
+    @property
+    def is_full(self) -> bool:
+        return self.dense is None and self.rows is None
+
     def logsumexp(self, z: Tensor, inv_t: float, lse_full: Tensor) -> Tensor:
-        """``logsumexp_{k in S} z_k / T`` per row, ``(n,)`` (``-inf`` for an empty set)."""
+        """``logsumexp_{k in S} z_k / T`` per row, ``(n,)`` (``-inf`` for an empty set);
+        ``lse_full`` (the same over V) is returned as is for full sets."""
         if self.dense is not None:
             return lse_rows(scaled(z, inv_t).masked_fill(~self.dense, -math.inf), 1.0)
         if self.rows is None:
@@ -178,6 +219,12 @@ def chunk_bounds(b: int, t: int, chunk: int) -> list[tuple[int, int, int]]:
     return [(i, t0, min(t0 + chunk, t)) for i in range(b) for t0 in range(0, t, chunk)]
 
 
+def _row(logits: Tensor, b: int) -> Tensor:
+    """Batch row b of ``[B, T, V]`` logits as a flat ``(T * V,)`` view (a copy only if
+    its rows are not contiguous, which a completion slice of model logits never is)."""
+    return logits[b].reshape(-1)
+
+
 class _PrunedLogprob(torch.autograd.Function):
     """``(log pi_S(y), log p(y), log Z_S)``, each ``[B, T]``, from logits ``[B, T, V]``."""
 
@@ -191,26 +238,35 @@ class _PrunedLogprob(torch.autograd.Function):
         valid: Tensor,
         in_set: Tensor,
         chunk: int,
+        with_full: bool,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        b, t, _ = logits.shape
+        b, t, v = logits.shape
         cdt = compute_dtype(logits.dtype)
         lse_s = torch.zeros(b, t, dtype=cdt, device=logits.device)
-        lse_f = torch.zeros_like(lse_s)
-        u_y = torch.zeros_like(lse_s)
+        lse_f = torch.full_like(lse_s, math.nan)  # stays NaN without with_full (CSR sets)
+        u_s = flats = None
         with torch.no_grad():
-            for i, t0, t1 in chunk_bounds(b, t, chunk):
-                z = logits[i, t0:t1]  # (n, V) view
-                lse_f[i, t0:t1] = lse_rows(z, inv_t)
-                lse_s[i, t0:t1] = sets.chunk(i, t0, t1, t).logsumexp(z, inv_t, lse_f[i, t0:t1])
-                z_y = z.gather(-1, tokens[i, t0:t1].unsqueeze(-1)).squeeze(-1)  # (n,)
-                u_y[i, t0:t1] = z_y.to(cdt) * inv_t
+            if with_full or not sets.is_sparse:  # the dense passes, chunk by chunk
+                for i, t0, t1 in chunk_bounds(b, t, chunk):
+                    z = logits[i, t0:t1]  # (n, V) view
+                    lse_f[i, t0:t1] = lse_rows(z, inv_t)
+                    ch = sets.chunk(i, t0, t1, t)
+                    if not sets.is_sparse:
+                        lse_s[i, t0:t1] = ch.logsumexp(z, inv_t, lse_f[i, t0:t1])
+            if sets.is_sparse:  # gather the |S| logits of every step, row by row
+                assert sets.csr_rows is not None
+                flats = sets.row_flats(t, v)
+                u_s = torch.cat([_row(logits, i).index_select(0, f) for i, f in enumerate(flats)])
+                u_s = u_s.to(cdt) * inv_t  # (nnz,)
+                lse_s = _segment_logsumexp(u_s, sets.csr_rows, b * t).view(b, t)
+            u_y = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).to(cdt) * inv_t
         ok_m = valid & in_set
         zero = torch.zeros_like(u_y)
         masked = torch.where(ok_m, u_y - lse_s, zero)
         full = torch.where(valid, u_y - lse_f, zero)
         log_z = torch.where(ok_m, lse_s - lse_f, zero)
-        ctx.save_for_backward(logits, tokens, valid, ok_m, lse_s, lse_f)
-        ctx.sets, ctx.inv_t, ctx.chunk = sets, inv_t, chunk
+        ctx.save_for_backward(logits, tokens, valid, ok_m, lse_s, lse_f, u_s)
+        ctx.sets, ctx.inv_t, ctx.chunk, ctx.flats = sets, inv_t, chunk, flats
         ctx.mark_non_differentiable(log_z)
         ctx.set_materialize_grads(False)
         return masked, full, log_z
@@ -219,32 +275,66 @@ class _PrunedLogprob(torch.autograd.Function):
     def backward(  # type: ignore[override]
         ctx: Any, g_masked: Tensor | None, g_full: Tensor | None, _g_logz: Tensor | None
     ) -> tuple[Tensor | None, ...]:
-        logits, tokens, valid, ok_m, lse_s, lse_f = ctx.saved_tensors
+        logits, tokens, valid, ok_m, lse_s, lse_f, u_s = ctx.saved_tensors
         sets: ChunkedSets = ctx.sets
         inv_t: float = ctx.inv_t
-        b, t, _ = logits.shape
         cdt = compute_dtype(logits.dtype)
-        g_m = None if g_masked is None else torch.where(ok_m, g_masked.to(cdt), 0.0)
-        g_f = None if g_full is None else torch.where(valid, g_full.to(cdt), 0.0)
-        grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
-        for i, t0, t1 in chunk_bounds(b, t, ctx.chunk):
-            sl = (i, slice(t0, t1))
-            out = grad[sl]
-            work = out if out.dtype == cdt else torch.empty(out.shape, dtype=cdt, device=out.device)
-            _chunk_grad(
-                work,
-                logits[sl],
-                tokens[sl],
-                sets.chunk(i, t0, t1, t),
-                inv_t,
-                None if g_m is None else g_m[sl],
-                None if g_f is None else g_f[sl],
-                lse_s[sl],
-                lse_f[sl],
-            )
-            if work is not out:
-                out.copy_(work)
-        return grad, None, None, None, None, None, None
+        # Per-step coefficients with 1/T folded in: c_m for log pi_S, c_f for log p.
+        c_m = None if g_masked is None else torch.where(ok_m, g_masked.to(cdt), 0.0) * inv_t
+        c_f = None if g_full is None else torch.where(valid, g_full.to(cdt), 0.0) * inv_t
+        dense_m = c_m if not sets.is_sparse else None  # full / dense-mask sets: dense pi_S
+        if c_f is not None or dense_m is not None:
+            grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+            _dense_grad(grad, logits, tokens, sets, inv_t, c_f, dense_m, lse_s, lse_f, ctx.chunk)
+        else:
+            grad = torch.zeros_like(logits, memory_format=torch.contiguous_format)
+        if sets.is_sparse and c_m is not None:
+            assert sets.csr is not None and sets.csr.ids is not None and sets.csr_rows is not None
+            rows, ids = sets.csr_rows, sets.csr.ids
+            is_y = (ids == tokens.reshape(-1).index_select(0, rows)).to(cdt)
+            pi_s = torch.exp(u_s - lse_s.reshape(-1).index_select(0, rows))
+            vals = (is_y - pi_s).mul_(c_m.reshape(-1).index_select(0, rows))  # (nnz,) fp32
+            vals = vals.to(grad.dtype)
+            lo = 0
+            for i, f in enumerate(ctx.flats):
+                grad[i].view(-1).index_add_(0, f, vals[lo : lo + f.numel()])
+                lo += f.numel()
+        return grad, None, None, None, None, None, None, None
+
+
+def _dense_grad(
+    grad: Tensor,
+    logits: Tensor,
+    tokens: Tensor,
+    sets: ChunkedSets,
+    inv_t: float,
+    c_f: Tensor | None,
+    c_m: Tensor | None,
+    lse_s: Tensor,
+    lse_f: Tensor,
+    chunk: int,
+) -> None:
+    """Write the dense part of the gradient into ``grad``, chunk by chunk, in the compute
+    dtype: ``c_f (1[k=y] - p)`` plus, for full / dense-mask sets, ``c_m (1[k=y] - pi_S)``
+    (coefficients already divided by T)."""
+    b, t, _ = logits.shape
+    cdt = compute_dtype(logits.dtype)
+    for i, t0, t1 in chunk_bounds(b, t, chunk):
+        out = grad[i, t0:t1]
+        work = out if out.dtype == cdt else torch.empty(out.shape, dtype=cdt, device=out.device)
+        _chunk_grad(
+            work,
+            logits[i, t0:t1],
+            tokens[i, t0:t1],
+            sets.chunk(i, t0, t1, t),
+            inv_t,
+            None if c_m is None else c_m[i, t0:t1],
+            None if c_f is None else c_f[i, t0:t1],
+            lse_s[i, t0:t1],
+            lse_f[i, t0:t1],
+        )
+        if work is not out:
+            out.copy_(work)
 
 
 def _chunk_grad(
@@ -253,36 +343,30 @@ def _chunk_grad(
     y: Tensor,
     sets: _Chunk,
     inv_t: float,
-    g_m: Tensor | None,
-    g_f: Tensor | None,
+    c_m: Tensor | None,
+    c_f: Tensor | None,
     lse_s: Tensor,
     lse_f: Tensor,
 ) -> None:
-    """Write ``(g_m (1[k=y] - pi_S 1[S]) + g_f (1[k=y] - p)) / T`` into ``work`` ``(n, V)``.
+    """``work`` ``(n, V)`` = ``c_f (1[k=y] - p) + c_m (1[k=y] - pi_S 1[S])`` for full or
+    dense-mask sets (``c_m`` None for CSR sets, whose part is scattered afterwards).
 
-    ``1 / T`` is folded into the per-row coefficients, so each dense term costs one
-    fused pass plus ``exp_``; CSR sets add only a scatter of ``|S|`` values per row.
+    One fused ``z / T - lse`` pass plus ``exp_`` per dense term.
     """
     n = work.shape[0]
     zero = torch.zeros(n, dtype=work.dtype, device=work.device)
-    c_m = zero if g_m is None else g_m * inv_t  # (n,)
-    c_f = zero if g_f is None else g_f * inv_t
-    full_sets = sets.dense is None and sets.rows is None
-    c_p = c_f + c_m if full_sets else c_f  # S = V: pi_S = p shares the exp pass
-    if g_f is not None or (full_sets and g_m is not None):
+    cm = zero if c_m is None else c_m
+    cf = zero if c_f is None else c_f
+    c_p = cf + cm if sets.is_full else cf  # S = V: pi_S = p shares the exp pass
+    if c_f is not None or (sets.is_full and c_m is not None):
         torch.add(-lse_f.unsqueeze(-1), z, alpha=inv_t, out=work)  # log p, (n, V)
         work.exp_().mul_(-c_p.unsqueeze(-1))
     else:
         work.zero_()
-    if g_m is not None and sets.dense is not None:
+    if c_m is not None and sets.dense is not None:
         pi_s = torch.add(-lse_s.unsqueeze(-1), z, alpha=inv_t).exp_()  # (n, V)
-        work.sub_(pi_s.masked_fill_(~sets.dense, 0.0).mul_(c_m.unsqueeze(-1)))
-    elif g_m is not None and sets.rows is not None and sets.cols is not None:
-        rows, flat = sets.rows, sets.flat(z.shape[-1])
-        u_s = take(z, flat).to(work.dtype) * inv_t  # (nnz,)
-        vals = torch.exp(u_s - lse_s.index_select(0, rows)) * c_m.index_select(0, rows)
-        work.view(-1).index_add_(0, flat, vals.neg_())
-    work[torch.arange(n, device=work.device), y] += c_m + c_f
+        work.sub_(pi_s.masked_fill_(~sets.dense, 0.0).mul_(cm.unsqueeze(-1)))
+    work[torch.arange(n, device=work.device), y] += cm + cf
 
 
 def pruned_logprob_function(
@@ -293,7 +377,12 @@ def pruned_logprob_function(
     valid: Tensor,
     in_set: Tensor,
     chunk: int,
+    with_full: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Apply the autograd function (typed wrapper around ``_PrunedLogprob.apply``)."""
-    out = _PrunedLogprob.apply(logits, tokens, sets, inv_t, valid, in_set, chunk)
+    """Apply the autograd function (typed wrapper around ``_PrunedLogprob.apply``).
+
+    Returns ``(log pi_S(y), log p(y), log Z_S)``; without ``with_full`` the last two
+    are NaN for CSR sets (their dense pass is then skipped).
+    """
+    out = _PrunedLogprob.apply(logits, tokens, sets, inv_t, valid, in_set, chunk, with_full)
     return out[0], out[1], out[2]

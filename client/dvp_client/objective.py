@@ -58,8 +58,9 @@ class PrunedLogprobs:
         logprobs: ``log pi_S(y)``, differentiable; 0 where ``mask`` is False. float32
             (float64 for float64 logits), as are the next two.
         full_logprobs: ``log p(y)`` over the whole vocabulary, differentiable;
-            0 outside the input mask.
-        log_z: trainer ``log Z_S = logsumexp_S u - logsumexp_V u`` (no grad).
+            0 outside the input mask; None when called with ``with_full=False``.
+        log_z: trainer ``log Z_S = logsumexp_S u - logsumexp_V u`` (no grad); None with
+            ``with_full=False``.
         safe_sizes: int64 ``|S|`` of the sets used (S' in recompute mode).
         mask: bool, the steps that count: the input mask, minus (recompute) the
             steps whose token is not in S'.
@@ -68,8 +69,8 @@ class PrunedLogprobs:
     """
 
     logprobs: Tensor
-    full_logprobs: Tensor
-    log_z: Tensor
+    full_logprobs: Tensor | None
+    log_z: Tensor | None
     safe_sizes: Tensor
     mask: Tensor
     set_disagreement: Tensor | None = None
@@ -86,6 +87,7 @@ def pruned_logprobs(
     rule: PruningRule | RuleParams | None = None,
     mask: Tensor | None = None,
     chunk_size: int | None = None,
+    with_full: bool = True,
 ) -> PrunedLogprobs:
     """Trainer-side ``log pi_S(y)`` for every step of a batch (see the module docstring).
 
@@ -105,6 +107,10 @@ def pruned_logprobs(
         mask: bool ``[B, T]``, the steps to compute (e.g. ``loss_mask``); others give 0
             and no gradient and are not checked. Default: all steps.
         chunk_size: steps per chunk; default ``DEFAULT_CHUNK_ELEMENTS // V``.
+        with_full: also compute ``log p(y)`` and ``log Z_S``. They need one dense pass
+            over the logits (max, exp, sum); without them, CSR sets make the forward
+            sparse (it touches only the ``|S|`` logits of each step) and
+            ``full_logprobs`` / ``log_z`` are None.
 
     Returns:
         A :class:`PrunedLogprobs`.
@@ -138,12 +144,14 @@ def pruned_logprobs(
     else:
         raise ValueError(f"mode must be 'replay' or 'recompute', got {mode!r}")
     in_set = valid if not_in is None else valid & ~not_in
-    masked, full, log_z = pruned_logprob_function(logits, tokens, sets, inv_t, valid, in_set, chunk)
+    masked, full, log_z = pruned_logprob_function(
+        logits, tokens, sets, inv_t, valid, in_set, chunk, with_full
+    )
     sizes = _sizes(sets, b, t, v, logits.device)
     return PrunedLogprobs(
         logprobs=masked,
-        full_logprobs=full,
-        log_z=log_z,
+        full_logprobs=full if with_full else None,
+        log_z=log_z if with_full else None,
         safe_sizes=torch.where(valid, sizes, 0),
         mask=in_set,
         set_disagreement=disagreement,
@@ -215,7 +223,7 @@ def _as_sets(safe: SafeSets | Tensor | None, v: int) -> ChunkedSets | None:
     if safe is None:
         return None
     if isinstance(safe, Tensor):
-        return ChunkedSets(dense=safe)
+        return ChunkedSets.from_mask(safe)
     if safe.ids is not None and safe.offsets is not None and safe.ids.numel() > 0:
         lo, hi = int(safe.ids.min()), int(safe.ids.max())
         if lo < 0 or hi >= v:
