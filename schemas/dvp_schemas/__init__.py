@@ -2,6 +2,14 @@
 
 from .errors import ErrorInfo, ErrorResponse
 from .models import EngineCapabilities, HealthResponse, ModelCard, ModelList, RolloutField
+from .openai import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    DvpChoice,
+    DvpInfo,
+)
 from .rollouts import (
     ChatMessage,
     FinishReason,
@@ -14,9 +22,25 @@ from .rollouts import (
     Usage,
 )
 from .rule import PruningRule
+from .score import ScoreRequest, ScoreResponse, ScoreResult, ScoreSequence, TopLogprobs
+from .stream import (
+    NDJSON_MEDIA_TYPE,
+    RolloutEnd,
+    RolloutStreamChunk,
+    RolloutStreamError,
+    RolloutStreamEvent,
+    RolloutStreamSummary,
+)
 
 __all__ = [
+    "NDJSON_MEDIA_TYPE",
+    "ChatCompletionRequest",
+    "ChatCompletionResponse",
     "ChatMessage",
+    "CompletionRequest",
+    "CompletionResponse",
+    "DvpChoice",
+    "DvpInfo",
     "EngineCapabilities",
     "ErrorInfo",
     "ErrorResponse",
@@ -27,10 +51,20 @@ __all__ = [
     "Prompt",
     "PruningRule",
     "Rollout",
+    "RolloutEnd",
     "RolloutField",
     "RolloutRequest",
     "RolloutResponse",
+    "RolloutStreamChunk",
+    "RolloutStreamError",
+    "RolloutStreamEvent",
+    "RolloutStreamSummary",
     "SafeTokenIds",
     "SamplingOptions",
+    "ScoreRequest",
+    "ScoreResponse",
+    "ScoreResult",
+    "ScoreSequence",
+    "TopLogprobs",
     "Usage",
 ]

@@ -22,6 +22,9 @@ class EngineCapabilities(ResponseModel):
     max_top_k: int | None = Field(
         None, description="Largest safe set the engine can describe exactly (None: whole vocab)."
     )
+    score: bool = Field(
+        False, description="Whether POST /v1/score (teacher-forced recomputation) is served."
+    )
 
 
 class ModelCard(ResponseModel):

@@ -90,6 +90,11 @@ class RolloutRequest(RequestModel):
     )
     return_text: bool = Field(True, description="Return the decoded completion text.")
     model: str | None = Field(None, description="Model id; checked against the served model.")
+    stream: bool = Field(
+        False,
+        description="Stream the rollouts as they decode: NDJSON lines (see dvp_schemas.stream) "
+        "instead of one RolloutResponse.",
+    )
 
     @field_validator("prompts")
     @classmethod
