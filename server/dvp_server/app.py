@@ -31,10 +31,12 @@ from fastapi import APIRouter, FastAPI, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .codecs import MsgpackBodyMiddleware, model_response
 from .config import ServerConfig
 from .engines.base import Engine
 from .errors import error_response, install_error_handlers
 from .serving import RolloutService, run_until_disconnect
+from .streaming import stream_response
 
 __all__ = ["BodyLimitMiddleware", "RequestIdMiddleware", "build_engine", "create_app"]
 
@@ -71,9 +73,11 @@ async def create_rollouts(body: RolloutRequest, request: Request) -> Response:
       "pruning": {"min_p": 0.001}, "return_safe_token_ids": true}'
     """
     service: RolloutService = request.app.state.service
+    if body.stream:  # NDJSON events (dvp_schemas.stream); 4xx still come before the stream
+        return stream_response(service, body, request)
     work = service.create_rollouts(body, request.state.request_id)
     result = await run_until_disconnect(request, work)
-    return Response(result.model_dump_json(), media_type="application/json")
+    return model_response(request, result)  # JSON, or msgpack per Accept (codecs.py)
 
 
 @router.get("/health", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
@@ -171,6 +175,7 @@ def create_app(
     )
     app.include_router(router)
     install_error_handlers(app)
+    app.add_middleware(MsgpackBodyMiddleware)  # inside the body limit: counts raw bytes
     app.add_middleware(BodyLimitMiddleware, limit=config.max_request_bytes)
     app.add_middleware(RequestIdMiddleware)  # outermost: stamps errors from inside too
     return app

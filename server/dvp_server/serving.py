@@ -21,13 +21,14 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from dvp_schemas import (
     ChatMessage,
     Prompt,
+    Rollout,
     RolloutRequest,
     RolloutResponse,
     Usage,
@@ -40,7 +41,13 @@ from .engines.base import Engine, EngineError, EngineParams, RolloutChunk
 from .errors import ServiceError, validation_error
 from .params import draw_request_seed, effective_rule, request_seed_of, to_engine_params
 
-__all__ = ["ClientDisconnected", "RolloutService", "run_until_disconnect"]
+__all__ = [
+    "ClientDisconnected",
+    "PreparedRequest",
+    "RolloutService",
+    "rollout_id",
+    "run_until_disconnect",
+]
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -63,10 +70,31 @@ class _Job:
     params: EngineParams
 
 
+@dataclass(frozen=True)
+class PreparedRequest:
+    """A checked rollout request, ready to fan out (:meth:`RolloutService.prepare`).
+
+    Attributes:
+        request: the request with the effective rule.
+        request_id: the HTTP request id (echoed in the response).
+        key: unique prefix of the engine ids of its rollouts.
+        seed: the request seed (drawn when the request has none).
+        prompts: every prompt's token ids.
+        jobs: one per (prompt, sample), ordered by prompt, then sample.
+    """
+
+    request: RolloutRequest
+    request_id: str
+    key: str
+    seed: int
+    prompts: list[list[int]]
+    jobs: list[_Job]
+
+
 _REQUEST_SEQ = itertools.count()  # makes engine ids unique when clients reuse X-Request-Id
 
 
-def _rollout_id(request_key: str, job: _Job) -> str:
+def rollout_id(request_key: str, job: _Job) -> str:
     """The engine request id of one rollout: ``<request key>-<prompt>-<sample>``."""
     return f"{request_key}-{job.prompt_index}-{job.sample_index}"
 
@@ -105,6 +133,21 @@ class RolloutService:
             ServiceError: the request does not fit the model or the server limits.
             EngineError: the engine failed a rollout (all others were aborted).
         """
+        prepared = self.prepare(request, request_id)
+        results = await self._run_all(prepared.jobs, prepared.key)
+        rollouts = [
+            self.assemble(prepared, job, chunks)
+            for job, chunks in zip(prepared.jobs, results, strict=True)
+        ]
+        return self.response(prepared, rollouts)
+
+    def prepare(self, request: RolloutRequest, request_id: str) -> PreparedRequest:
+        """Steps 1-3 of the module docstring up to the fan-out: checks, prompt ids, jobs.
+
+        Raises:
+            ServiceError: the request does not fit the model or the server limits.
+            EngineError: the engine is not running.
+        """
         if self.engine.state != "running":
             raise EngineError(f"the {self.engine.info.name} engine is {self.engine.state}")
         self._check_request(request)
@@ -118,31 +161,34 @@ class RolloutService:
             for j in range(request.n)
         ]
         key = f"{request_id}.{next(_REQUEST_SEQ)}"
-        results = await self._run_all(jobs, key)
+        return PreparedRequest(request, request_id, key, seed, prompts, jobs)
+
+    def assemble(self, prepared: PreparedRequest, job: _Job, chunks: list[RolloutChunk]) -> Rollout:
+        """Step 4: join one rollout's chunks (``assembly.assemble_rollout``)."""
         fields = set(self.engine.info.capabilities.fields)
-        rollouts = [
-            assemble_rollout(
-                _rollout_id(key, job),
-                chunks,
-                prompt_index=job.prompt_index,
-                sample_index=job.sample_index,
-                prompt_ids=job.prompt_ids,
-                seed=seed,
-                tokenizer=self.tokenizer if request.return_text else None,
-                with_logprobs="logprobs" in fields,
-                with_logmass="safe_logmass" in fields,
-                with_safe_ids=job.params.return_safe_token_ids,
-            )
-            for job, chunks in zip(jobs, results, strict=True)
-        ]
+        return assemble_rollout(
+            rollout_id(prepared.key, job),
+            chunks,
+            prompt_index=job.prompt_index,
+            sample_index=job.sample_index,
+            prompt_ids=job.prompt_ids,
+            seed=prepared.seed,
+            tokenizer=self.tokenizer if prepared.request.return_text else None,
+            with_logprobs="logprobs" in fields,
+            with_logmass="safe_logmass" in fields,
+            with_safe_ids=job.params.return_safe_token_ids,
+        )
+
+    def response(self, prepared: PreparedRequest, rollouts: list[Rollout]) -> RolloutResponse:
+        """The response around assembled rollouts (ordered by prompt, then sample)."""
         completion = sum(r.num_tokens for r in rollouts)
-        prompt_tokens = sum(len(ids) for ids in prompts)  # each prompt once, whatever n
+        prompt_tokens = sum(len(ids) for ids in prepared.prompts)  # each prompt once, whatever n
         return RolloutResponse(
-            id=request_id,
+            id=prepared.request_id,
             model=self.model_id,
             engine=self.engine.info.name,
-            temperature=request.sampling.temperature,
-            pruning=request.pruning,
+            temperature=prepared.request.sampling.temperature,
+            pruning=prepared.request.pruning,
             policy_version=max(r.policy_version for r in rollouts),
             rollouts=rollouts,
             usage=Usage(
@@ -246,7 +292,7 @@ class RolloutService:
 
     async def _run_all(self, jobs: list[_Job], key: str) -> list[list[RolloutChunk]]:
         """Decode all jobs concurrently; on any failure or cancellation, cancel them all."""
-        tasks = [asyncio.ensure_future(self._collect(_rollout_id(key, job), job)) for job in jobs]
+        tasks = [asyncio.ensure_future(self.collect(rollout_id(key, job), job)) for job in jobs]
         try:
             return list(await asyncio.gather(*tasks))
         except BaseException as exc:
@@ -257,8 +303,19 @@ class RolloutService:
             logger.info("request %s: %d rollouts aborted (%s)", key, len(tasks), reason)
             raise
 
-    async def _collect(self, rollout_id: str, job: _Job) -> list[RolloutChunk]:
-        """All chunks of one rollout; aborts it in the engine unless it finished."""
+    async def collect(
+        self,
+        rollout_id: str,
+        job: _Job,
+        on_chunk: Callable[[RolloutChunk], None] | None = None,
+    ) -> list[RolloutChunk]:
+        """All chunks of one rollout; aborts it in the engine unless it finished.
+
+        Args:
+            rollout_id: the engine request id (:func:`rollout_id`).
+            job: the rollout.
+            on_chunk: called with every chunk as it arrives (streaming).
+        """
         chunks: list[RolloutChunk] = []
         stream = self.engine.generate(rollout_id, job.prompt_ids, job.params)
         finished = False
@@ -270,6 +327,8 @@ class RolloutService:
                         f"{chunk.error or 'aborted by the engine'}"
                     )
                 chunks.append(chunk)
+                if on_chunk is not None:
+                    on_chunk(chunk)
                 if chunk.finish_reason is not None:
                     finished = True
                     break
