@@ -49,3 +49,8 @@ class HealthResponse(ResponseModel):
     engine: str
     engine_state: str
     policy_version: int
+    active_rollouts: int | None = Field(
+        None,
+        description="Rollouts the engine holds (queued or decoding, not yet finished or "
+        "aborted); null when the engine does not count them.",
+    )

@@ -93,6 +93,7 @@ async def health(request: Request) -> JSONResponse:
         engine=engine.info.name,
         engine_state=engine.state,
         policy_version=engine.policy_version,
+        active_rollouts=getattr(engine, "active_rollouts", None),
     )
     return JSONResponse(body.model_dump(), status_code=200 if status == "ok" else 503)
 

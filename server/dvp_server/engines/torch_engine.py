@@ -162,6 +162,11 @@ class TorchEngine:
         return 0
 
     @property
+    def active_rollouts(self) -> int:
+        """Rollouts submitted and not yet finished (queued or decoding); /health reports it."""
+        return len(self._rows)
+
+    @property
     def state(self) -> str:
         """'starting' | 'running' | 'dead'."""
         if self._state == "running" and not (self._thread and self._thread.is_alive()):
