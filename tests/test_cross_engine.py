@@ -20,6 +20,7 @@ vocabulary (:func:`dvp_client.rule.safe_vocab`), as the trainer would do.
 from __future__ import annotations
 
 import asyncio
+import gc
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -115,6 +116,7 @@ def _threshold_distance(logits: torch.Tensor, t: float, rule: PruningRule, token
     return min(margins) if margins else math.inf
 
 
+@pytest.mark.slow
 def test_sets_and_masked_logprobs_match_teacher_forcing(
     batches: list[RolloutBatch], hf_model: torch.nn.Module
 ) -> None:
@@ -186,6 +188,7 @@ def test_processed_logprobs_finite_entries_are_our_sets(
     tokens vLLM's sampler kept) are exactly the set the server derived.
     """
     results = asyncio.run(_processed_runs(vllm_tiny_model_dir, batches))
+    gc.collect()  # collect the AsyncLLM now, not in its __del__ at interpreter exit
     steps = equal = compared_rollouts = 0
     report = []
     for batch, outs in zip(batches, results, strict=True):

@@ -219,6 +219,7 @@ def _rl_prompts(n_prompts: int, max_len: int) -> list[list[int]]:
     return [rng.integers(100, VOCAB, size=int(n)).tolist() for n in lengths]
 
 
+@pytest.mark.slow
 def test_rl_sized_seeded_batch_survives_and_reproduces(client: Client) -> None:
     """Issue 8 part 1: 32 prompts x n=8, lengths up to the context, every sample seeded.
 

@@ -23,6 +23,7 @@ vLLM is imported lazily, only here and in ``_vllm_args.py``.
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from collections.abc import AsyncGenerator
@@ -135,7 +136,8 @@ class VllmEngine:
         self._state = "dead"
         if llm is not None:
             llm.shutdown()  # synchronous: SIGTERM to EngineCore, waits for the worker
-            del llm  # else AsyncLLM.__del__ shuts down again at interpreter exit
+            del llm
+            gc.collect()  # else AsyncLLM.__del__ shuts down again at interpreter exit
 
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], params: EngineParams
