@@ -5,7 +5,16 @@
 - the pruned log-probs, policy losses and mismatch metrics (trainer side).
 """
 
-from dvp_schemas import PruningRule, Rollout, RolloutRequest, SamplingOptions
+from dvp_schemas import (
+    PruningRule,
+    Rollout,
+    RolloutRequest,
+    RolloutStreamChunk,
+    RolloutStreamSummary,
+    SamplingOptions,
+    ScoreResponse,
+    ScoreResult,
+)
 
 from ._client import AsyncClient, Client
 from ._constants import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT
@@ -14,6 +23,7 @@ from ._exceptions import (
     APIError,
     APIResponseValidationError,
     APIStatusError,
+    APIStreamError,
     APITimeoutError,
     AuthenticationError,
     BadRequestError,
@@ -27,6 +37,7 @@ from ._exceptions import (
     ServiceUnavailableError,
     UnprocessableEntityError,
 )
+from ._streaming import StreamEvent, join_rollout_stream
 from ._types import NOT_GIVEN, NotGiven
 from .batch import RolloutBatch
 
@@ -38,6 +49,7 @@ __all__ = [
     "APIError",
     "APIResponseValidationError",
     "APIStatusError",
+    "APIStreamError",
     "APITimeoutError",
     "AsyncClient",
     "AuthenticationError",
@@ -55,9 +67,15 @@ __all__ = [
     "Rollout",
     "RolloutBatch",
     "RolloutRequest",
+    "RolloutStreamChunk",
+    "RolloutStreamSummary",
     "SamplingOptions",
+    "ScoreResponse",
+    "ScoreResult",
     "ServiceUnavailableError",
+    "StreamEvent",
     "UnprocessableEntityError",
+    "join_rollout_stream",
 ]
 
 # Trainer-side names need torch: resolved on first access (PEP 562) so that the HTTP

@@ -31,7 +31,7 @@ from typing import Any, Generic, TypeVar
 
 import httpx
 import pydantic
-from dvp_schemas import HealthResponse, PruningRule, RolloutRequest
+from dvp_schemas import HealthResponse, PruningRule, RolloutRequest, ScoreRequest, ScoreSequence
 
 from . import _constants as C
 from ._exceptions import (
@@ -50,6 +50,9 @@ _ModelT = TypeVar("_ModelT", bound=pydantic.BaseModel)
 Step = httpx.Request | float
 """What a plan asks its shell to do next: send this request, or sleep this long."""
 Plan = Generator[Step, "httpx.Response | None", httpx.Response]
+MSGPACK_MEDIA_TYPE = "application/msgpack"
+ScoreInput = tuple[Sequence[int], Sequence[int]] | ScoreSequence | Mapping[str, object]
+"""A sequence to score: ``(prompt_ids, completion_ids)``, a ScoreSequence, or its dict."""
 
 
 def _user_agent() -> str:
@@ -201,6 +204,7 @@ class BaseClient(Generic[_HttpxT]):
         max_retries: int,
         http_client: _HttpxT,
         owns_http_client: bool,
+        msgpack: bool = False,
     ) -> None:
         if max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {max_retries}")
@@ -218,6 +222,9 @@ class BaseClient(Generic[_HttpxT]):
         self.max_retries = max_retries
         self._client = http_client
         self._owns_http_client = owns_http_client
+        self.msgpack = msgpack
+        if msgpack:
+            import msgpack as _msgpack  # noqa: F401  (fail here, not at the first call)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self.base_url)!r})"
@@ -230,7 +237,7 @@ class BaseClient(Generic[_HttpxT]):
 
     def _headers(self, options: RequestOptions) -> dict[str, str]:
         headers = {
-            "Accept": "application/json",
+            "Accept": MSGPACK_MEDIA_TYPE if self.msgpack else "application/json",
             "User-Agent": USER_AGENT,
             C.REQUEST_ID_HEADER: uuid.uuid4().hex,
         }
@@ -242,6 +249,16 @@ class BaseClient(Generic[_HttpxT]):
 
     def _build_request(self, options: RequestOptions, headers: Mapping[str, str]) -> httpx.Request:
         timeout = self.timeout if isinstance(options.timeout, NotGiven) else options.timeout
+        if self.msgpack and options.json is not None:
+            import msgpack
+
+            return self._client.build_request(
+                options.method,
+                self._url(options.path),
+                content=msgpack.packb(options.json),
+                headers={**headers, "Content-Type": MSGPACK_MEDIA_TYPE},
+                timeout=timeout,
+            )
         return self._client.build_request(
             options.method,
             self._url(options.path),
@@ -262,6 +279,7 @@ class BaseClient(Generic[_HttpxT]):
         model: str | None,
         timeout: NotGivenOr[TimeoutTypes],
         extra_headers: Headers | None,
+        stream: bool = False,
     ) -> RequestOptions:
         """The POST /v1/rollouts call; validates the body and fixes the seed first."""
         sampling["seed"], retryable = resolve_seed(sampling["seed"])
@@ -275,9 +293,38 @@ class BaseClient(Generic[_HttpxT]):
             model=model,
         )
         body = request.model_dump(mode="json", exclude_unset=True)
+        if stream:
+            body["stream"] = True
         return RequestOptions(
             "POST", "/v1/rollouts", body, extra_headers, timeout, retryable=retryable
         )
+
+    def _score_options(
+        self,
+        sequences: Sequence[ScoreInput],
+        *,
+        temperature: float,
+        pruning: PruningRule | Mapping[str, object] | None,
+        return_safe_token_ids: bool,
+        top_logprobs: int,
+        model: str | None,
+        timeout: NotGivenOr[TimeoutTypes],
+        extra_headers: Headers | None,
+    ) -> RequestOptions:
+        """The POST /v1/score call (validated first; retried: scoring has no side effect)."""
+        body: dict[str, object] = {
+            "sequences": [_score_sequence(s) for s in sequences],
+            "temperature": temperature,
+            "return_safe_token_ids": return_safe_token_ids,
+            "top_logprobs": top_logprobs,
+        }
+        if pruning is not None:
+            body["pruning"] = pruning
+        if model is not None:
+            body["model"] = model
+        request = ScoreRequest.model_validate(body)
+        payload = request.model_dump(mode="json", exclude_unset=True)
+        return RequestOptions("POST", "/v1/score", payload, extra_headers, timeout, retryable=True)
 
     # -- the retry loop -----------------------------------------------------------
 
@@ -365,10 +412,26 @@ class BaseClient(Generic[_HttpxT]):
             raise APIResponseValidationError(response, body, msg + str(err)) from err
 
 
+def _score_sequence(seq: ScoreInput) -> object:
+    """A (prompt ids, completion ids) pair as the wire's ScoreSequence; others as given."""
+    if isinstance(seq, tuple) and len(seq) == 2:
+        return {"prompt_token_ids": list(seq[0]), "completion_token_ids": list(seq[1])}
+    return seq
+
+
 def _json(response: httpx.Response) -> Any:
-    """The decoded JSON body (None when empty)."""
+    """The decoded body, JSON or msgpack per its content type (None when empty)."""
     if not response.content:
         return None
+    if "msgpack" in response.headers.get("content-type", ""):
+        import msgpack
+
+        try:
+            return msgpack.unpackb(response.content, raw=False)
+        except (ValueError, msgpack.UnpackException) as err:
+            raise APIResponseValidationError(
+                response, response.content[:200], f"response body is not msgpack: {err!r}"
+            ) from err
     try:
         return response.json()
     except ValueError as err:

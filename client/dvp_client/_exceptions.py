@@ -17,7 +17,8 @@ The tree::
         │       └── ServiceUnavailableError     503
         ├── APIConnectionError          no response: refused, reset, DNS, ...
         │   └── APITimeoutError             the timeout ran out
-        └── APIResponseValidationError  a 2xx whose body does not fit the schema
+        ├── APIResponseValidationError  a 2xx whose body does not fit the schema
+        └── APIStreamError              a stream failed after it began (its error event)
 
 A status error carries the status, the parsed error body (``type``,
 ``message``, ``param``; see :class:`dvp_schemas.ErrorInfo`), the raw body, the
@@ -39,6 +40,7 @@ __all__ = [
     "APIError",
     "APIResponseValidationError",
     "APIStatusError",
+    "APIStreamError",
     "APITimeoutError",
     "AuthenticationError",
     "BadRequestError",
@@ -166,6 +168,25 @@ class APIResponseValidationError(APIError):
         super().__init__(message, response.request, body=body)
         self.response = response
         self.status_code = response.status_code
+
+
+class APIStreamError(APIError):
+    """A streamed response (status 200) that ended with an ``error`` event: the server
+    failed after the stream began, and aborted the request's other work.
+
+    Attributes:
+        response: The httpx response of the stream.
+        code: The status the error would have had (503: engine failure, retryable).
+        type: The error kind, e.g. ``"engine_error"``.
+        param: Dotted path of the offending field, if any.
+    """
+
+    def __init__(self, response: httpx.Response, error: Any) -> None:
+        super().__init__(f"Stream error {error.code} - {error.message}", response.request)
+        self.response = response
+        self.code = int(error.code)
+        self.type = error.type
+        self.param = error.param
 
 
 _STATUS_ERRORS: dict[int, type[APIStatusError]] = {

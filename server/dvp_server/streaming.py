@@ -38,7 +38,7 @@ from dvp_schemas import (
 )
 from fastapi import Request
 from pydantic import BaseModel
-from starlette.responses import Response
+from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from .codecs import MSGPACK_MEDIA_TYPE, pack, wants_msgpack
@@ -192,7 +192,7 @@ def _error_info(exc: BaseException) -> ErrorInfo:
     )
 
 
-class EventStreamResponse(Response):
+class EventStreamResponse(StreamingResponse):
     """Stream pydantic events as NDJSON lines (or concatenated msgpack maps).
 
     While it streams it also listens for ``http.disconnect``; a client that goes
@@ -201,9 +201,10 @@ class EventStreamResponse(Response):
     """
 
     def __init__(self, events: AsyncIterator[BaseModel], *, msgpack: bool = False) -> None:
-        super().__init__(media_type=MSGPACK_MEDIA_TYPE if msgpack else NDJSON_MEDIA_TYPE)
         self.events = events
         self.msgpack = msgpack
+        media_type = MSGPACK_MEDIA_TYPE if msgpack else NDJSON_MEDIA_TYPE
+        super().__init__(self._encoded(), media_type=media_type)
 
     def encode(self, event: BaseModel) -> bytes:
         """One event's bytes: a JSON line, or a msgpack map (chunks with float32 floats)."""
@@ -213,17 +214,20 @@ class EventStreamResponse(Response):
         f32 = data.keys() if isinstance(event, RolloutStreamChunk) else ()
         return pack(data, float32_keys=f32)
 
+    async def _encoded(self) -> AsyncIterator[bytes]:
+        try:
+            async for event in self.events:
+                yield self.encode(event)
+        finally:
+            await self.events.aclose()  # type: ignore[attr-defined]
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
 
         async def body() -> None:
-            try:
-                async for event in self.events:
-                    chunk = self.encode(event)
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
-            finally:
-                await self.events.aclose()  # type: ignore[attr-defined]
+            async for chunk in self.body_iterator:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
 
         async def disconnected() -> None:
             while (await receive())["type"] != "http.disconnect":
@@ -239,5 +243,6 @@ class EventStreamResponse(Response):
                 body_task.cancel()
                 logger.info("rollout stream: client disconnected, stream cancelled")
             await asyncio.gather(body_task, watch, return_exceptions=True)
+            await self.body_iterator.aclose()  # type: ignore[attr-defined]
         if not body_task.cancelled() and (exc := body_task.exception()) is not None:
             raise exc
