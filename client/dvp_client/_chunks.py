@@ -74,7 +74,7 @@ class ChunkedSets:
     def from_mask(cls, mask: Tensor) -> ChunkedSets:
         """Dense bool ``[B, T, V]``: converted to CSR when the sets are small (the sparse
         path then skips every dense pass over pi_S), kept dense otherwise."""
-        if int(mask.sum()) * _SPARSE_FRACTION < mask.numel():
+        if int(torch.count_nonzero(mask)) * _SPARSE_FRACTION < mask.numel():  # no int64 copy
             return cls.from_csr(SafeSets.from_mask(mask))
         return cls(dense=mask)
 

@@ -332,8 +332,8 @@ def _prunes(p: RuleParams) -> bool:
 
 def _sizes(sets: ChunkedSets, b: int, t: int, v: int, device: torch.device) -> Tensor:
     """``|S|`` per step, int64 ``[B, T]``."""
-    if sets.dense is not None:
-        return sets.dense.sum(-1)
+    if sets.dense is not None:  # per batch row: a bool sum makes an int64 copy of its input
+        return torch.stack([row.sum(-1) for row in sets.dense])
     if sets.csr is not None:
         return sets.csr.sizes(v).to(device)
     return torch.full((b, t), v, dtype=torch.int64, device=device)
