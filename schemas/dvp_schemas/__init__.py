@@ -31,6 +31,7 @@ from .stream import (
     RolloutStreamEvent,
     RolloutStreamSummary,
 )
+from .weights import InflightPolicy, WeightsInfo, WeightsUpdateRequest, WeightsUpdateResponse
 
 __all__ = [
     "NDJSON_MEDIA_TYPE",
@@ -46,6 +47,7 @@ __all__ = [
     "ErrorResponse",
     "FinishReason",
     "HealthResponse",
+    "InflightPolicy",
     "ModelCard",
     "ModelList",
     "Prompt",
@@ -67,4 +69,7 @@ __all__ = [
     "ScoreSequence",
     "TopLogprobs",
     "Usage",
+    "WeightsInfo",
+    "WeightsUpdateRequest",
+    "WeightsUpdateResponse",
 ]

@@ -1,0 +1,71 @@
+"""POST /v1/weights, POST /v1/weights/upload, GET /v1/weights: policy weight updates.
+
+A weight update replaces every tensor of the served checkpoint (same names, same
+shapes) and bumps ``policy_version``. No rollout mixes two versions: by default
+the update waits for in-flight rollouts to finish (``on_inflight="drain"``; new
+rollouts wait at admission meanwhile), or it aborts them first
+(``on_inflight="abort"``: they end with ``finish_reason="abort"`` and an error
+that says so), then swaps the weights atomically.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from ._base import RequestModel, ResponseModel
+
+InflightPolicy = Literal["drain", "abort"]
+
+
+class WeightsUpdateRequest(RequestModel):
+    """Load new weights from the server's allowed weights root.
+
+    Example::
+
+        {"path": "step-0100/model.safetensors", "on_inflight": "drain"}
+    """
+
+    path: str = Field(
+        min_length=1,
+        max_length=4096,
+        description="A .safetensors file, or a directory of them, relative to the server's "
+        "--weights-root (an absolute path must lie inside it). '..' or symlinks that leave "
+        "the root are refused (403).",
+    )
+    on_inflight: InflightPolicy | None = Field(
+        None,
+        description="What happens to in-flight rollouts: 'drain' waits for them, 'abort' "
+        "ends them (finish_reason 'abort' with an error). Default: the server's policy.",
+    )
+    drain_timeout_s: float | None = Field(
+        None,
+        gt=0.0,
+        le=86400.0,
+        description="Longest wait for in-flight rollouts; past it the update is refused "
+        "(409) and nothing changes. Default: the server's.",
+    )
+
+
+class WeightsInfo(ResponseModel):
+    """The weights being served."""
+
+    policy_version: int = Field(description="Bumped by one at every successful update.")
+    source: str = Field(
+        description="Where they came from: 'model:<id>' (start-up), 'path:<relative path>' "
+        "or 'upload:sha256:<hex>'."
+    )
+    loaded_at: str = Field(description="When they were loaded (ISO 8601, UTC).")
+    num_tensors: int = Field(description="Tensors in the checkpoint.")
+    on_inflight: InflightPolicy = Field(description="The server's default update policy.")
+
+
+class WeightsUpdateResponse(WeightsInfo):
+    """The result of an update: the new weights and what happened to in-flight rollouts."""
+
+    previous_version: int = Field(description="policy_version before the update.")
+    aborted_rollouts: int = Field(description="In-flight rollouts aborted by the update.")
+    drained_rollouts: int = Field(description="In-flight rollouts the update waited for.")
+    wait_s: float = Field(description="Seconds new rollouts were held (drain or abort).")
+    load_s: float = Field(description="Seconds the swap itself took.")
