@@ -36,6 +36,7 @@ from dvp_schemas import EngineCapabilities, FinishReason
 from ..model_store import load_tokenizer
 from ._batch import DecodeBatch, rule_step
 from ._rows import Row, StopStringMatcher
+from ._weights import WeightsInput, copy_weights, read_weights
 from .base import EngineError, EngineInfo, EngineParams, RolloutChunk
 
 __all__ = ["DTYPES", "EngineStats", "TorchEngine"]
@@ -153,13 +154,44 @@ class TorchEngine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._state = "starting"
+        self._policy_version = 0
+        self._model_lock = threading.Lock()  # held by every step and by a weight swap
+        #: Called in the scheduler thread after each step with the batch size (metrics).
+        self.on_step: Callable[[int], None] | None = None
 
     # ----------------------------------------------------------------- protocol
 
     @property
     def policy_version(self) -> int:
-        """Weights version (0 until weight updates land)."""
-        return 0
+        """Weights version: 0 at start, +1 per :meth:`load_weights`."""
+        return self._policy_version
+
+    @property
+    def queued_rollouts(self) -> int:
+        """Rollouts submitted and waiting for a batch (the engine's queue depth)."""
+        return len(self._pending)
+
+    async def load_weights(self, weights: WeightsInput) -> int:
+        """Copy new weights into the model between two steps; returns the new version.
+
+        A rollout decoding meanwhile would see both versions in its chunks (the
+        serving layer refuses such a rollout); the server drains or aborts them
+        first (``admission.py``).
+
+        Args:
+            weights: safetensors files, or a name -> tensor mapping (a subset is fine).
+
+        Raises:
+            ValueError: an unknown name, a wrong shape or dtype (nothing changed).
+        """
+        tensors = await asyncio.to_thread(read_weights, weights)
+        return await asyncio.to_thread(self._swap_weights, tensors)
+
+    def _swap_weights(self, tensors: dict[str, torch.Tensor]) -> int:
+        with self._model_lock:
+            copy_weights(self.model, tensors)
+            self._policy_version += 1
+            return self._policy_version
 
     @property
     def active_rollouts(self) -> int:
@@ -296,7 +328,8 @@ class TorchEngine:
                         self._collect_arrivals()
                     new_rows = self._admit()
                     aborts, self._aborts = self._aborts, set()
-                self._step(new_rows, aborts)
+                with self._model_lock:
+                    self._step(new_rows, aborts)
         with self._cond:
             for row in list(self._rows.values()):
                 self._finish(row, "abort", None, error=None)
@@ -351,6 +384,8 @@ class TorchEngine:
             out = rule_step(logits, batch.rows)
             t2 = time.perf_counter()
             self.stats.steps += 1
+            if self.on_step is not None:
+                self.on_step(len(batch.rows))
             self.stats.tokens += len(batch.rows)
             self._emit_step(batch, out)
             self.stats.forward_s += t1 - t0
