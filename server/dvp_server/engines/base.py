@@ -13,8 +13,9 @@ Per-step data travels as numpy arrays (columnar), never as per-token objects.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -106,3 +107,18 @@ class Engine(Protocol):
         ...
 
     async def abort(self, request_id: str) -> None: ...
+
+
+@runtime_checkable
+class WeightLoader(Protocol):
+    """Optional engine capability: new weights in place (``POST /v1/weights``).
+
+    ``load_weights`` gets the ``.safetensors`` files of a checkpoint the server
+    has checked against the served one (same names and shapes), swaps them in
+    between two engine steps, and returns the new ``policy_version`` (the old one
+    plus one). The server calls it only while no rollout is running (see
+    ``admission.py``), so no rollout mixes two versions. An engine without it
+    answers ``POST /v1/weights`` with 501.
+    """
+
+    async def load_weights(self, weights: Sequence[Path]) -> int: ...
