@@ -35,6 +35,7 @@ from .codecs import MsgpackBodyMiddleware, model_response
 from .config import ServerConfig
 from .engines.base import Engine
 from .errors import error_response, install_error_handlers
+from .ops import install_ops
 from .serving import RolloutService, run_until_disconnect
 from .streaming import stream_response
 
@@ -153,7 +154,8 @@ def create_app(
         await eng.start()
         app.state.config = config
         app.state.engine = eng
-        app.state.service = RolloutService(eng, tok, config)
+        served = app.state.ops.attach(app, eng)  # admission, metrics, weights (ops.py)
+        app.state.service = RolloutService(served, tok, config)
         info = eng.info
         logger.info(
             "serving %s with the %s engine (%s, vocab %d, max_model_len %d)",
@@ -167,6 +169,7 @@ def create_app(
             yield
         finally:
             await eng.shutdown()
+            app.state.ops.detach()
 
     app = FastAPI(
         title="dvp-serve",
@@ -178,6 +181,7 @@ def create_app(
     install_error_handlers(app)
     app.add_middleware(MsgpackBodyMiddleware)  # inside the body limit: counts raw bytes
     app.add_middleware(BodyLimitMiddleware, limit=config.max_request_bytes)
+    install_ops(app, config)  # weights + /metrics routes; auth, draining, metrics middleware
     app.add_middleware(RequestIdMiddleware)  # outermost: stamps errors from inside too
     return app
 

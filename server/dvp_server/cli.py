@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from .config import DTYPES, ENGINES, LOG_LEVELS, ServerConfig
+from .config import DTYPES, ENGINES, INFLIGHT_POLICIES, LOG_LEVELS, ServerConfig
 
 __all__ = ["app", "main", "serve"]
 
@@ -27,7 +27,8 @@ _DEFAULTS = ServerConfig()
 @app.command()
 def serve(
     host: Annotated[
-        str, typer.Option(help="Interface to bind; 0.0.0.0 exposes the (unauthenticated) server.")
+        str,
+        typer.Option(help="Interface to bind; before 0.0.0.0, set --api-key (or DVP_API_KEY)."),
     ] = _DEFAULTS.host,
     port: Annotated[int, typer.Option(help="TCP port to listen on.")] = _DEFAULTS.port,
     model: Annotated[
@@ -120,6 +121,42 @@ def serve(
             "largest pruning.top_k served (a rule without top_k gets top_k = K)."
         ),
     ] = _DEFAULTS.max_logprobs,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            envvar="DVP_API_KEY",
+            show_envvar=True,
+            help="Bearer key every route but /health requires (401 otherwise); unset: no auth.",
+        ),
+    ] = None,
+    max_queue: Annotated[
+        int,
+        typer.Option(
+            help="Rollouts admitted beyond --max-batch (queued, or held during a weight "
+            "update); more get 429 with Retry-After."
+        ),
+    ] = _DEFAULTS.max_queue,
+    weights_root: Annotated[
+        Path | None,
+        typer.Option(
+            help="Directory POST /v1/weights may load safetensors from (nothing outside it); "
+            "unset: path loads are refused."
+        ),
+    ] = None,
+    weights_update_policy: Annotated[
+        str,
+        typer.Option(
+            help=f"In-flight rollouts at a weight update, one of {', '.join(INFLIGHT_POLICIES)}: "
+            "drain waits for them, abort ends them (finish_reason 'abort', said so)."
+        ),
+    ] = _DEFAULTS.weights_update_policy,
+    weights_drain_timeout: Annotated[
+        float, typer.Option(help="Seconds a draining weight update waits (then 409).")
+    ] = _DEFAULTS.weights_drain_timeout_s,
+    shutdown_timeout: Annotated[
+        float,
+        typer.Option(help="After SIGTERM, seconds in-flight requests get to finish (exit 0)."),
+    ] = _DEFAULTS.shutdown_timeout_s,
 ) -> None:
     """Serve POST /v1/rollouts, GET /v1/models and GET /health (OpenAPI: /openapi.json)."""
     try:
@@ -146,6 +183,12 @@ def serve(
             enforce_eager=enforce_eager,
             kv_cache_bytes=kv_cache_bytes,
             max_logprobs=max_logprobs,
+            api_key=api_key,
+            max_queue=max_queue,
+            weights_root=weights_root,
+            weights_update_policy=weights_update_policy,
+            weights_drain_timeout_s=weights_drain_timeout,
+            shutdown_timeout_s=shutdown_timeout,
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
@@ -153,22 +196,15 @@ def serve(
 
 
 def run(config: ServerConfig) -> None:
-    """Run uvicorn with the app until interrupted (blocking)."""
-    import uvicorn
-
+    """Run uvicorn with the app until SIGTERM / SIGINT, then drain and exit 0 (blocking)."""
     from .app import create_app
+    from .lifecycle import serve as serve_gracefully
 
     logging.basicConfig(
         level=config.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    uvicorn.run(
-        create_app(config),
-        host=config.host,
-        port=config.port,
-        log_level=config.log_level,
-        timeout_graceful_shutdown=5,
-    )
+    serve_gracefully(create_app(config), config)
 
 
 def main() -> None:
