@@ -258,5 +258,9 @@ def test_client_disconnect_aborts_its_rollouts(vllm_server: ServerProcess) -> No
         time.sleep(0.1)
     line = next(x for x in vllm_server.log().splitlines() if "vgone-1." in x)
     assert "32 rollouts aborted (cancelled)" in line
+    health = f"{vllm_server.base_url}/health"
+    while httpx.get(health).json()["active_rollouts"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert httpx.get(health).json()["active_rollouts"] == 0  # vLLM dropped them
     small = {"prompts": ["a"], "sampling": {"max_tokens": 1, "seed": 1}}
     assert httpx.post(url, json=small, timeout=120).status_code == 200

@@ -92,6 +92,11 @@ class VllmEngine:
             return "dead"
         return self._state
 
+    @property
+    def active_rollouts(self) -> int:
+        """Rollouts vLLM holds (waiting or decoding); 0 when not running."""
+        return int(self._llm.get_num_unfinished_requests()) if self._llm is not None else 0
+
     async def start(self) -> None:
         """Build the ``AsyncLLM`` (blocking the loop while the model loads, ~20 s on CPU).
 
