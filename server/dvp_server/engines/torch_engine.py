@@ -38,6 +38,7 @@ from ._batch import DecodeBatch, rule_step
 from ._rows import Row, StopStringMatcher
 from ._weights import WeightsInput, copy_weights, read_weights
 from .base import EngineError, EngineInfo, EngineParams, RolloutChunk
+from .scoring import ScoredSequence, ScoreParams, score_sequences
 
 __all__ = ["DTYPES", "EngineStats", "TorchEngine"]
 
@@ -137,7 +138,10 @@ class TorchEngine:
             vocab_size=self.vocab_size,
             max_model_len=self.max_model_len,
             capabilities=EngineCapabilities(
-                fields=list(_ALL_FIELDS), exact_at_any_temperature=list(_ALL_FIELDS), max_top_k=None
+                fields=list(_ALL_FIELDS),
+                exact_at_any_temperature=list(_ALL_FIELDS),
+                max_top_k=None,
+                score=True,
             ),
             eos_token_ids=tuple(sorted(self.eos_ids)),
         )
@@ -192,6 +196,29 @@ class TorchEngine:
             copy_weights(self.model, tensors)
             self._policy_version += 1
             return self._policy_version
+
+    async def score(
+        self, sequences: Sequence[tuple[list[int], list[int]]], params: ScoreParams
+    ) -> list[ScoredSequence]:
+        """Teacher-forced scoring (``POST /v1/score``) under the model lock, between steps.
+
+        The serving layer has checked ids and lengths. Every field is exact.
+
+        Raises:
+            EngineError: the engine is not running.
+        """
+        if self.state != "running":
+            raise EngineError(f"torch engine is not running (state {self.state!r})")
+        return await asyncio.to_thread(self._score_locked, sequences, params)
+
+    def _score_locked(
+        self, sequences: Sequence[tuple[list[int], list[int]]], params: ScoreParams
+    ) -> list[ScoredSequence]:
+        with self._model_lock, torch.inference_mode():  # no step, no weight swap meanwhile
+            version = self.policy_version
+            return score_sequences(
+                self.model, sequences, params, pad_id=self.pad_id, policy_version=version
+            )
 
     @property
     def active_rollouts(self) -> int:
