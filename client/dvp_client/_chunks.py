@@ -136,23 +136,13 @@ class _Chunk:
         return self.dense is None and self.rows is None
 
     def logsumexp(self, z: Tensor, inv_t: float, lse_full: Tensor) -> Tensor:
-        """``logsumexp_{k in S} z_k / T`` per row, ``(n,)`` (``-inf`` for an empty set);
-        ``lse_full`` (the same over V) is returned as is for full sets."""
+        """``logsumexp_{k in S} z_k / T`` per row, ``(n,)``, for dense or full sets
+        (``lse_full``, the same over V, is returned as is). CSR sets are done per batch
+        row in :class:`_PrunedLogprob`."""
+        assert self.rows is None, "CSR sets take the whole-row sparse path"
         if self.dense is not None:
             return lse_rows(scaled(z, inv_t).masked_fill(~self.dense, -math.inf), 1.0)
-        if self.rows is None:
-            return lse_full
-        vals = take(z, self.flat(z.shape[-1])).to(lse_full.dtype) * inv_t  # (nnz,)
-        return _segment_logsumexp(vals, self.rows, self.n)
-
-    def contains(self, y: Tensor) -> Tensor:
-        """Whether ``y[i]`` is in set i, bool ``(n,)``."""
-        if self.dense is not None:
-            return self.dense.gather(-1, y.unsqueeze(-1)).squeeze(-1)
-        if self.rows is None or self.cols is None:
-            return torch.ones_like(y, dtype=torch.bool)
-        hit = (self.cols == y.index_select(0, self.rows)).long()
-        return torch.zeros_like(y).index_add_(0, self.rows, hit) > 0
+        return lse_full
 
     def sizes(self, vocab: int, device: torch.device) -> Tensor:
         """``|S|`` per row, int64 ``(n,)``."""

@@ -244,15 +244,20 @@ def _as_sets(safe: SafeSets | Tensor | None, v: int) -> ChunkedSets | None:
 
 def _check_contains(sets: ChunkedSets, tokens: Tensor, valid: Tensor, b: int, t: int) -> None:
     """Raise if a valid step's sampled token is missing from its replayed set."""
-    for i, t0, t1 in chunk_bounds(b, t, t):  # one chunk per row: the sets are small here
-        ch = sets.chunk(i, t0, t1, t)
-        missing = valid[i] & ~ch.contains(tokens[i])
-        if bool(missing.any()):
-            s = int(missing.nonzero()[0])
-            raise ValueError(
-                f"sampled token {int(tokens[i, s])} at batch {i}, step {s} is not in its "
-                f"safe set (size {int(ch.sizes(0, tokens.device)[s])})"
-            )
+    if sets.is_sparse:
+        inside = sets.contains_all(tokens)
+    elif sets.dense is not None:
+        inside = sets.dense.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    else:
+        return
+    missing = valid & ~inside
+    if bool(missing.any()):
+        i, s = (int(x) for x in missing.nonzero()[0])
+        size = int(_sizes(sets, b, t, 0, tokens.device)[i, s])
+        raise ValueError(
+            f"sampled token {int(tokens[i, s])} at batch {i}, step {s} is not in its "
+            f"safe set (size {size})"
+        )
 
 
 def _resolve_rule(
