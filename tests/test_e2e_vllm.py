@@ -22,7 +22,7 @@ import httpx
 import numpy as np
 import pytest
 from conftest import ServerProcess
-from dvp_client import Client, Rollout
+from dvp_client import Client, Rollout, join_rollout_stream
 from dvp_server.model_store import load_tokenizer
 from test_e2e_torch import MIXED_PROMPTS, VOCAB, _check_rollout_arrays, _stop_string_from
 
@@ -142,6 +142,27 @@ def test_logprob_identities(client: Client, temperature: float, pruning: dict[st
         np.testing.assert_allclose(masked, full - logmass, rtol=0, atol=IDENTITY_ATOL)
         assert (logmass <= 1e-6).all()
     _check_flags(batch.rollouts)
+
+
+def test_streamed_rollouts_equal_the_batch_answer(client: Client) -> None:
+    """Chunks every 16 steps (vLLM's stream interval), joined: the same rollouts."""
+    kw: dict[str, Any] = {
+        "n": 2,
+        "max_tokens": 40,
+        "seed": 9,
+        "ignore_eos": True,
+        "pruning": {"min_p": 0.05},
+        "return_safe_token_ids": True,
+    }
+    events = list(client.stream_rollouts(MIXED_PROMPTS, **kw))
+    chunks = [e for e in events if e.object == "rollout.chunk"]
+    assert len(chunks) == len(MIXED_PROMPTS) * 2 * 3  # 16 + 16 + 8 steps per rollout
+    streamed = join_rollout_stream(events).rollouts
+    whole = client.rollouts(MIXED_PROMPTS, **kw).rollouts
+    for a, b in zip(streamed, whole, strict=True):
+        assert a.token_ids == b.token_ids and a.safe_token_ids == b.safe_token_ids
+        assert a.outside_safe_set == b.outside_safe_set
+        np.testing.assert_allclose(a.masked_logprobs, b.masked_logprobs, rtol=0, atol=1e-6)
 
 
 def test_top_k_over_k_is_refused(vllm_server: ServerProcess) -> None:
