@@ -35,7 +35,9 @@ from .codecs import MsgpackBodyMiddleware, model_response
 from .config import ServerConfig
 from .engines.base import Engine
 from .errors import error_response, install_error_handlers
+from .openai_routes import router as openai_router
 from .ops import install_ops
+from .score import router as score_router
 from .serving import RolloutService, run_until_disconnect
 from .streaming import stream_response
 
@@ -178,6 +180,8 @@ def create_app(
         lifespan=lifespan,
     )
     app.include_router(router)
+    app.include_router(score_router)  # POST /v1/score (score.py)
+    app.include_router(openai_router)  # POST /v1/completions, /v1/chat/completions
     install_error_handlers(app)
     app.add_middleware(MsgpackBodyMiddleware)  # inside the body limit: counts raw bytes
     app.add_middleware(BodyLimitMiddleware, limit=config.max_request_bytes)

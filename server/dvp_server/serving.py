@@ -254,7 +254,7 @@ class RolloutService:
             ids = self._chat_ids(param, [m for m in prompt if isinstance(m, ChatMessage)])
         else:
             ids = [t for t in prompt if isinstance(t, int)]
-            self._check_vocab(param, ids)
+            self.check_vocab(param, ids)
         if not ids:
             raise validation_error(param, "the prompt tokenizes to no tokens")
         if len(ids) > (limit := self.max_prompt_tokens):
@@ -277,7 +277,8 @@ class RolloutService:
         # The template already holds the special tokens (e.g. <|im_start|>).
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
-    def _check_vocab(self, param: str, ids: list[int]) -> None:
+    def check_vocab(self, param: str, ids: list[int]) -> None:
+        """422 naming ``<param>.<j>`` for the first id outside the vocabulary."""
         vocab = self.engine.info.vocab_size
         if ids and (min(ids) < 0 or max(ids) >= vocab):
             j, tok = next((j, t) for j, t in enumerate(ids) if not 0 <= t < vocab)

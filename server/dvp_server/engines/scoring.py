@@ -128,9 +128,7 @@ def _step_logits(
     return torch.cat(rows, dim=0)
 
 
-def _rule_rows(
-    logits: torch.Tensor, tokens: torch.Tensor, params: ScoreParams
-) -> dict[str, Any]:
+def _rule_rows(logits: torch.Tensor, tokens: torch.Tensor, params: ScoreParams) -> dict[str, Any]:
     """The rule on step logits ``(N, V)`` with the given tokens ``(N,)`` (numpy out)."""
     rule = params.rule
     sv = safe_vocab(
