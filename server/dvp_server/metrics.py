@@ -18,6 +18,7 @@ dvp_rollouts_admitted / _running       gauge      slots taken / rollouts in the 
 dvp_queue_depth                        gauge      admitted rollouts not yet decoding
 dvp_queue_capacity                     gauge      max_batch + max_queue
 dvp_policy_version                     gauge      the served weights' version
+dvp_admission_gate_open                gauge      0 while a weight update holds new rollouts
 dvp_safe_set_size                      histogram  |S_t| per generated token
 dvp_pruned_mass                        histogram  1 - Z_S per token (NaN steps skipped)
 =====================================  =========  ===================================
@@ -203,6 +204,7 @@ class _StateCollector:
             ("dvp_queue_depth", "Admitted rollouts not yet decoding.", adm.held + queued),
             ("dvp_queue_capacity", "Admission slots (max_batch + max_queue).", adm.capacity),
             ("dvp_policy_version", "Version of the served weights.", eng.policy_version),
+            ("dvp_admission_gate_open", "0 while a weight update holds rollouts.", adm.gate_open),
         ):
             yield GaugeMetricFamily(name, doc, value=float(value))
 
