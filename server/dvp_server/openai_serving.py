@@ -36,6 +36,7 @@ joins correctly.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pydantic
@@ -132,6 +133,23 @@ def chat_to_rollouts(req: ChatCompletionRequest) -> RolloutRequest:
     )
 
 
+def _renamer(prompt_field: str) -> Callable[[str], str]:
+    """Rollout-request param -> OpenAI param: ``sampling.X`` / ``pruning.X`` -> ``X``;
+    ``prompts.<i>[.<j>]`` -> ``prompt_field`` (``{i}`` filled in) ``[.<j>]``."""
+
+    def rename(param: str) -> str:
+        head, _, rest = param.partition(".")
+        if head in ("sampling", "pruning") and rest:
+            return rest
+        if head == "prompts":
+            index, _, tail = rest.partition(".")
+            base = prompt_field.format(i=index)
+            return f"{base}.{tail}" if tail and base != "messages" else base
+        return param
+
+    return rename
+
+
 def _bytes_to_unicode() -> dict[str, int]:
     """GPT-2's byte-level BPE alphabet, inverted: character -> byte."""
     printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
@@ -210,7 +228,9 @@ class OpenAIService:
             ServiceError, EngineError: as ``/v1/rollouts`` (and 501 for top-k log-probs
                 on an engine that cannot score).
         """
-        resp = await self.rollouts.create_rollouts(completion_to_rollouts(req), request_id)
+        single = isinstance(req.prompt, str) or bool(req.prompt and isinstance(req.prompt[0], int))
+        rename = _renamer("prompt" if single else "prompt.{i}")
+        resp = await self._sample(completion_to_rollouts(req), request_id, rename)
         k = req.logprobs or 0
         tops = await self._top(resp, k, "logprobs") if k else None
         choices = [
@@ -241,7 +261,7 @@ class OpenAIService:
             ServiceError, EngineError: as ``/v1/rollouts`` (and 501 for top-k log-probs
                 on an engine that cannot score).
         """
-        resp = await self.rollouts.create_rollouts(chat_to_rollouts(req), request_id)
+        resp = await self._sample(chat_to_rollouts(req), request_id, _renamer("messages"))
         k = (req.top_logprobs or 0) if req.logprobs else 0
         tops = await self._top(resp, k, "top_logprobs") if k else None
         choices = [
@@ -264,6 +284,20 @@ class OpenAIService:
             usage=resp.usage,
             dvp=_dvp_info(resp),
         )
+
+    async def _sample(
+        self, request: RolloutRequest, request_id: str, rename: Callable[[str], str]
+    ) -> RolloutResponse:
+        """The rollouts; a refusal names the OpenAI field (``max_tokens``, not
+        ``sampling.max_tokens``)."""
+        try:
+            return await self.rollouts.create_rollouts(request, request_id)
+        except ServiceError as exc:
+            if exc.param is not None:
+                param = rename(exc.param)
+                exc.message = exc.message.replace(f"{exc.param}:", f"{param}:", 1)
+                exc.param = param
+            raise
 
     # --- log-probs ----------------------------------------------------------------------
 
