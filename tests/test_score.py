@@ -252,3 +252,52 @@ def test_engine_without_scoring_answers_501(tiny_model_dir: Path) -> None:
         assert r.status_code == 501
         assert r.json()["error"]["type"] == "not_implemented_error"
         assert "does not score" in r.json()["error"]["message"]
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize(
+    ("temperature", "pruning"), [(1.0, {"min_p": 0.05}), (0.7, {"min_p": 0.1, "top_k": 10})]
+)
+def test_vllm_score_reproduces_its_rollouts(
+    vllm_server: Any, temperature: float, pruning: dict[str, Any]
+) -> None:
+    """The vLLM engine scores from prompt log-probs with the rollouts' top-K derivation.
+
+    Masked log-probs and sets equal its rollouts' within ROLLOUT_ATOL (measured: 0 at
+    T = 1, 4e-7 at T = 0.7); full log-probs and log Z_S are null at T != 1, as in
+    its rollouts; a sequence without room for vLLM's one extra token is a 422.
+    """
+    with Client(vllm_server.base_url, timeout=300, max_retries=0) as c:
+        assert c.models().data[0].capabilities.score
+        batch = c.rollouts(
+            PROMPTS[:2],
+            n=2,
+            max_tokens=24,
+            temperature=temperature,
+            seed=0,
+            pruning=pruning,
+            return_safe_token_ids=True,
+        )
+        seqs = [(r.prompt_token_ids, r.token_ids) for r in batch.rollouts]
+        res = c.score(seqs, temperature=temperature, pruning=pruning, return_safe_token_ids=True)
+        assert res.engine == "vllm" and res.pruning.top_k == (pruning.get("top_k") or 20)
+        for r, s in zip(batch.rollouts, res.results, strict=True):
+            flagged = set(r.outside_safe_set or [])
+            steps = [t for t in range(r.num_tokens) if t not in flagged]
+            assert all(s.in_safe_set[t] for t in steps)
+            got, ref = _arr(s.masked_logprobs), _arr(r.masked_logprobs)
+            assert float(np.abs(got[steps] - ref[steps]).max()) <= ROLLOUT_ATOL
+            assert s.safe_token_ids is not None and r.safe_token_ids is not None
+            assert all(s.safe_token_ids.step(t) == r.safe_token_ids.step(t) for t in steps)
+            if temperature == 1.0:
+                np.testing.assert_allclose(
+                    _arr(s.logprobs or []), _arr(r.logprobs or []), atol=ROLLOUT_ATOL
+                )
+            else:
+                assert s.logprobs is not None and all(v is None for v in s.logprobs)
+        r = httpx.post(
+            f"{vllm_server.base_url}/v1/score",
+            json={"sequences": [_seq(p=[1] * 500, c=[2] * 12)]},
+            timeout=60,
+        )
+        assert r.status_code == 422 and r.json()["error"]["param"] == "sequences.0"

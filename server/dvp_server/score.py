@@ -97,7 +97,12 @@ class ScoreService:
             return_safe_token_ids=request.return_safe_token_ids,
             top_logprobs=request.top_logprobs,
         )
-        scored = await self.engine.score(sequences, params)
+        try:
+            scored = await self.engine.score(sequences, params)
+        except ValueError as exc:  # an engine limit the checks above do not know
+            msg = str(exc)
+            param = msg.split(":", 1)[0] if msg.startswith("sequences.") else "sequences"
+            raise ServiceError(422, "invalid_request_error", msg, param) from exc
         fields = set(info.capabilities.fields)
         results = [
             _result(i, seq[1], s, fields, request)

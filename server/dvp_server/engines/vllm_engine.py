@@ -26,7 +26,7 @@ from __future__ import annotations
 import gc
 import logging
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +42,10 @@ from ._vllm_args import (
     sampling_params,
     setup_cpu_env,
 )
+from ._vllm_score import score_with_vllm
 from ._vllm_steps import derive_steps, read_flat_topk
 from .base import EngineError, EngineInfo, EngineParams, RolloutChunk
+from .scoring import ScoredSequence, ScoreParams
 
 __all__ = ["VllmEngine", "VllmSettings"]
 
@@ -194,6 +196,28 @@ class VllmEngine:
         if self._llm is not None:
             await self._llm.abort(request_id)
 
+    async def score(
+        self, sequences: Sequence[tuple[list[int], list[int]]], params: ScoreParams
+    ) -> list[ScoredSequence]:
+        """Teacher-forced scoring from prompt log-probs (``_vllm_score.py``).
+
+        Raises:
+            ValueError: a sequence leaves no room for vLLM's one generated token.
+            EngineError: the engine is not running.
+        """
+        llm = self._running()
+        limit = self.info.max_model_len - 1
+        for i, (p, c) in enumerate(sequences):
+            if len(p) + len(c) > limit:
+                raise ValueError(
+                    f"sequences.{i}: the vllm engine scores at most {limit} tokens "
+                    f"(max_model_len - 1), got {len(p) + len(c)}"
+                )
+        k = self.settings.max_logprobs
+        return await score_with_vllm(
+            llm, sequences, params, k=k, policy_version=self.policy_version
+        )
+
     # ---------------------------------------------------------------- helpers
 
     def _make_info(self, vocab_size: int, max_model_len: int) -> EngineInfo:
@@ -207,6 +231,7 @@ class VllmEngine:
                 fields=list(ALL_FIELDS),
                 exact_at_any_temperature=list(EXACT_FIELDS),
                 max_top_k=self.settings.max_logprobs,
+                score=True,
             ),
             eos_token_ids=tuple(sorted(self._eos_ids)),
         )
