@@ -108,6 +108,10 @@ def test_paths_inside_the_root(weights_root: Path) -> None:
     with pytest.raises(ServiceError) as err:
         resolve_under_root(weights_root, "nope.safetensors")
     assert err.value.status == 422 and err.value.param == "path"
+    for odd in ("0" * 5000, "a\x00b", "x/" * 3000):  # OS errors are the request's fault
+        with pytest.raises(ServiceError) as err:
+            resolve_under_root(weights_root, odd)
+        assert err.value.status == 422 and "not a usable path" in err.value.message
     with pytest.raises(ServiceError) as err:
         resolve_under_root(None, "certain-a.safetensors")
     assert err.value.status == 403 and "--weights-root" in err.value.message

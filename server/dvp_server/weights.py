@@ -80,13 +80,17 @@ def resolve_under_root(root: Path | None, path: str) -> Path:
             "path",
         )
     base = root.resolve()
-    target = (base / path).resolve()  # an absolute `path` replaces base; then checked
-    if not target.is_relative_to(base):
-        raise ServiceError(
-            403, "permission_error", f"path: {path!r} is outside the weights root", "path"
-        )
-    if not target.exists():
-        raise validation_error("path", f"{path!r} does not exist under the weights root")
+    try:
+        target = (base / path).resolve()  # an absolute `path` replaces base; then checked
+        if not target.is_relative_to(base):
+            raise ServiceError(
+                403, "permission_error", f"path: {path[:200]!r} is outside the weights root", "path"
+            )
+        exists = target.exists()
+    except (OSError, ValueError) as exc:  # name too long, NUL byte, a link loop
+        raise validation_error("path", f"not a usable path: {exc}") from None
+    if not exists:
+        raise validation_error("path", f"{path[:200]!r} does not exist under the weights root")
     return target
 
 
