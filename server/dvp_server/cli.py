@@ -153,6 +153,10 @@ def serve(
     weights_drain_timeout: Annotated[
         float, typer.Option(help="Seconds a draining weight update waits (then 409).")
     ] = _DEFAULTS.weights_drain_timeout_s,
+    threads: Annotated[
+        int | None,
+        typer.Option(help="Torch engine: intra-op threads (default: all cores)."),
+    ] = None,
     shutdown_timeout: Annotated[
         float,
         typer.Option(help="After SIGTERM, seconds in-flight requests get to finish (exit 0)."),
@@ -189,6 +193,7 @@ def serve(
             weights_update_policy=weights_update_policy,
             weights_drain_timeout_s=weights_drain_timeout,
             shutdown_timeout_s=shutdown_timeout,
+            threads=threads,
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc

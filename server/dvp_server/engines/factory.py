@@ -79,6 +79,7 @@ def build_engine(config: ServerConfig, model_dir: str | os.PathLike[str] | None 
             dtype=config.dtype,
             max_batch=config.max_batch,
             max_model_len=config.max_model_len,
+            threads=config.threads,
         )
     from .vllm_engine import VllmEngine, VllmSettings
 

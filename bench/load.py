@@ -1,0 +1,180 @@
+"""Load on a real server: requests/s and latency percentiles with many async clients.
+
+C clients (one ``dvp_client.AsyncClient`` each) send R requests each, one after
+the other, all clients at once. Each request asks for ``--n`` rollouts of one
+prompt, ``--max-tokens`` new tokens (eos ignored, so every rollout has exactly
+that many), ``min_p`` pruning and the safe-set ids; every response is checked
+like ``tests/test_load.py`` does (token in its safe set, lengths). Reported:
+requests/s and tokens/s over the wall time of the whole run, p50 / p90 / p99 /
+max latency per request (client side, retries included), errors, and the
+server's own counters from ``/metrics`` (429s, mean engine batch).
+
+By default it starts its own server (``python -m dvp_server``, torch engine)
+over a tiny random model built in a temporary folder (``--model smollm2`` for
+the real one) and stops it at the end; ``--url`` measures a running server.
+
+    .venv/bin/python bench/load.py                          # 256 clients x 20 requests
+    .venv/bin/python bench/load.py --clients 64 --requests 10 --max-batch 32
+    .venv/bin/python bench/load.py --url http://127.0.0.1:8000 --model-name smollm2
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import httpx
+from dvp_client import AsyncClient
+from prometheus_client.parser import text_string_to_metric_families
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _server(args: argparse.Namespace, stack: ExitStack) -> str:
+    """Start a server as the tests do (tests/conftest.py) and return its URL."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from _models import build_tiny_model  # type: ignore[import-not-found]
+    from conftest import start_server, stop_server  # type: ignore[import-not-found]
+
+    tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dvp-load-")))
+    model = args.model if args.model != "tiny" else str(build_tiny_model(tmp / "model"))
+    flags = [
+        "--engine", "torch",
+        "--max-batch", str(args.max_batch),
+        "--max-queue", str(args.max_queue),
+        "--threads", str(args.threads),
+        "--log-level", "warning",
+    ]  # fmt: skip
+    server = start_server(model, tmp / "server.log", flags, 900.0)
+    stack.callback(stop_server, server)
+    return str(server.base_url)
+
+
+def _check(batch: Any, max_tokens: int) -> None:
+    for r in batch.rollouts:
+        assert len(r.token_ids) == max_tokens == len(r.masked_logprobs) == len(r.safe_sizes)
+        for t, token in enumerate(r.token_ids):
+            ids = r.safe_token_ids.step(t)
+            assert token in ids and len(ids) == r.safe_sizes[t]
+
+
+async def _client(url: str, c: int, args: argparse.Namespace, lat: list[float]) -> list[str]:
+    errors: list[str] = []
+    async with AsyncClient(url, api_key=args.api_key, max_retries=args.retries) as client:
+        for i in range(args.requests):
+            t0 = time.perf_counter()
+            try:
+                batch = await client.rollouts(
+                    [f"Load test prompt {c}.{i}: say something."],
+                    n=args.n,
+                    max_tokens=args.max_tokens,
+                    ignore_eos=True,
+                    seed=c * 100_003 + i,
+                    pruning={"min_p": args.min_p},
+                    return_safe_token_ids=True,
+                    return_text=False,
+                )
+                _check(batch, args.max_tokens)
+                lat.append(time.perf_counter() - t0)
+            except Exception as exc:
+                errors.append(f"client {c} request {i}: {type(exc).__name__}: {exc}")
+    return errors
+
+
+def _scrape(url: str, api_key: str | None) -> dict[str, float]:
+    headers = {"authorization": f"Bearer {api_key}"} if api_key else None
+    text = httpx.get(f"{url}/metrics", headers=headers, timeout=30).text
+    out: dict[str, float] = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            key = s.name + (json.dumps(s.labels, sort_keys=True) if s.labels else "")
+            out[key] = s.value
+    return out
+
+
+def _pct(values: list[float], q: float) -> float:
+    """The q-quantile (nearest rank) of values."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    with ExitStack() as stack:
+        url = args.url or _server(args, stack)
+        before = _scrape(url, args.api_key)
+        lat: list[float] = []
+
+        async def all_clients() -> list[list[str]]:
+            calls = (_client(url, c, args, lat) for c in range(args.clients))
+            return await asyncio.gather(*calls)
+
+        t0 = time.perf_counter()
+        errors = [e for errs in asyncio.run(all_clients()) for e in errs]
+        wall = time.perf_counter() - t0
+        after = _scrape(url, args.api_key)
+
+    def delta(key: str) -> float:
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    done = len(lat)
+    steps = delta("dvp_batch_size_count")
+    return {
+        "clients": args.clients,
+        "requests_per_client": args.requests,
+        "n": args.n,
+        "max_tokens": args.max_tokens,
+        "max_batch": args.max_batch,
+        "threads": args.threads,
+        "ok": done,
+        "errors": len(errors),
+        "first_errors": errors[:3],
+        "wall_s": round(wall, 2),
+        "requests_per_s": round(done / wall, 2),
+        "tokens_per_s": round(done * args.n * args.max_tokens / wall, 1),
+        "p50_s": round(statistics.median(lat), 3) if lat else None,
+        "p90_s": round(_pct(lat, 0.90), 3) if lat else None,
+        "p99_s": round(_pct(lat, 0.99), 3) if lat else None,
+        "max_s": round(max(lat), 3) if lat else None,
+        "rejected_429": int(delta("dvp_admission_rejected_total")),
+        "mean_engine_batch": round(delta("dvp_batch_size_sum") / steps, 2) if steps else None,
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--url", default=None, help="a running server (default: start one)")
+    ap.add_argument("--model", default="tiny", help="'tiny' (random, built here) or a model spec")
+    ap.add_argument("--api-key", default=None)
+    ap.add_argument("--clients", type=int, default=256)
+    ap.add_argument("--requests", type=int, default=20, help="sequential requests per client")
+    ap.add_argument("--n", type=int, default=1, help="rollouts per request")
+    ap.add_argument("--max-tokens", type=int, default=8)
+    ap.add_argument("--min-p", type=float, default=0.05)
+    ap.add_argument("--max-batch", type=int, default=32, help="server --max-batch (own server)")
+    ap.add_argument("--max-queue", type=int, default=1024, help="server --max-queue (own server)")
+    ap.add_argument("--threads", type=int, default=1, help="server --threads (own server)")
+    ap.add_argument("--retries", type=int, default=5, help="client max_retries (429s, 5xx)")
+    args = ap.parse_args(argv)
+    result = run(args)
+    print(json.dumps(result, indent=2))
+    print(
+        f"| {args.clients} x {args.requests} | n={args.n}, {args.max_tokens} tok | "
+        f"{result['requests_per_s']} | {result['tokens_per_s']} | {result['p50_s']} | "
+        f"{result['p99_s']} | {result['errors']} | {result['rejected_429']} | "
+        f"{result['mean_engine_batch']} |"
+    )
+
+
+if __name__ == "__main__":
+    main()
