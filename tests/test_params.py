@@ -144,6 +144,6 @@ def test_config_rejects_bad_values_naming_the_field(kwargs: dict[str, object], f
 
 def test_config_defaults_are_valid_and_frozen() -> None:
     cfg = ServerConfig()
-    assert cfg.dtype == "float32" and cfg.host == "127.0.0.1" and cfg.engine == "torch"
+    assert cfg.dtype == "float32" and cfg.host == "127.0.0.1" and cfg.engine == "auto"
     with pytest.raises(AttributeError):
         cfg.port = 1  # type: ignore[misc]
