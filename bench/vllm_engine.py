@@ -279,8 +279,8 @@ def main(argv: list[str] | None = None) -> None:
     cpu = names[0] if names else platform.processor()
     print(
         f"\n{cpu}, {os.cpu_count()} cores, fp32, {args.new_tokens} new tokens, min_p={MIN_P}, "
-        f"best of {args.repeats}; HF threads {args.hf_threads}; vLLM startup {startup:.1f} s; load average "
-        f"{load0[0]:.1f} before, {os.getloadavg()[0]:.1f} after\n"
+        f"best of {args.repeats}; HF threads {args.hf_threads}; vLLM startup {startup:.1f} s; "
+        f"load average {load0[0]:.1f} before, {os.getloadavg()[0]:.1f} after\n"
     )
     print(table(args.batches, args.ks, args.new_tokens, best, share, hf))
 
