@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
-from _ops import metrics
+from _ops import metrics, own_server
 from dvp_client import AsyncClient
 from dvp_schemas import Rollout
 
@@ -61,6 +63,13 @@ async def _client(base: str, c: int) -> list[str]:
             except Exception as exc:
                 errors.append(f"{where}: {type(exc).__name__}: {exc}")
     return errors
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A server of its own: one torch thread (see ``tests/_ops.py``), batches of 32."""
+    with own_server(tiny_model_dir, tmp_path_factory.mktemp("load"), "--max-batch", "32") as s:
+        yield s.base_url
 
 
 @pytest.mark.slow
