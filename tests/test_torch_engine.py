@@ -254,6 +254,7 @@ def test_batched_rows_equal_each_alone(engine: TorchEngine) -> None:
         alone = asyncio.run(collect(engine, *job))
         assert isinstance(res, Result)
         assert len(res.tokens) == job[2].max_tokens
+        assert (res.safe_sets is not None) == job[2].return_safe_token_ids  # ids only if asked
         np.testing.assert_array_equal(res.tokens, alone.tokens)
         np.testing.assert_array_equal(res.sizes, alone.sizes)
         np.testing.assert_allclose(res.masked, alone.masked, atol=1e-5)

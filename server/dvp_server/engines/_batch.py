@@ -70,20 +70,32 @@ def rule_step(logits: Tensor, rows: Sequence[Row]) -> StepOutput:
     )
     tokens = sv.sample([r.generator for r in rows])  # (B,) int64
     full, masked = sv.logprobs(tokens)
-    safe_ids: list[np.ndarray | None] = [
-        sv.mask[i].nonzero().squeeze(-1).to(torch.int32).numpy()
-        if r.params.return_safe_token_ids
-        else None
-        for i, r in enumerate(rows)
-    ]
+    sizes = sv.safe_sizes.numpy()
     return StepOutput(
         tokens=tokens.numpy(),
         logprobs=full.numpy(),
         masked=masked.numpy(),
         logmass=sv.safe_logmass.numpy(),
-        sizes=sv.safe_sizes.numpy(),
-        safe_ids=safe_ids,
+        sizes=sizes,
+        safe_ids=_safe_ids(sv.mask, sizes, [r.params.return_safe_token_ids for r in rows]),
     )
+
+
+def _safe_ids(mask: Tensor, sizes: np.ndarray, asked: list[bool]) -> list[np.ndarray | None]:
+    """Ascending int32 ids of S for the rows that asked (one ``nonzero`` for all of them).
+
+    Args:
+        mask: bool ``(B, V)``; sizes: int64 ``(B,)`` row sums of ``mask``; asked: ``(B,)``.
+    """
+    out: list[np.ndarray | None] = [None] * len(asked)
+    rows = [i for i, a in enumerate(asked) if a]
+    if not rows:
+        return out
+    sub = mask if len(rows) == len(asked) else mask[rows]
+    cols = sub.nonzero()[:, 1].to(torch.int32).numpy()  # row-major: grouped by row, ascending
+    for i, part in zip(rows, np.split(cols, np.cumsum(sizes[rows])[:-1]), strict=True):
+        out[i] = part
+    return out
 
 
 class DecodeBatch:
