@@ -153,6 +153,12 @@ class Admission:
         self.running.add(ticket)
         self._idle.clear()
 
+    def leave(self, ticket: Ticket) -> None:
+        """End a gated call that took no slot (:meth:`AdmittedEngine.score`)."""
+        self.running.discard(ticket)
+        if not self.running:
+            self._idle.set()
+
     def release(self, ticket: Ticket) -> None:
         """Give the slot back (idempotent) and tell the observer."""
         if ticket.released:
@@ -253,6 +259,16 @@ class AdmittedEngine:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.engine, name)
+
+    async def score(self, *args: Any, **kwargs: Any) -> Any:
+        """The engine's ``score``, through the gate: never across a weight swap, and a
+        draining update waits for it (it takes no slot: scoring is one forward)."""
+        ticket = Ticket("score", 0)
+        await self.admission.enter(ticket)
+        try:
+            return await self.engine.score(*args, **kwargs)  # type: ignore[attr-defined]
+        finally:
+            self.admission.leave(ticket)
 
     def generate(
         self, request_id: str, prompt_token_ids: list[int], params: EngineParams

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
+import tempfile
 import time
 from collections.abc import AsyncGenerator, Sequence
 from pathlib import Path
@@ -79,13 +81,37 @@ class VllmEngine:
         self.info = self._make_info(vocab_size=0, max_model_len=0)
         #: Steps whose sampled token was outside the derived set, since start.
         self.outside_steps = 0
+        self._policy_version = 0
 
     # ----------------------------------------------------------------- protocol
 
     @property
     def policy_version(self) -> int:
-        """Weights version (0 until weight updates land)."""
-        return 0
+        """Weights version: 0 at start, +1 per :meth:`load_weights`."""
+        return self._policy_version
+
+    async def load_weights(self, weights: Sequence[Path]) -> int:
+        """Reload the model's weights in place from safetensors files; the new version.
+
+        vLLM's workers read the files themselves (``collective_rpc("reload_weights")``
+        with a folder of links to them: vLLM loads folders), then the prefix cache
+        is reset (its KV entries were computed with the old weights). The server
+        calls this only with no rollout running (``admission.py``).
+
+        Raises:
+            EngineError: the engine is not running, or vLLM failed the reload.
+        """
+        llm = self._running()
+        with tempfile.TemporaryDirectory(prefix="dvp-vllm-weights-") as folder:
+            for i, f in enumerate(weights):
+                os.symlink(Path(f).resolve(), Path(folder) / f"{i:05d}-{Path(f).name}")
+            try:
+                await llm.collective_rpc("reload_weights", kwargs={"weights_path": folder})
+            except Exception as exc:
+                raise EngineError(f"vLLM failed to reload the weights: {exc}") from exc
+        await llm.reset_prefix_cache()
+        self._policy_version += 1
+        return self._policy_version
 
     @property
     def state(self) -> str:
