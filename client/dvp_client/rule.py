@@ -109,10 +109,16 @@ def _scale(logits: Tensor, temperature: Tensor) -> tuple[Tensor, Tensor]:
     return u, greedy
 
 
-def _rule_mask(u: Tensor, params: RuleParams, greedy: Tensor) -> Tensor:
-    """Steps 2-4 of the rule on scaled float32 logits ``u`` ``(N, V)``; bool ``(N, V)``."""
-    _n, v = u.shape
-    u_max = u.max(dim=-1, keepdim=True).values  # (N, 1)
+def _rule_mask(
+    u: Tensor, params: RuleParams, greedy: Tensor, u_max: Tensor | None = None
+) -> Tensor:
+    """Steps 2-4 of the rule on scaled float32 logits ``u`` ``(N, V)``; bool ``(N, V)``.
+
+    ``u_max`` (``(N, 1)``, the row maxima) may be passed when the caller has it.
+    """
+    v = u.shape[1]
+    if u_max is None:
+        u_max = u.max(dim=-1, keepdim=True).values  # (N, 1)
     # 2. min-p in log space: p_v >= rho * p_max  <=>  u_v - u_max >= log(rho).
     log_rho = torch.log(params.min_p).unsqueeze(-1)  # (N, 1); log(0) = -inf keeps all
     mask = (u - u_max) >= log_rho
@@ -161,12 +167,15 @@ class SafeVocab:
         mask: bool ``(N, V)``, the safe sets S.
         log_z_full: float32 ``(N,)``, ``logsumexp_V u``.
         log_z_safe: float32 ``(N,)``, ``logsumexp_S u``.
+        weights: float32 ``(N, V)``, unnormalised pi_S: ``exp(u - max u)`` on S,
+            0 elsewhere (the sampler draws from it).
     """
 
     scaled: Tensor
     mask: Tensor
     log_z_full: Tensor
     log_z_safe: Tensor
+    weights: Tensor
 
     @property
     def safe_logmass(self) -> Tensor:
@@ -217,7 +226,7 @@ class SafeVocab:
         # pi_S in float32 (relative error ~1e-7 per token), accumulated in float64 in
         # two levels (blocks, then within the chosen block) so that no tail token's
         # mass is absorbed by rounding and no full-vocabulary float64 copy is made.
-        probs = torch.exp(self.scaled - self.log_z_safe.unsqueeze(-1)).masked_fill_(~self.mask, 0.0)
+        probs = self.weights
         nb = -(-v // _BLOCK)
         if nb * _BLOCK != v:
             probs = torch.nn.functional.pad(probs, (0, nb * _BLOCK - v))
@@ -278,10 +287,18 @@ def safe_vocab(
         device=logits.device,
     )
     u, greedy = _scale(logits, params.temperature)
-    mask = _rule_mask(u, params, greedy)
-    log_z_full = torch.logsumexp(u, dim=-1)
-    log_z_safe = torch.logsumexp(u.masked_fill(~mask, -math.inf), dim=-1)
-    return SafeVocab(scaled=u, mask=mask, log_z_full=log_z_full, log_z_safe=log_z_safe)
+    u_max = u.max(dim=-1, keepdim=True).values  # (N, 1)
+    mask = _rule_mask(u, params, greedy, u_max)
+    # One exp serves both normalisers and the sampler. The row maximum is always in
+    # S (min-p, top-k and top-p all keep the argmax), so sum_S exp(u - max) >= 1 and
+    # neither log underflows: this is logsumexp, computed once.
+    weights = torch.exp(u - u_max)  # (N, V) in [0, 1]
+    log_z_full = u_max.squeeze(-1) + torch.log(weights.sum(dim=-1))
+    weights.masked_fill_(~mask, 0.0)
+    log_z_safe = u_max.squeeze(-1) + torch.log(weights.sum(dim=-1))
+    return SafeVocab(
+        scaled=u, mask=mask, log_z_full=log_z_full, log_z_safe=log_z_safe, weights=weights
+    )
 
 
 def safe_mask(
