@@ -53,6 +53,7 @@ def _server(args: argparse.Namespace, stack: ExitStack) -> str:
         "--max-batch", str(args.max_batch),
         "--max-queue", str(args.max_queue),
         "--threads", str(args.threads),
+        "--max-rollouts", str(min(512, args.max_batch + args.max_queue)),
         "--log-level", "warning",
     ]  # fmt: skip
     server = start_server(model, tmp / "server.log", flags, 900.0)
