@@ -182,6 +182,7 @@ BAD: list[tuple[str, str, dict[str, Any], int, str | None]] = [
     ("max-tokens-cap", "completions", {"prompt": "a", "max_tokens": 401}, 422, "max_tokens"),
     ("n-cap", "chat", {"n": 17}, 422, "n"),
     ("top-k-negative", "chat", {"top_k": -1}, 422, "top_k"),
+    ("top-k-huge", "completions", {"prompt": "a", "top_k": 2**70}, 422, "top_k"),
     ("min-p", "chat", {"min_p": 2}, 422, "min_p"),
     (
         "long-chat",

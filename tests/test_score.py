@@ -223,6 +223,7 @@ BAD: list[tuple[str, dict[str, Any], int, str | None, str]] = [
     ("unknown-field", {"sequences": [_seq()], "temprature": 1}, 422, "temprature", "unknown"),
     ("top-logprobs-over", {"sequences": [_seq()], "top_logprobs": 21}, 422, "top_logprobs", "20"),
     ("bad-rule", {"sequences": [_seq()], "pruning": {"top_p": 0}}, 422, "pruning.top_p", ""),
+    ("huge-top-k", {"sequences": [_seq()], "pruning": {"top_k": 2**70}}, 422, "pruning.top_k", ""),
     ("model", {"sequences": [_seq()], "model": "gpt-4"}, 404, "model", "not served"),
 ]
 

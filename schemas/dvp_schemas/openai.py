@@ -23,7 +23,7 @@ from pydantic import Field, field_validator, model_validator
 
 from ._base import RequestModel, ResponseModel
 from .rollouts import MAX_STOP_STRINGS, SafeTokenIds, Usage
-from .rule import PruningRule
+from .rule import MAX_TOP_K, PruningRule
 from .score import MAX_SCORE_TOP_LOGPROBS
 
 OpenAIFinishReason = Literal["stop", "length"]
@@ -62,7 +62,9 @@ class _OpenAICommon(RequestModel):
     logit_bias: dict[str, float] | None = Field(None, description="Only {} / null.")
     # DVP extras (openai: extra_body={...}).
     min_p: float = Field(0.0, ge=0.0, le=1.0, description="DVP: rule step 2 (min-p) rho.")
-    top_k: int | None = Field(None, ge=0, description="DVP: rule step 3 (top-k); 0/null: off.")
+    top_k: int | None = Field(
+        None, ge=0, le=MAX_TOP_K, description="DVP: rule step 3 (top-k); 0/null: off."
+    )
     return_safe_token_ids: bool = Field(False, description="DVP: return S_t ids per choice.")
     stop_token_ids: list[int] | None = Field(
         None, max_length=MAX_STOP_STRINGS, description="Extra token ids that end a choice."

@@ -10,6 +10,8 @@ from pydantic import Field, model_validator
 
 from ._base import RequestModel
 
+MAX_TOP_K = 2**31 - 1  # above any vocabulary; bigger ints do not fit the engines' int64 math
+
 
 class PruningRule(RequestModel):
     """The rule that defines the per-step safe vocabulary S_t.
@@ -27,6 +29,7 @@ class PruningRule(RequestModel):
     top_k: int | None = Field(
         None,
         ge=0,
+        le=MAX_TOP_K,
         description="Then keep at most the k most probable tokens. 0 or null: no cap.",
     )
     top_p: float = Field(

@@ -101,8 +101,9 @@ class ScoreService:
             scored = await self.engine.score(sequences, params)
         except ValueError as exc:  # an engine limit the checks above do not know
             msg = str(exc)
-            param = msg.split(":", 1)[0] if msg.startswith("sequences.") else "sequences"
-            raise ServiceError(422, "invalid_request_error", msg, param) from exc
+            if not msg.startswith("sequences."):
+                raise
+            raise ServiceError(422, "invalid_request_error", msg, msg.split(":", 1)[0]) from exc
         fields = set(info.capabilities.fields)
         results = [
             _result(i, seq[1], s, fields, request)
