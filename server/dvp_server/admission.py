@@ -307,7 +307,9 @@ class _AdmittedStream:
                 engine = self._owner.engine
                 self._inner = engine.generate(ticket.request_id, self._prompt, self._params)
             chunk = await self._inner.__anext__()
-        except BaseException:  # error, end of stream or cancellation: the slot goes back
+        except BaseException as exc:  # error, end of stream or cancellation: the slot goes back
+            if not isinstance(exc, (StopAsyncIteration, asyncio.CancelledError, GeneratorExit)):
+                ticket.finish_reason = ticket.finish_reason or "error"
             admission.release(ticket)
             raise
         if ticket.first_chunk_at is None:
