@@ -240,3 +240,19 @@ def test_per_row_generators_make_rows_independent_of_batch_mates() -> None:
     ys = sv.sample([torch.Generator().manual_seed(100 + i) for i in range(6)])
     alone = safe_vocab(z[3:4], min_p=1e-3).sample([torch.Generator().manual_seed(103)])
     assert ys[3] == alone[0]
+
+
+def test_values_float32_cannot_hold_keep_their_meaning() -> None:
+    """A tiny positive top_p keeps one token (it would round to 0 in float32), and a
+    temperature below 1e-5 is greedy (1/T would overflow to inf and NaN the row)."""
+    z = torch.randn(4, 80, generator=torch.Generator().manual_seed(9))
+    sv = safe_vocab(
+        z,
+        temperature=torch.tensor([1e-40, 5e-6, 2e-5, 1.0], dtype=torch.float64),
+        top_p=torch.tensor([1.0, 1.0, 1.0, 5e-324], dtype=torch.float64),
+    )
+    assert torch.isfinite(sv.log_z_safe).all() and torch.isfinite(sv.log_z_full).all()
+    assert sv.safe_sizes.tolist()[:2] == [1, 1] and sv.safe_sizes[3] == 1
+    assert sv.safe_sizes[2] >= 1 and torch.equal(sv.sample()[:2], z[:2].argmax(-1))
+    with pytest.raises(ValueError, match="top_p must be in"):
+        safe_vocab(z, top_p=0.0)

@@ -3,7 +3,8 @@
 For one decoding step with logits ``z`` (vocabulary V), temperature ``T`` and the
 rule (``min_p`` = rho, ``top_k`` = k, ``top_p`` = q), in vLLM's sampler order:
 
-1. scaled logits ``u = z / T``; ``p = softmax(u)``.  ``T = 0`` is greedy:
+1. scaled logits ``u = z / T``; ``p = softmax(u)``.  ``T = 0`` (any ``T < 1e-5``,
+   as in vLLM) is greedy:
    ``u = z`` (reported log-probs are then those at T = 1) and ``S = {argmax z}``.
 2. min-p: keep v with ``p_v >= rho * max(p)``, computed as ``u_v - max(u) >= log(rho)``
    (rho = 0 keeps all).
@@ -35,6 +36,9 @@ from torch import Tensor
 __all__ = ["RuleParams", "SafeVocab", "safe_mask", "safe_vocab"]
 
 Scalar = float | int
+
+#: Temperatures below this are greedy (vLLM's ``_SAMPLING_EPS``).
+GREEDY_EPS = 1e-5
 
 
 @dataclass(frozen=True)
@@ -80,11 +84,12 @@ class RuleParams:
                 raise ValueError(f"{name} must be a scalar or shaped ({n},), got {tuple(t.shape)}")
             return t
 
+        # Floats are checked in float64, then stored in float32 (see _to_f32).
         p = cls(
-            temperature=col("temperature", temperature, torch.float32, 1.0),
-            min_p=col("min_p", min_p, torch.float32, 0.0),
+            temperature=col("temperature", temperature, torch.float64, 1.0),
+            min_p=col("min_p", min_p, torch.float64, 0.0),
             top_k=col("top_k", top_k, torch.int64, 0),
-            top_p=col("top_p", top_p, torch.float32, 1.0),
+            top_p=col("top_p", top_p, torch.float64, 1.0),
         )
         checks = [
             ("temperature", p.temperature >= 0, ">= 0"),
@@ -96,7 +101,21 @@ class RuleParams:
             if not bool(ok.all()):
                 bad = getattr(p, name)[~ok][0].item()
                 raise ValueError(f"{name} must be {rng}, got {bad:.6g}")
-        return p
+        return p._to_f32()
+
+    def _to_f32(self) -> RuleParams:
+        """float32 parameters with the two edge cases that float32 cannot hold made
+        explicit: a temperature below ``GREEDY_EPS`` is greedy (0), as in vLLM's
+        sampler (``_SAMPLING_EPS``; 1/T would overflow), and a positive top_p below
+        float32's smallest normal keeps one token (it would round to 0)."""
+        tiny = torch.finfo(torch.float32).tiny
+        temperature = torch.where(self.temperature < GREEDY_EPS, 0.0, self.temperature)
+        return RuleParams(
+            temperature=temperature.float(),
+            min_p=self.min_p.float(),
+            top_k=self.top_k,
+            top_p=self.top_p.clamp(min=tiny).float(),
+        )
 
 
 def _scale(logits: Tensor, temperature: Tensor) -> tuple[Tensor, Tensor]:
