@@ -112,6 +112,8 @@ def tiny_server(
     args = [
         "--engine",
         "torch",
+        "--threads",
+        "1",  # a tiny model gains nothing from a second thread; the test process needs a core
         "--max-batch",
         "16",
         "--max-tokens-cap",

@@ -63,10 +63,10 @@ def rule_step(logits: Tensor, rows: Sequence[Row]) -> StepOutput:
     params = [r.params for r in rows]
     sv = safe_vocab(
         logits,
-        temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32),
-        min_p=torch.tensor([p.rule.min_p for p in params], dtype=torch.float32),
+        temperature=torch.tensor([p.temperature for p in params], dtype=torch.float64),
+        min_p=torch.tensor([p.rule.min_p for p in params], dtype=torch.float64),
         top_k=torch.tensor([p.rule.top_k or 0 for p in params], dtype=torch.int64),
-        top_p=torch.tensor([p.rule.top_p for p in params], dtype=torch.float32),
+        top_p=torch.tensor([p.rule.top_p for p in params], dtype=torch.float64),
     )
     tokens = sv.sample([r.generator for r in rows])  # (B,) int64
     full, masked = sv.logprobs(tokens)
