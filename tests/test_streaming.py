@@ -5,7 +5,9 @@
 - chunks arrive while the rollouts still decode (the engine still holds them);
 - a bad request gets its 4xx before any stream; an engine failure mid-stream
   ends the stream with an ``error`` line (503, engine_error);
-- a client that disconnects frees its engine rows within one decoding step.
+- a client that disconnects frees its engine rows within one decoding step;
+- a full queue answers a stream request with a plain 429 (Retry-After), not a
+  stream that fails.
 """
 
 from __future__ import annotations
@@ -217,3 +219,36 @@ def test_disconnect_frees_the_engine_within_one_step(tiny_server: ServerProcess)
     while "client disconnected" not in tiny_server.log() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert "rollout stream: client disconnected" in tiny_server.log()
+
+
+def test_full_queue_refuses_a_stream_with_429(
+    tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Admission slots are taken before the stream starts (capacity 2 + 2 here)."""
+    from _ops import own_server
+    from dvp_client import RateLimitError
+
+    args = ["--max-batch", "2", "--max-queue", "2", "--max-rollouts", "4"]
+    with own_server(tiny_model_dir, tmp_path_factory.mktemp("stream-429"), *args) as srv:
+        base = srv.base_url
+        hog = {"prompts": ["a"], "n": 4, "sampling": {"max_tokens": 400, "ignore_eos": True}}
+        small = {"prompts": ["b"], "sampling": {"max_tokens": 2}, "stream": True}
+        with httpx.Client(timeout=60) as http:
+            with http.stream("POST", f"{base}/v1/rollouts", json={**hog, "stream": True}) as r:
+                lines = r.iter_lines()  # keep it: a dropped iterator closes the connection
+                assert json.loads(next(lines))["object"] == "rollout.chunk"
+                refused = http.post(f"{base}/v1/rollouts", json=small)
+                with Client(base, max_retries=0) as c, pytest.raises(RateLimitError):
+                    next(iter(c.stream_rollouts(["b"], max_tokens=2)))
+            assert refused.status_code == 429, refused.text
+            assert refused.headers["retry-after"] == "1"
+            assert refused.headers["content-type"].startswith("application/json")
+            assert refused.json()["error"]["type"] == "rate_limit_error"
+            deadline = time.monotonic() + 30
+            while http.get(f"{base}/health").json()["active_rollouts"] and (
+                time.monotonic() < deadline
+            ):
+                time.sleep(0.02)
+            ok = http.post(f"{base}/v1/rollouts", json=small)
+            assert ok.status_code == 200
+            assert ok.text.splitlines()[-1].startswith('{"object":"rollout.summary"')

@@ -77,7 +77,7 @@ async def create_rollouts(body: RolloutRequest, request: Request) -> Response:
     """
     service: RolloutService = request.app.state.service
     if body.stream:  # NDJSON events (dvp_schemas.stream); 4xx still come before the stream
-        return stream_response(service, body, request)
+        return await stream_response(service, body, request)
     work = service.create_rollouts(body, request.state.request_id)
     result = await run_until_disconnect(request, work)
     return model_response(request, result)  # JSON, or msgpack per Accept (codecs.py)

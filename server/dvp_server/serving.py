@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -309,6 +309,7 @@ class RolloutService:
         rollout_id: str,
         job: _Job,
         on_chunk: Callable[[RolloutChunk], None] | None = None,
+        stream: AsyncIterator[RolloutChunk] | None = None,
     ) -> list[RolloutChunk]:
         """All chunks of one rollout; aborts it in the engine unless it finished.
 
@@ -316,9 +317,12 @@ class RolloutService:
             rollout_id: the engine request id (:func:`rollout_id`).
             job: the rollout.
             on_chunk: called with every chunk as it arrives (streaming).
+            stream: the rollout's ``engine.generate`` stream, when the caller opened it
+                already (to take its admission slot early); None: opened here.
         """
         chunks: list[RolloutChunk] = []
-        stream = self.engine.generate(rollout_id, job.prompt_ids, job.params)
+        if stream is None:
+            stream = self.engine.generate(rollout_id, job.prompt_ids, job.params)
         finished = False
         try:
             async for chunk in stream:

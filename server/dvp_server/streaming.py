@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import numpy as np
@@ -51,16 +51,39 @@ __all__ = ["EventStreamResponse", "stream_events", "stream_response"]
 logger = logging.getLogger(__name__)
 
 
-def stream_response(
+async def stream_response(
     service: RolloutService, body: RolloutRequest, request: Request
 ) -> EventStreamResponse:
     """The streamed response of a rollout request (NDJSON, or msgpack per Accept).
+
+    Every rollout's engine stream is opened before the response starts, so a
+    server whose queue is full answers 429 (with Retry-After) instead of a stream.
 
     Raises:
         ServiceError, EngineError: the request is refused before streaming starts.
     """
     prepared = service.prepare(body, request.state.request_id)
-    return EventStreamResponse(stream_events(service, prepared), msgpack=wants_msgpack(request))
+    streams: list[AsyncIterator[RolloutChunk]] = []
+    try:
+        for job in prepared.jobs:
+            rid = rollout_id(prepared.key, job)
+            streams.append(service.engine.generate(rid, job.prompt_ids, job.params))
+    except BaseException:
+        await _close_all(streams)
+        raise
+    return EventStreamResponse(
+        stream_events(service, prepared, streams),
+        msgpack=wants_msgpack(request),
+        cleanup=lambda: _close_all(streams),
+    )
+
+
+async def _close_all(streams: list[AsyncIterator[RolloutChunk]]) -> None:
+    """Close engine streams (idempotent: a finished or closed one ignores it)."""
+    for stream in streams:
+        aclose = getattr(stream, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
 
 def chunk_event(
@@ -97,9 +120,14 @@ def chunk_event(
     )
 
 
-async def stream_events(service: RolloutService, prepared: PreparedRequest) -> AsyncIterator[Any]:
+async def stream_events(
+    service: RolloutService,
+    prepared: PreparedRequest,
+    streams: list[AsyncIterator[RolloutChunk]] | None = None,
+) -> AsyncIterator[Any]:
     """The events of a prepared request: chunks as they come, then the summary (or an error).
 
+    ``streams``: the jobs' engine streams, opened already (None: opened here).
     Closing the iterator (or cancelling its consumer) cancels every rollout task,
     which aborts the unfinished rollouts in the engine.
     """
@@ -113,6 +141,7 @@ async def stream_events(service: RolloutService, prepared: PreparedRequest) -> A
                 rollout_id(prepared.key, jobs[i]),
                 jobs[i],
                 on_chunk=lambda c: queue.put_nowait(("chunk", i, c)),
+                stream=streams[i] if streams is not None else None,
             )
         except Exception as exc:
             queue.put_nowait(("error", i, exc))
@@ -200,9 +229,16 @@ class EventStreamResponse(StreamingResponse):
     rollouts are aborted within one engine step.
     """
 
-    def __init__(self, events: AsyncIterator[BaseModel], *, msgpack: bool = False) -> None:
+    def __init__(
+        self,
+        events: AsyncIterator[BaseModel],
+        *,
+        msgpack: bool = False,
+        cleanup: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self.events = events
         self.msgpack = msgpack
+        self.cleanup = cleanup
         media_type = MSGPACK_MEDIA_TYPE if msgpack else NDJSON_MEDIA_TYPE
         super().__init__(self._encoded(), media_type=media_type)
 
@@ -244,5 +280,7 @@ class EventStreamResponse(StreamingResponse):
                 logger.info("rollout stream: client disconnected, stream cancelled")
             await asyncio.gather(body_task, watch, return_exceptions=True)
             await self.body_iterator.aclose()  # type: ignore[attr-defined]
+            if self.cleanup is not None:  # e.g. engine streams the events never reached
+                await self.cleanup()
         if not body_task.cancelled() and (exc := body_task.exception()) is not None:
             raise exc
