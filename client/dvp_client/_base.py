@@ -34,6 +34,7 @@ import pydantic
 from dvp_schemas import HealthResponse, PruningRule, RolloutRequest, ScoreRequest, ScoreSequence
 
 from . import _constants as C
+from ._constants import IDEMPOTENT_METHODS
 from ._exceptions import (
     APIConnectionError,
     APIResponseValidationError,
@@ -88,6 +89,20 @@ class RequestOptions:
     timeout: NotGivenOr[TimeoutTypes] = NOT_GIVEN
     retryable: bool = True
     answer_statuses: frozenset[int] = frozenset()
+
+
+def request_options(
+    method: str,
+    path: str,
+    json: object,
+    timeout: NotGivenOr[TimeoutTypes],
+    extra_headers: Headers | None,
+    safe_to_retry: bool | None,
+) -> RequestOptions:
+    """A call of any route (``Client.request``): retried only when it is safe to repeat
+    (``safe_to_retry``; None: for the idempotent methods only, never a POST)."""
+    retryable = method.upper() in IDEMPOTENT_METHODS if safe_to_retry is None else safe_to_retry
+    return RequestOptions(method.upper(), path, json, extra_headers, timeout, retryable)
 
 
 def build_rollout_request(
