@@ -182,6 +182,22 @@ def test_batching_does_not_change_scores(client: Client) -> None:
         assert joint.safe_sizes == alone.safe_sizes and joint.in_safe_set == alone.in_safe_set
 
 
+def test_async_client_scores_the_same(server: str, client: Client) -> None:
+    import asyncio
+
+    from dvp_client import AsyncClient
+
+    seqs = [([1, 2, 3], [4, 5, 6, 7]), ([9], [10, 11])]
+    kw: dict[str, Any] = {"temperature": 0.9, "pruning": {"top_p": 0.9}, "top_logprobs": 2}
+
+    async def run() -> ScoreResponse:
+        async with AsyncClient(server, timeout=60, max_retries=0, msgpack=True) as c:
+            return await c.score(seqs, **kw)
+
+    got = asyncio.run(run())
+    assert got.results == client.score(seqs, **kw).results
+
+
 def test_score_over_msgpack(server: str) -> None:
     body = {"sequences": [{"prompt_token_ids": [1, 2], "completion_token_ids": [3, 4, 5]}]}
     as_json = httpx.post(f"{server}/v1/score", json=body, timeout=60).json()
