@@ -164,7 +164,7 @@ def test_engine_failure_mid_stream_ends_with_an_error_line(tiny_model_dir: Path)
         assert ok.status_code == 200
 
 
-def test_stream_error_line_raises_in_the_client(tiny_model_dir: Path) -> None:
+def test_stream_error_line_raises_in_the_client() -> None:
     """The client's decoder turns an error line into APIStreamError (code, type)."""
     from dvp_client._streaming import EventDecoder
 
