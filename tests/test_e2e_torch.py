@@ -27,11 +27,12 @@ import pytest
 import torch
 from conftest import ServerProcess
 from dvp_client import AsyncClient, Client, Rollout, RolloutBatch
-from dvp_client.rule import safe_vocab
+from dvp_client.rule import SafeVocab, safe_vocab
 from dvp_server.model_store import load_tokenizer
 
 IDENTITY_ATOL = 1e-5
 TF_ATOL = 5e-5
+BOUNDARY = 1e-4  # a token this close to a rule threshold may fall either side
 VOCAB = 49152  # SmolLM2's, used by the tiny model
 CHAT = [{"role": "user", "content": "What is 7*8?"}]
 MIXED_PROMPTS: list[Any] = ["The capital of France is", [1, 2, 3, 4, 5], CHAT]
@@ -54,6 +55,36 @@ def tiny_hf_model(tiny_model_dir: Path) -> torch.nn.Module:
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
     return model.eval()
+
+
+def _sets_equal_away_from_thresholds(
+    ref: list[list[int]], got: list[list[int]], sv: SafeVocab, pruning: dict[str, Any]
+) -> np.ndarray:
+    """Per step: True where the sets are equal. Where they differ, every token in
+    the difference must sit within ``BOUNDARY`` of a rule threshold (min-p ratio in
+    log space, or top-p's renormalised mass before it): batched and teacher-forced
+    logits differ by ~1e-6, which can move such a token across, nothing else can.
+    """
+    assert len(ref) == len(got)
+    same = np.ones(len(ref), dtype=bool)
+    for t, (a, b) in enumerate(zip(ref, got, strict=True)):
+        if a == b:
+            continue
+        same[t] = False
+        u = sv.scaled[t].double()
+        logp = u - torch.logsumexp(u, 0)
+        near = torch.zeros_like(logp, dtype=torch.bool)
+        if pruning.get("min_p"):
+            near |= ((logp - logp.max()) - math.log(pruning["min_p"])).abs() < BOUNDARY
+        if pruning.get("top_p", 1.0) < 1.0:
+            order = torch.argsort(logp, descending=True)
+            p = logp[order].exp()
+            p = p / p.sum()
+            before = torch.cumsum(p, 0) - p
+            near[order] |= (before - pruning["top_p"]).abs() < BOUNDARY
+        diff = set(a) ^ set(b)
+        assert all(bool(near[v]) for v in diff), f"step {t}: sets differ away from a threshold"
+    return same
 
 
 def _csr_steps(r: Rollout) -> list[list[int]]:
@@ -184,9 +215,10 @@ def test_logprob_identities_and_teacher_forcing(
         sv = safe_vocab(step_logits, temperature=temperature, **pruning)
         ref_full, ref_masked = sv.logprobs(torch.tensor(r.token_ids))
         ref_sets = [torch.nonzero(row).squeeze(-1).tolist() for row in sv.mask]
-        assert ref_sets == _csr_steps(r), "safe sets differ from the teacher-forced rule"
+        same = _sets_equal_away_from_thresholds(ref_sets, _csr_steps(r), sv, pruning)
         for name, got, ref in (("masked", masked, ref_masked), ("full", full, ref_full)):
-            dev = float(np.abs(got - ref.double().numpy()).max())
+            keep = same if name == "masked" else np.ones_like(same)  # Z_S moves with S
+            dev = float(np.abs(got - ref.double().numpy())[keep].max())
             worst = max(worst, dev)
             assert dev <= TF_ATOL, f"{name} log-probs deviate by {dev:.2e} > {TF_ATOL}"
     print(f"max |server - teacher-forced| = {worst:.2e}")
