@@ -124,7 +124,7 @@ def write_plot(result: dict[str, Any], path: Path) -> None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     for key, color, label in (("sampled", "C0", "sampled tokens"), ("vocab", "C2", "whole vocab")):
         part = result[key]
-        bins = [b for b in part["bins"] if b["count"] > 0]
+        bins = [b for b in part["bins"] if b["count"] > 0 and b["mean"] > 0]  # log axis
         x = _bin_x(bins)
         ax1.plot(x, [b["mean"] for b in bins], "o-", color=color, ms=4, label=f"{label}: mean")
         ax1.plot(x, [b["p99"] for b in bins], "^", color=color, ms=4, alpha=0.7, label="p99")
