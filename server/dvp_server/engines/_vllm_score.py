@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from dvp_client.rule import safe_vocab
+from dvp_client.rule import GREEDY_EPS, safe_vocab
 
 from ._vllm_steps import TopK, read_flat_topk
 from .scoring import ScoredSequence, ScoreParams
@@ -94,11 +94,12 @@ def _derive(top: TopK, params: ScoreParams, version: int) -> ScoredSequence:
     )
     mask = sv.mask.numpy()  # (T, K)
     in_s = (mask & (top.ids == top.sampled[:, None])).any(axis=1)  # (T,)
-    scale = 1.0 if temp == 0 else 1.0 / temp
+    greedy = temp < GREEDY_EPS  # the rule's and vLLM's greedy cut
+    scale = 1.0 if greedy else 1.0 / temp
     log_z_s = sv.log_z_safe.numpy().astype(np.float64)  # logsumexp_S r / T
     u_y = top.sampled_lp.astype(np.float64) * scale
     masked = np.where(in_s, u_y - log_z_s, -math.inf).astype(np.float32)
-    exact = temp in (0.0, 1.0)
+    exact = greedy or temp == 1.0
     nan = np.full(t_, math.nan, dtype=np.float32)
     logprobs = top.sampled_lp.astype(np.float32) if exact else nan
     logmass = log_z_s.astype(np.float32) if exact else nan.copy()

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from dvp_client.rule import safe_vocab
+from dvp_client.rule import GREEDY_EPS, safe_vocab
 from dvp_schemas import PruningRule
 
 __all__ = ["DerivedSteps", "TopK", "derive_steps", "read_flat_topk"]
@@ -99,9 +99,9 @@ class DerivedSteps:
     """What the wire contract asks for, for t steps (see the module docstring).
 
     Attributes:
-        logprobs: float32 ``(t,)``; NaN unless T in {0, 1}.
+        logprobs: float32 ``(t,)``; NaN unless T = 1 or greedy (T < 1e-5).
         masked: float32 ``(t,)`` ``log pi_S(y)``.
-        logmass: float32 ``(t,)`` ``log Z_S``; NaN unless T in {0, 1}.
+        logmass: float32 ``(t,)`` ``log Z_S``; NaN unless T = 1 or greedy (T < 1e-5).
         sizes: int64 ``(t,)`` ``|S|``.
         outside: bool ``(t,)``: y was not in the derived set (S then includes it).
         safe_ids: int32 flat sorted ids of every S (CSR), or None.
@@ -122,7 +122,7 @@ def derive_steps(top: TopK, temperature: float, rule: PruningRule, with_ids: boo
 
     Args:
         top: the steps' raw top-K (:func:`read_flat_topk`).
-        temperature: T of the rollout (0: greedy).
+        temperature: T of the rollout (below ``GREEDY_EPS`` = 1e-5: greedy, as vLLM).
         rule: the effective rule (``top_k <= K``).
         with_ids: also build the CSR ids of every S.
 
@@ -134,7 +134,8 @@ def derive_steps(top: TopK, temperature: float, rule: PruningRule, with_ids: boo
     sv = safe_vocab(
         lps, temperature=temperature, min_p=rule.min_p, top_k=rule.top_k, top_p=rule.top_p
     )
-    scale = 1.0 if temperature == 0 else 1.0 / temperature  # greedy: reported at T = 1
+    greedy = temperature < GREEDY_EPS  # the rule's and vLLM's greedy cut
+    scale = 1.0 if greedy else 1.0 / temperature  # greedy: reported at T = 1
     mask = sv.mask.numpy()  # (t, K) bool
     y = top.sampled
     y_col = top.ids == y[:, None]  # (t, K): where y sits in the top-K, if it does
@@ -146,7 +147,7 @@ def derive_steps(top: TopK, temperature: float, rule: PruningRule, with_ids: boo
     # A flagged step's S is the derived set plus y: add y's mass to the normaliser.
     log_z_safe = torch.where(out_t, torch.logaddexp(log_z_safe, u_y), log_z_safe)
     masked = (u_y - log_z_safe).numpy().astype(np.float32)
-    exact = temperature in (0.0, 1.0)
+    exact = greedy or temperature == 1.0
     nan = np.full(t, math.nan, dtype=np.float32)
     logprobs = top.sampled_lp.astype(np.float32) if exact else nan
     logmass = log_z_safe.numpy().astype(np.float32) if exact else nan.copy()
