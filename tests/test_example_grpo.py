@@ -76,7 +76,7 @@ def args(url: str, model: Path, weights: Path, out: Path, *extra: str) -> list[s
     ]
 
 
-@pytest.mark.slow  # ~20 s: a server start and two short runs
+@pytest.mark.slow  # 5 s idle, 2 min on the busy 2-core machine: a server and two runs
 @pytest.mark.parametrize(
     "flags", [("--dvp", "--min-p", "0.01", "--correction", "token-tis"), ("--no-dvp",)]
 )
