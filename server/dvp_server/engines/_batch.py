@@ -10,10 +10,14 @@ its batch mates force on it (up to float rounding).
 
 Finished rows leave through :meth:`DecodeBatch.keep`, which selects the
 surviving rows of the cache, so they cost nothing afterwards; leading columns
-that became padding for every survivor are cut. Admitting rows into a running
-batch (continuous batching) would prefill the new rows on their own and
-concatenate their cache into this one after padding both to the same K; the
-state needed for that (mask, next positions, last tokens) is all here.
+that became padding for every survivor are cut. Rows join a running batch
+(continuous batching) through :meth:`DecodeBatch.merge`: the newcomers are
+prefilled as their own left-padded batch, then both caches are left-padded to
+the same K along the sequence axis and concatenated along the batch axis (keys
+and values ``(B, H, K, D)`` per layer, the mask ``(B, K)``, next positions
+``(B,)``). Every row's real tokens stay contiguous at the right end of the
+cache, so after a trim ``K = max_i (prompt_i + generated_i)``: a batch's cache
+never holds more than ``B * max_i (prompt_i + max_tokens_i)`` positions.
 """
 
 from __future__ import annotations
@@ -150,6 +154,39 @@ class DecodeBatch:
         )
         return out.logits[:, -1, :]  # (B, V)
 
+    @property
+    def cached_positions(self) -> int:
+        """``B * K``: cache positions held (padding included), for the KV budget."""
+        return int(self.attention_mask.numel())
+
+    def merge(self, other: DecodeBatch) -> None:
+        """Append ``other``'s rows (prefilled, not yet decoded further) after this batch's.
+
+        Both batches must be at the same point of a step: their caches hold every
+        token but the last sampled one (fed by the next :meth:`decode`). The
+        shorter cache is left-padded (zeros, masked out) to ``K = max(K_a, K_b)``;
+        positions are per row and unchanged, so a row's logits do not depend on
+        the padding (up to float rounding).
+
+        Raises:
+            ValueError: a cache layer that is not a plain ``DynamicLayer``.
+        """
+        k = max(self.attention_mask.shape[1], other.attention_mask.shape[1])
+        pairs = list(zip(self.cache.layers, other.cache.layers, strict=True))
+        for a, b in pairs:
+            if type(a) is not DynamicLayer or type(b) is not DynamicLayer:
+                raise ValueError(f"cannot merge a {type(a).__name__} cache layer")
+        for a, b in cast(list[tuple[DynamicLayer, DynamicLayer]], pairs):
+            if a.keys is None or b.keys is None or a.values is None or b.values is None:
+                raise ValueError("cannot merge a cache before its first forward")
+            a.keys = torch.cat([_pad_seq(a.keys, k), _pad_seq(b.keys, k)], dim=0)
+            a.values = torch.cat([_pad_seq(a.values, k), _pad_seq(b.values, k)], dim=0)
+        self.attention_mask = torch.cat(
+            [_pad_seq(self.attention_mask, k), _pad_seq(other.attention_mask, k)], dim=0
+        )
+        self.next_pos = torch.cat([self.next_pos, other.next_pos])
+        self.rows = self.rows + other.rows
+
     def keep(self, indices: list[int]) -> None:
         """Keep only rows ``indices`` (in that order); drop the others from the cache."""
         if len(indices) == len(self.rows):
@@ -175,3 +212,17 @@ class DecodeBatch:
             if layer.keys is not None and layer.values is not None and layer.keys.numel() > 0:
                 layer.keys = layer.keys[..., first:, :]
                 layer.values = layer.values[..., first:, :]
+
+
+def _pad_seq(x: Tensor, k: int) -> Tensor:
+    """Left-pad ``x`` with zeros along its sequence axis to length ``k``.
+
+    The sequence axis is the last one of a mask ``(B, K)`` and the second to last of
+    keys / values ``(B, H, K, D)``.
+    """
+    axis = -1 if x.dim() == 2 else -2
+    missing = k - x.shape[axis]
+    if missing == 0:
+        return x
+    pad = (missing, 0) if axis == -1 else (0, 0, missing, 0)
+    return torch.nn.functional.pad(x, pad)

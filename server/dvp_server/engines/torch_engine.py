@@ -10,9 +10,9 @@ asyncio loop never blocks. ``generate`` submits a :class:`~._rows.Row` and await
 chunks on a per-rollout ``asyncio.Queue`` that the thread fills through
 ``loop.call_soon_threadsafe``. The scheduler takes up to ``max_batch`` pending
 rollouts, prefills them left-padded, decodes them in lock-step with the KV
-cache, and drops each row as it finishes; rollouts that arrive meanwhile start
-with the next batch (admission into a running batch is a later step: see
-``_batch.py``).
+cache, and drops each row as it finishes; rollouts that arrive meanwhile join
+the running batch at the next step (continuous batching), within ``max_batch``
+rows and the KV cache budget (``_scheduler.py``).
 """
 
 from __future__ import annotations
@@ -22,20 +22,19 @@ import json
 import logging
 import os
 import threading
-import time
 from collections import deque
 from collections.abc import AsyncGenerator, Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from dvp_schemas import EngineCapabilities, FinishReason
+from dvp_schemas import EngineCapabilities
 
 from ..model_store import load_tokenizer
-from ._batch import DecodeBatch, rule_step
+from ._batch import DecodeBatch
 from ._rows import Row, StopStringMatcher
+from ._scheduler import EngineStats, KvBudget, SchedulerMixin, StepHook
 from ._weights import WeightsInput, copy_weights, read_weights
 from .base import EngineError, EngineInfo, EngineParams, RolloutChunk
 from .scoring import ScoredSequence, ScoreParams, score_sequences
@@ -57,22 +56,9 @@ _ALL_FIELDS: list[Any] = [
     "safe_sizes",
     "safe_token_ids",
 ]
-StepHook = Callable[[Sequence[str]], None]
 
 
-@dataclass
-class EngineStats:
-    """Cumulative scheduler counters (wall seconds spent in the scheduler thread)."""
-
-    batches: int = 0
-    steps: int = 0  # forward + rule steps (a prefill counts as one)
-    tokens: int = 0  # tokens sampled
-    forward_s: float = 0.0  # model forwards (prefill and decode)
-    rule_s: float = 0.0  # rule, sampling, log-probs, safe ids: the DVP metadata
-    emit_s: float = 0.0  # bookkeeping: buffers, finish checks, chunks
-
-
-class TorchEngine:
+class TorchEngine(SchedulerMixin):
     """Batched decoding with a KV cache and the safe-vocabulary rule at every step.
 
     Args:
@@ -85,14 +71,16 @@ class TorchEngine:
         threads: ``torch.set_num_threads`` (process-wide); default all cores.
         model_id: the name reported in ``info``; default the model's own name.
         flush_every: steps between chunks of a running rollout (and at finish).
+        continuous_batching: admit pending rollouts into a running batch (True),
+            or only start a batch when none runs (False: the baseline).
+        kv_cache_bytes: most bytes of KV cache the running batch may hold
+            (``kv.bytes_per_token`` per position, padding included); None: no bound
+            beyond ``max_batch * max_model_len`` positions. A rollout that cannot
+            fit alone is refused (ValueError); others wait for room.
 
     Raises:
         ValueError: an unknown dtype or a non-positive size.
     """
-
-    #: Quiet time that closes the arrival window of a new batch, and its round cap.
-    ADMIT_WINDOW_S = 0.005
-    ADMIT_ROUNDS = 20
 
     def __init__(
         self,
@@ -104,6 +92,8 @@ class TorchEngine:
         threads: int | None = None,
         model_id: str | None = None,
         flush_every: int = 16,
+        continuous_batching: bool = True,
+        kv_cache_bytes: int | None = None,
     ) -> None:
         from transformers import AutoModelForCausalLM, GenerationConfig
 
@@ -131,6 +121,8 @@ class TorchEngine:
         pad = self.tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else min(self.eos_ids, default=0))
         self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
+        self.continuous_batching = continuous_batching
+        self.kv = KvBudget(config, self.model.dtype, kv_cache_bytes)
         self.info = EngineInfo(
             name="torch",
             model_id=model_id or _model_name(self.model_dir),
@@ -157,6 +149,7 @@ class TorchEngine:
         self._last_tokens = np.zeros(0, dtype=np.int64)  # (B,) fed to the next decode
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._prefilled_last = False  # the last turn prefilled: the next one decodes
         self._state = "starting"
         self._policy_version = 0
         self._model_lock = threading.Lock()  # held by every step and by a weight swap
@@ -318,6 +311,13 @@ class TorchEngine:
             raise ValueError(f"temperature must be >= 0, got {params.temperature}")
         if params.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {params.max_tokens}")
+        need = min(len(ids) + params.max_tokens, self.max_model_len)
+        if not self.kv.fits(1, need):
+            raise ValueError(
+                f"prompt + max_tokens = {need} tokens need {need * self.kv.bytes_per_token} "
+                f"bytes of KV cache ({self.kv.bytes_per_token} per token), more than the "
+                f"engine's kv_cache_bytes budget {self.kv.budget_bytes}: lower max_tokens"
+            )
         return ids
 
     def _request_abort(self, request_id: str) -> None:
@@ -331,144 +331,6 @@ class TorchEngine:
             else:
                 self._aborts.add(row)
                 self._cond.notify_all()
-
-    def _finish(
-        self, row: Row, reason: FinishReason, stop: str | int | None, error: str | None = None
-    ) -> None:
-        """Emit a row's last chunk and forget it (call with ``_cond`` held or from the thread)."""
-        row.emit(row.take_chunk(reason, stop, error=error, policy_version=self.policy_version))
-        self._rows.pop(row.request_id, None)
-
-    # ------------------------------------------------------------- scheduler
-
-    def _run(self) -> None:
-        """Scheduler thread: admit, step, repeat; never lets a step's error escape."""
-        torch.set_num_threads(self.threads)  # intra-op threads of this thread's work
-        with torch.inference_mode():
-            while True:
-                with self._cond:
-                    while not self._stopping and not self._pending and self._batch is None:
-                        self._cond.wait()
-                    if self._stopping:
-                        break
-                    if self._batch is None:
-                        self._collect_arrivals()
-                    new_rows = self._admit()
-                    aborts, self._aborts = self._aborts, set()
-                with self._model_lock:
-                    self._step(new_rows, aborts)
-        with self._cond:
-            for row in list(self._rows.values()):
-                self._finish(row, "abort", None, error=None)
-            self._pending.clear()
-            self._batch = None
-
-    def _collect_arrivals(self) -> None:
-        """Before a new batch, wait while rollouts keep arriving (call with ``_cond`` held).
-
-        A request's samples are submitted one coroutine at a time; without this
-        window the first one would start a batch alone and the rest would wait
-        for it to finish. Waits at most ``ADMIT_ROUNDS`` windows.
-        """
-        for _ in range(self.ADMIT_ROUNDS):
-            n = len(self._pending)
-            if n >= self.max_batch or self._stopping:
-                return
-            self._cond.wait(self.ADMIT_WINDOW_S)
-            if len(self._pending) == n:
-                return
-
-    def _admit(self) -> list[Row]:
-        """Rows that start now: up to max_batch pending ones, only when no batch runs."""
-        if self._batch is not None:
-            return []
-        n = min(self.max_batch, len(self._pending))
-        return [self._pending.popleft() for _ in range(n)]
-
-    def _step(self, new_rows: list[Row], aborts: set[Row]) -> None:
-        """One forward + rule step of the current batch (or the prefill of a new one)."""
-        batch = self._batch
-        try:
-            if batch is None:
-                live = [r for r in new_rows if r not in aborts]
-                if not live:
-                    return
-                batch = self._batch = DecodeBatch(self.model, live, self.pad_id)
-                self._call_hook(batch)
-                t0 = time.perf_counter()
-                logits = batch.prefill()
-                self.stats.batches += 1
-            else:
-                if aborts:
-                    self._drop(batch, aborts)
-                    if not batch.rows:
-                        self._batch = None
-                        return
-                self._call_hook(batch)
-                t0 = time.perf_counter()
-                logits = batch.decode(self._last_tokens)
-            t1 = time.perf_counter()
-            out = rule_step(logits, batch.rows)
-            t2 = time.perf_counter()
-            self.stats.steps += 1
-            if self.on_step is not None:
-                self.on_step(len(batch.rows))
-            self.stats.tokens += len(batch.rows)
-            self._emit_step(batch, out)
-            self.stats.forward_s += t1 - t0
-            self.stats.rule_s += t2 - t1
-            self.stats.emit_s += time.perf_counter() - t2
-        except Exception as exc:  # a failed step fails its batch, not the engine
-            logger.exception("torch engine step failed")
-            msg = f"{type(exc).__name__}: {exc}"
-            rows = batch.rows if batch is not None else new_rows
-            with self._cond:
-                for r in rows:
-                    if not r.done:
-                        self._finish(r, "error", None, error=msg)
-            self._batch = None
-
-    def _call_hook(self, batch: DecodeBatch) -> None:
-        if self.step_hook is not None:
-            self.step_hook([r.request_id for r in batch.rows])
-
-    def _drop(self, batch: DecodeBatch, aborts: set[Row]) -> None:
-        keep = []
-        for i, r in enumerate(batch.rows):
-            if r in aborts:
-                with self._cond:
-                    self._finish(r, "abort", None)
-            else:
-                keep.append(i)
-        batch.keep(keep)
-        self._last_tokens = self._last_tokens[keep]
-
-    def _emit_step(self, batch: DecodeBatch, out: Any) -> None:
-        """Record a step in every row, emit due chunks, drop finished rows."""
-        keep: list[int] = []
-        for i, row in enumerate(batch.rows):
-            token = int(out.tokens[i])
-            row.record(
-                token,
-                float(out.logprobs[i]),
-                float(out.masked[i]),
-                float(out.logmass[i]),
-                int(out.sizes[i]),
-                out.safe_ids[i],
-            )
-            end = row.finish_check(token, self.max_model_len)
-            if end is not None:
-                with self._cond:
-                    self._finish(row, end[0], end[1])
-            else:
-                keep.append(i)
-                if row.pending_steps >= self.flush_every:
-                    row.emit(row.take_chunk(policy_version=self.policy_version))
-        self._last_tokens = out.tokens[keep]
-        if keep:
-            batch.keep(keep)
-        else:
-            self._batch = None
 
 
 def _eos_ids(tokenizer: Any, generation_config_cls: Any, model_dir: Path) -> set[int]:
