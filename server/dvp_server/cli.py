@@ -111,7 +111,8 @@ def serve(
     kv_cache_bytes: Annotated[
         int | None,
         typer.Option(
-            help="vLLM: KV cache size in bytes; default 1 GiB on CPU, vLLM's own sizing on GPU."
+            help="KV cache size in bytes. vLLM: default 1 GiB on CPU, vLLM's own sizing on "
+            "GPU. Torch: most its running batch may hold (default: max-batch x context)."
         ),
     ] = None,
     max_logprobs: Annotated[
@@ -157,6 +158,13 @@ def serve(
         int | None,
         typer.Option(help="Torch engine: intra-op threads (default: all cores)."),
     ] = None,
+    continuous_batching: Annotated[
+        bool,
+        typer.Option(
+            help="Torch engine: pending rollouts join the running batch (off: they wait "
+            "for it to finish)."
+        ),
+    ] = _DEFAULTS.continuous_batching,
     shutdown_timeout: Annotated[
         float,
         typer.Option(help="After SIGTERM, seconds in-flight requests get to finish (exit 0)."),
@@ -194,6 +202,7 @@ def serve(
             weights_drain_timeout_s=weights_drain_timeout,
             shutdown_timeout_s=shutdown_timeout,
             threads=threads,
+            continuous_batching=continuous_batching,
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc

@@ -60,9 +60,14 @@ class ServerConfig:
         gpu_memory_utilization: vLLM only (GPU): fraction of GPU memory vLLM may use.
         enforce_eager: vLLM only: no CUDA graphs / torch.compile; None: True on CPU
             (compiling takes minutes there and its cache does not reload), False on GPU.
-        kv_cache_bytes: vLLM only: KV cache size in bytes; None: 1 GiB on CPU (vLLM's
+        kv_cache_bytes: KV cache size in bytes. vLLM: None: 1 GiB on CPU (vLLM's
             own default, 92% of the NUMA node, refuses to start on a shared machine),
-            vLLM's own sizing from ``gpu_memory_utilization`` on GPU.
+            vLLM's own sizing from ``gpu_memory_utilization`` on GPU. Torch engine: the
+            most its running batch may hold (rollouts wait in its queue for room; a
+            rollout too long to fit alone is refused); None: no bound beyond
+            ``max_batch * max_model_len`` positions.
+        continuous_batching: torch engine: pending rollouts join the running batch
+            (True) or wait until it has finished (False, a baseline for benchmarks).
         max_logprobs: vLLM only: K, the top-K raw log-probs per step that the safe
             sets are derived from; also the largest ``pruning.top_k`` served (a rule
             without ``top_k`` gets ``top_k = K``).
@@ -114,6 +119,7 @@ class ServerConfig:
     weights_drain_timeout_s: float = 300.0
     shutdown_timeout_s: float = 120.0
     threads: int | None = None
+    continuous_batching: bool = True
 
     def __post_init__(self) -> None:
         """Validate values; the message names the field and the value.
