@@ -37,6 +37,7 @@ from ._exceptions import (
     ServiceUnavailableError,
     UnprocessableEntityError,
 )
+from ._replicas import ReplicaStats
 from ._streaming import StreamEvent, join_rollout_stream
 from ._types import NOT_GIVEN, NotGiven
 from .batch import RolloutBatch
@@ -64,6 +65,7 @@ __all__ = [
     "PermissionDeniedError",
     "PruningRule",
     "RateLimitError",
+    "ReplicaStats",
     "Rollout",
     "RolloutBatch",
     "RolloutRequest",

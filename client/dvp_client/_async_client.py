@@ -7,15 +7,18 @@ sleeps and closes.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
 import httpx
-from dvp_schemas import HealthResponse, ModelList, PruningRule, ScoreResponse
+from dvp_schemas import HealthResponse, ModelList, PruningRule, ScoreResponse, WeightsUpdateResponse
+from dvp_schemas.weights import InflightPolicy
 
-from ._base import BaseClient, Plan, RequestOptions, ScoreInput, _json, request_options
+from ._base import BaseClient, Plan, _json
 from ._constants import DEFAULT_MAX_RETRIES
+from ._options import BaseURLInput, RequestOptions, ScoreInput, request_options
 from ._streaming import EventDecoder, StreamEvent
 from ._types import NOT_GIVEN, Headers, NotGivenOr, PromptInput, TimeoutTypes
 from .batch import RolloutBatch
@@ -36,7 +39,7 @@ class AsyncClient(BaseClient[httpx.AsyncClient]):
 
     def __init__(
         self,
-        base_url: str | httpx.URL | None = None,
+        base_url: BaseURLInput = None,
         *,
         api_key: str | None = None,
         timeout: NotGivenOr[TimeoutTypes] = NOT_GIVEN,
@@ -85,19 +88,22 @@ class AsyncClient(BaseClient[httpx.AsyncClient]):
         """Drive a retry plan: send its requests, sleep its delays (see :meth:`Client._run`)."""
         reply: httpx.Response | None = None
         error: httpx.TransportError | None = None
-        while True:
-            try:
-                step = plan.send(reply) if error is None else plan.throw(error)
-            except StopIteration as done:
-                return done.value  # type: ignore[no-any-return]
-            reply, error = None, None
-            if isinstance(step, httpx.Request):
+        try:
+            while True:
                 try:
-                    reply = await self._send(step, stream)
-                except httpx.TransportError as err:
-                    error = err
-            else:
-                await self._sleep(step)
+                    step = plan.send(reply) if error is None else plan.throw(error)
+                except StopIteration as done:
+                    return done.value  # type: ignore[no-any-return]
+                reply, error = None, None
+                if isinstance(step, httpx.Request):
+                    try:
+                        reply = await self._send(step, stream)
+                    except httpx.TransportError as err:
+                        error = err
+                else:
+                    await self._sleep(step)
+        finally:
+            plan.close()  # cancelled mid-attempt: the plan gives its replica back
 
     # -- API ---------------------------------------------------------------------
 
@@ -120,25 +126,7 @@ class AsyncClient(BaseClient[httpx.AsyncClient]):
         extra_headers: Headers | None = None,
     ) -> RolloutBatch:
         """Sample ``n`` rollouts per prompt; see :meth:`Client.rollouts`."""
-        sampling: dict[str, Any] = {
-            "temperature": temperature,
-            "max_tokens": max_tokens,
-            "stop": stop,
-            "stop_token_ids": stop_token_ids,
-            "seed": seed,
-            "ignore_eos": ignore_eos,
-        }
-        options = self._rollouts_options(
-            prompts,
-            n=n,
-            sampling=sampling,
-            pruning=pruning,
-            return_safe_token_ids=return_safe_token_ids,
-            return_text=return_text,
-            model=model,
-            timeout=timeout,
-            extra_headers=extra_headers,
-        )
+        options = self._rollouts_options(locals(), stream=False)
         return self._parse(await self._run(self._plan(options)), RolloutBatch)
 
     def stream_rollouts(
@@ -166,39 +154,25 @@ class AsyncClient(BaseClient[httpx.AsyncClient]):
             async for event in client.stream_rollouts(["Hi"], n=4, max_tokens=64):
                 ...
         """
-        sampling: dict[str, Any] = {
-            "temperature": temperature,
-            "max_tokens": max_tokens,
-            "stop": stop,
-            "stop_token_ids": stop_token_ids,
-            "seed": seed,
-            "ignore_eos": ignore_eos,
-        }
-        options = self._rollouts_options(
-            prompts,
-            n=n,
-            sampling=sampling,
-            pruning=pruning,
-            return_safe_token_ids=return_safe_token_ids,
-            return_text=return_text,
-            model=model,
-            timeout=timeout,
-            extra_headers=extra_headers,
-            stream=True,
-        )
+        options = self._rollouts_options(locals(), stream=True)
         return self._events(options)
 
     async def _events(self, options: RequestOptions) -> AsyncIterator[StreamEvent]:
         response = await self._run(self._plan(options), stream=True)
         decoder = EventDecoder(response)
+        error: BaseException | None = None
         try:
             async for data in response.aiter_bytes():
                 for event in decoder.feed(data):
                     yield event
             for event in decoder.finish():
                 yield event
+        except BaseException as err:  # GeneratorExit too: the caller left the loop
+            error = err
+            raise
         finally:
             await response.aclose()
+            self._end_stream(response, error)
 
     async def score(
         self,
@@ -224,6 +198,25 @@ class AsyncClient(BaseClient[httpx.AsyncClient]):
             extra_headers=extra_headers,
         )
         return self._parse(await self._run(self._plan(options)), ScoreResponse)
+
+    async def update_weights(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        on_inflight: InflightPolicy | None = None,
+        drain_timeout_s: float | None = None,
+        timeout: NotGivenOr[TimeoutTypes] = NOT_GIVEN,
+        extra_headers: Headers | None = None,
+    ) -> list[WeightsUpdateResponse]:
+        """``POST /v1/weights`` to every replica, in turn; see :meth:`Client.update_weights`."""
+        options = self._weights_options(
+            path,
+            on_inflight=on_inflight,
+            drain_timeout_s=drain_timeout_s,
+            timeout=timeout,
+            extra_headers=extra_headers,
+        )
+        return [self._parse(await self._run(self._plan(o)), WeightsUpdateResponse) for o in options]
 
     async def health(self, *, timeout: NotGivenOr[TimeoutTypes] = NOT_GIVEN) -> HealthResponse:
         """``GET /health``; see :meth:`Client.health`."""

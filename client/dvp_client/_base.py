@@ -12,36 +12,61 @@ is written once, as a plan (a generator) that the two shells drive::
     # StopIteration.value      -> the final 2xx response; any other outcome raises
 
 so the sync and async clients differ only in how they send, sleep and close.
+
+Every attempt goes to a replica picked by the client's
+:class:`~dvp_client._replicas.ReplicaPool` (least outstanding; a client over one
+URL has a pool of one). A failed attempt that may be repeated
+(:func:`~dvp_client._retry.may_repeat`) fails over at once to a replica that is
+up and not yet tried, else waits the backoff; either way it counts against
+``max_retries``. A stream holds its replica until the shell ends it
+(:meth:`BaseClient._end_stream`): it fails over only before its response began.
 """
 
 from __future__ import annotations
 
-import email.utils
 import logging
 import os
 import platform
-import random
-import secrets
-import time
 import uuid
 from collections.abc import Generator, Mapping, Sequence
-from dataclasses import dataclass
 from importlib import metadata
 from typing import Any, Generic, TypeVar
 
 import httpx
 import pydantic
-from dvp_schemas import HealthResponse, PruningRule, RolloutRequest, ScoreRequest, ScoreSequence
+from dvp_schemas import (
+    HealthResponse,
+    PruningRule,
+    ScoreRequest,
+    WeightsUpdateRequest,
+)
 
 from . import _constants as C
-from ._constants import IDEMPOTENT_METHODS
 from ._exceptions import (
     APIConnectionError,
     APIResponseValidationError,
     APITimeoutError,
+    DVPError,
     make_status_error,
 )
-from ._types import NOT_GIVEN, Headers, NotGiven, NotGivenOr, PromptInput, TimeoutTypes
+from ._options import (
+    SAMPLING_ARGS,
+    BaseURLInput,
+    RequestOptions,
+    ScoreInput,
+    build_rollout_request,
+    replica_urls,
+    score_sequence,
+)
+from ._replicas import Lease, Outcome, ReplicaPool, ReplicaStats
+from ._retry import (
+    backoff_delay,
+    may_repeat,
+    parse_retry_after,
+    resolve_seed,
+    should_retry,
+)
+from ._types import Headers, NotGiven, NotGivenOr, TimeoutTypes
 
 log = logging.getLogger("dvp_client")
 
@@ -52,8 +77,6 @@ Step = httpx.Request | float
 """What a plan asks its shell to do next: send this request, or sleep this long."""
 Plan = Generator[Step, "httpx.Response | None", httpx.Response]
 MSGPACK_MEDIA_TYPE = "application/msgpack"
-ScoreInput = tuple[Sequence[int], Sequence[int]] | ScoreSequence | Mapping[str, object]
-"""A sequence to score: ``(prompt_ids, completion_ids)``, a ScoreSequence, or its dict."""
 
 
 def _user_agent() -> str:
@@ -67,152 +90,19 @@ def _user_agent() -> str:
 USER_AGENT = _user_agent()
 
 
-@dataclass(frozen=True)
-class RequestOptions:
-    """One call, as the core needs it to build every attempt.
+class BaseClient(Generic[_HttpxT]):
+    """State and I/O-free logic of a client over one httpx client (sync or async).
 
     Attributes:
-        method: HTTP method.
-        path: Path under the base URL, e.g. ``"/v1/rollouts"``.
-        json: Body to send as JSON, or None for no body.
-        extra_headers: Headers that override the client's for this call.
-        timeout: This call's timeout; NOT_GIVEN means the client's.
-        retryable: Whether another attempt is safe (the same effect twice is fine).
-        answer_statuses: Non-2xx statuses that are an answer, not a failure: returned
-            as they are, without retry (``GET /health`` answers 503 while starting).
+        base_url: The (first) server's URL.
+        base_urls: Every replica's URL, in the order given.
     """
-
-    method: str
-    path: str
-    json: object = None
-    extra_headers: Headers | None = None
-    timeout: NotGivenOr[TimeoutTypes] = NOT_GIVEN
-    retryable: bool = True
-    answer_statuses: frozenset[int] = frozenset()
-
-
-def request_options(
-    method: str,
-    path: str,
-    json: object,
-    timeout: NotGivenOr[TimeoutTypes],
-    extra_headers: Headers | None,
-    safe_to_retry: bool | None,
-) -> RequestOptions:
-    """A call of any route (``Client.request``): retried only when it is safe to repeat
-    (``safe_to_retry``; None: for the idempotent methods only, never a POST)."""
-    retryable = method.upper() in IDEMPOTENT_METHODS if safe_to_retry is None else safe_to_retry
-    return RequestOptions(method.upper(), path, json, extra_headers, timeout, retryable)
-
-
-def build_rollout_request(
-    prompts: PromptInput | Sequence[PromptInput],
-    *,
-    n: int,
-    sampling: Mapping[str, object],
-    pruning: PruningRule | Mapping[str, object] | None,
-    return_safe_token_ids: bool,
-    return_text: bool,
-    model: str | None,
-) -> RolloutRequest:
-    """Validate ``rollouts(...)`` arguments into the wire model, before any network.
-
-    Args:
-        prompts: One text prompt, or a sequence of prompts (text, token ids, chat).
-        n: Samples per prompt.
-        sampling: SamplingOptions fields; NOT_GIVEN values are left out (server default).
-        pruning: The rule; None leaves it to the server's default.
-        return_safe_token_ids: Ask for the safe sets (CSR).
-        return_text: Ask for decoded text.
-        model: Model id to check against the served one; None skips the check.
-
-    Returns:
-        The request; ``model_dump(exclude_unset=True)`` is the body to send.
-
-    Raises:
-        pydantic.ValidationError: A field is invalid (its location names it).
-    """
-    body: dict[str, object] = {
-        "prompts": [prompts] if isinstance(prompts, str) else list(prompts),
-        "n": n,
-        "sampling": {k: v for k, v in sampling.items() if not isinstance(v, NotGiven)},
-        "return_safe_token_ids": return_safe_token_ids,
-        "return_text": return_text,
-    }
-    if pruning is not None:
-        body["pruning"] = pruning
-    if model is not None:
-        body["model"] = model
-    return RolloutRequest.model_validate(body)
-
-
-def parse_retry_after(headers: httpx.Headers) -> float | None:
-    """Seconds the server asked us to wait, from ``retry-after-ms`` or ``Retry-After``.
-
-    Returns:
-        The delay clamped to ``[0, MAX_RETRY_AFTER]``, or None when absent or unparsable.
-    """
-    seconds: float | None = None
-    if (ms := headers.get("retry-after-ms")) is not None:
-        try:
-            seconds = float(ms) / 1000.0
-        except ValueError:
-            seconds = None
-    if seconds is None and (value := headers.get("retry-after")) is not None:
-        try:
-            seconds = float(value)
-        except ValueError:
-            try:
-                when = email.utils.parsedate_to_datetime(value)
-            except (TypeError, ValueError):
-                return None
-            seconds = when.timestamp() - time.time()
-    if seconds is None or seconds != seconds:  # NaN
-        return None
-    return min(max(seconds, 0.0), C.MAX_RETRY_AFTER)
-
-
-def backoff_delay(retries_taken: int, rng: random.Random | None = None) -> float:
-    """Exponential backoff with jitter (formula in :mod:`dvp_client._constants`).
-
-    Args:
-        retries_taken: Retries already made (0 before the first retry).
-        rng: Source of the jitter; the module's ``random`` by default.
-
-    Returns:
-        Seconds in ``(base * (1 - RETRY_JITTER), base]``, ``base <= MAX_RETRY_DELAY``.
-    """
-    base = min(C.INITIAL_RETRY_DELAY * 2.0 ** min(retries_taken, 32), C.MAX_RETRY_DELAY)
-    u = (rng or random).random()
-    return base * (1.0 - C.RETRY_JITTER * u)
-
-
-def should_retry(response: httpx.Response) -> bool:
-    """Whether a status is worth another attempt: 408, 409, 429 and every 5xx."""
-    return response.status_code in C.RETRY_STATUS_CODES or response.status_code >= 500
-
-
-def resolve_seed(seed: NotGivenOr[int | None]) -> tuple[int | None, bool]:
-    """The seed to send and whether the rollout request is then safe to retry.
-
-    NOT_GIVEN draws a fresh 63-bit seed once, before the first attempt, so every
-    retry is the same seeded request and reproduces the same samples. An explicit
-    None asks for an unseeded rollout; a retry would draw different samples, so
-    such a request is not retried.
-    """
-    if isinstance(seed, NotGiven):
-        return secrets.randbits(63), True
-    return seed, seed is not None
-
-
-class BaseClient(Generic[_HttpxT]):
-    """State and I/O-free logic of a client over one httpx client (sync or async)."""
 
     _client: _HttpxT
 
     def __init__(
         self,
-        base_url: str | httpx.URL | None,
+        base_url: BaseURLInput,
         *,
         api_key: str | None,
         timeout: NotGivenOr[TimeoutTypes],
@@ -223,11 +113,10 @@ class BaseClient(Generic[_HttpxT]):
     ) -> None:
         if max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {max_retries}")
-        if base_url is None:
-            base_url = os.environ.get(C.BASE_URL_ENV) or C.DEFAULT_BASE_URL
-        self.base_url = httpx.URL(str(base_url).rstrip("/"))
-        if not self.base_url.is_absolute_url:
-            raise ValueError(f"base_url must be an absolute http(s) URL, got {str(base_url)!r}")
+        self._pool = ReplicaPool(replica_urls(base_url))
+        self.base_urls: tuple[httpx.URL, ...] = tuple(self._pool.urls)
+        self.base_url = self.base_urls[0]
+        self._streams: dict[httpx.Response, Lease] = {}  # open streams -> their replica
         self.api_key = api_key if api_key is not None else os.environ.get(C.API_KEY_ENV)
         if isinstance(timeout, NotGiven):
             # An http_client configured with its own timeout keeps it.
@@ -242,13 +131,19 @@ class BaseClient(Generic[_HttpxT]):
             import msgpack as _msgpack  # noqa: F401  (fail here, not at the first call)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({str(self.base_url)!r})"
+        urls = [str(u) for u in self.base_urls]
+        return f"{type(self).__name__}({urls[0] if len(urls) == 1 else urls!r})"
+
+    def replica_stats(self) -> list[ReplicaStats]:
+        """Per-replica stats (one entry per URL, in order): outstanding attempts,
+        attempts sent, failures, the last error, health, cooldown and mean latency."""
+        return self._pool.stats()
 
     # -- requests ---------------------------------------------------------------
 
-    def _url(self, path: str) -> str:
-        """The absolute URL of ``path``. (The one place a replica would be picked.)"""
-        return f"{self.base_url}/{path.lstrip('/')}"
+    def _url(self, path: str, base: httpx.URL | None = None) -> str:
+        """The absolute URL of ``path`` on replica ``base`` (the first one by default)."""
+        return f"{self.base_url if base is None else base}/{path.lstrip('/')}"
 
     def _headers(self, options: RequestOptions) -> dict[str, str]:
         headers = {
@@ -262,57 +157,94 @@ class BaseClient(Generic[_HttpxT]):
             headers.update(options.extra_headers)
         return headers
 
-    def _build_request(self, options: RequestOptions, headers: Mapping[str, str]) -> httpx.Request:
+    def _build_request(
+        self, options: RequestOptions, headers: Mapping[str, str], base: httpx.URL
+    ) -> httpx.Request:
         timeout = self.timeout if isinstance(options.timeout, NotGiven) else options.timeout
+        url = self._url(options.path, base)
         if self.msgpack and options.json is not None:
             import msgpack
 
             return self._client.build_request(
                 options.method,
-                self._url(options.path),
+                url,
                 content=msgpack.packb(options.json),
                 headers={**headers, "Content-Type": MSGPACK_MEDIA_TYPE},
                 timeout=timeout,
             )
         return self._client.build_request(
             options.method,
-            self._url(options.path),
+            url,
             json=options.json,
             headers=headers,
             timeout=timeout,
         )
 
-    def _rollouts_options(
-        self,
-        prompts: PromptInput | Sequence[PromptInput],
-        *,
-        n: int,
-        sampling: dict[str, Any],
-        pruning: PruningRule | Mapping[str, object] | None,
-        return_safe_token_ids: bool,
-        return_text: bool,
-        model: str | None,
-        timeout: NotGivenOr[TimeoutTypes],
-        extra_headers: Headers | None,
-        stream: bool = False,
-    ) -> RequestOptions:
-        """The POST /v1/rollouts call; validates the body and fixes the seed first."""
+    def _rollouts_options(self, call: Mapping[str, Any], *, stream: bool) -> RequestOptions:
+        """The POST /v1/rollouts call from a shell's arguments; validates the body and
+        fixes the seed first.
+
+        The shells' ``rollouts`` / ``stream_rollouts`` hold only the signature (and
+        its docs) and pass their ``locals()``; this is the one place that turns the
+        arguments into a request.
+
+        Args:
+            call: The shell method's arguments by name (``self`` is ignored); every
+                parameter of :meth:`dvp_client.Client.rollouts`.
+            stream: Ask for a stream (``"stream": true``).
+
+        Raises:
+            pydantic.ValidationError: An argument is invalid (nothing was sent).
+        """
+        args = {k: v for k, v in call.items() if k != "self"}
+        sampling: dict[str, Any] = {k: args.pop(k) for k in SAMPLING_ARGS}
+        timeout: NotGivenOr[TimeoutTypes] = args.pop("timeout")
+        extra_headers: Headers | None = args.pop("extra_headers")
         sampling["seed"], retryable = resolve_seed(sampling["seed"])
-        request = build_rollout_request(
-            prompts,
-            n=n,
-            sampling=sampling,
-            pruning=pruning,
-            return_safe_token_ids=return_safe_token_ids,
-            return_text=return_text,
-            model=model,
-        )
+        request = build_rollout_request(sampling=sampling, **args)
         body = request.model_dump(mode="json", exclude_unset=True)
         if stream:
             body["stream"] = True
         return RequestOptions(
-            "POST", "/v1/rollouts", body, extra_headers, timeout, retryable=retryable
+            "POST",
+            "/v1/rollouts",
+            body,
+            extra_headers,
+            timeout,
+            retryable=retryable,
+            stream=stream,
         )
+
+    def _weights_options(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        on_inflight: str | None,
+        drain_timeout_s: float | None,
+        timeout: NotGivenOr[TimeoutTypes],
+        extra_headers: Headers | None,
+    ) -> list[RequestOptions]:
+        """The POST /v1/weights call, once per replica (each must serve the new weights).
+
+        Not retried once it may have reached a server (a second update would bump
+        ``policy_version`` again); retried on connect errors, on the same replica.
+
+        Raises:
+            pydantic.ValidationError: An argument is invalid (nothing was sent).
+        """
+        body: dict[str, object] = {"path": os.fspath(path)}
+        if on_inflight is not None:
+            body["on_inflight"] = on_inflight
+        if drain_timeout_s is not None:
+            body["drain_timeout_s"] = drain_timeout_s
+        request = WeightsUpdateRequest.model_validate(body)
+        payload = request.model_dump(mode="json", exclude_unset=True)
+        return [
+            RequestOptions(
+                "POST", "/v1/weights", payload, extra_headers, timeout, retryable=False, replica=i
+            )
+            for i in range(len(self._pool))
+        ]
 
     def _score_options(
         self,
@@ -328,7 +260,7 @@ class BaseClient(Generic[_HttpxT]):
     ) -> RequestOptions:
         """The POST /v1/score call (validated first; retried: scoring has no side effect)."""
         body: dict[str, object] = {
-            "sequences": [_score_sequence(s) for s in sequences],
+            "sequences": [score_sequence(s) for s in sequences],
             "temperature": temperature,
             "return_safe_token_ids": return_safe_token_ids,
             "top_logprobs": top_logprobs,
@@ -346,55 +278,108 @@ class BaseClient(Generic[_HttpxT]):
     def _plan(self, options: RequestOptions) -> Plan:
         """The attempts of one call, as steps for a shell (see the module docstring).
 
-        Every attempt carries the same headers (so the same X-Request-Id) and body.
-        A transport error or a retryable status (:func:`should_retry`) leads to a
-        sleep step and another attempt while retries remain and the call is
-        ``retryable``; the sleep honours Retry-After, else backs off.
+        Every attempt carries the same headers (so the same X-Request-Id) and body,
+        and takes a replica from the pool (``options.replica``, else the pick, which
+        avoids the replicas this call already tried). A transport error or a
+        retryable status (:func:`should_retry`) leads to another attempt while
+        retries remain and it is safe (:func:`may_repeat`): at once on a replica that
+        is up and untried, else after a sleep step that honours Retry-After, else
+        backs off. A shell that stops driving the plan must ``close()`` it (the
+        replica is given back).
 
         Raises:
             APITimeoutError, APIConnectionError: No response on the last attempt.
             APIStatusError: A 4xx/5xx on the last attempt (the subclass by status).
         """
         headers = self._headers(options)
-        max_retries = self.max_retries if options.retryable else 0
         retries_taken = 0
+        tried: set[int] = set()
         while True:
-            request = self._build_request(options, headers)
+            lease = self._pool.acquire(avoid=tried, pin=options.replica)
+            tried.add(lease.index)
+            request = self._build_request(options, headers, lease.url)
             try:
                 response = yield request
             except httpx.TransportError as err:
-                if retries_taken < max_retries:
-                    yield self._retry_delay(options, retries_taken, None, repr(err))
+                self._pool.release(lease, "down", repr(err))
+                if retries_taken < self.max_retries and may_repeat(options.retryable, err):
+                    delay = self._retry_delay(options, retries_taken, tried, None, repr(err))
+                    if delay is not None:
+                        yield delay
                     retries_taken += 1
                     continue
                 if isinstance(err, httpx.TimeoutException):
                     raise APITimeoutError(request) from err
                 raise APIConnectionError(request) from err
+            except BaseException:  # the shell gave up (cancelled, interrupted)
+                self._pool.release(lease, "dropped")
+                raise
             assert response is not None, "the shell must send back the response"
-            if response.is_success or response.status_code in options.answer_statuses:
+            status = response.status_code
+            if response.is_success and options.stream:
+                self._streams[response] = lease  # held until the shell ends the stream
+            else:
+                self._pool.release(lease, _outcome(status), f"status {status}")
+            if response.is_success or status in options.answer_statuses:
                 return response
-            if should_retry(response) and retries_taken < max_retries:
-                reason = f"status {response.status_code}"
-                yield self._retry_delay(options, retries_taken, response.headers, reason)
+            if (
+                should_retry(response)
+                and retries_taken < self.max_retries
+                and may_repeat(options.retryable)
+            ):
+                reason = f"status {status}"
+                delay = self._retry_delay(options, retries_taken, tried, response.headers, reason)
+                if delay is not None:
+                    yield delay
                 retries_taken += 1
                 continue
             raise make_status_error(response)
 
+    def _end_stream(self, response: httpx.Response, error: BaseException | None) -> None:
+        """Give back the replica of a stream the shell has finished reading.
+
+        Args:
+            response: The stream's response, as the plan returned it.
+            error: What ended the stream early: a transport error marks the replica
+                down, another API error counts a failure; None (or the caller leaving
+                the loop) is a success or a drop.
+        """
+        lease = self._streams.pop(response, None)
+        if lease is None:
+            return
+        if error is None:
+            self._pool.release(lease, "ok")
+        elif isinstance(error, httpx.TransportError):
+            self._pool.release(lease, "down", repr(error))
+        elif isinstance(error, DVPError):
+            self._pool.release(lease, "failed", repr(error))
+        else:
+            self._pool.release(lease, "dropped")
+
     def _retry_delay(
-        self, options: RequestOptions, retries_taken: int, headers: httpx.Headers | None, why: str
-    ) -> float:
-        """The delay before the next retry (Retry-After first, else backoff), logged."""
-        delay = parse_retry_after(headers) if headers is not None else None
-        if delay is None:
-            delay = backoff_delay(retries_taken)
+        self,
+        options: RequestOptions,
+        retries_taken: int,
+        tried: set[int],
+        headers: httpx.Headers | None,
+        why: str,
+    ) -> float | None:
+        """The delay before the next attempt, logged: None to fail over at once (a
+        replica is up and untried), else Retry-After, else the backoff."""
+        if options.replica is None and self._pool.has_fresh(tried):
+            delay = None
+        else:
+            delay = parse_retry_after(headers) if headers is not None else None
+            if delay is None:
+                delay = backoff_delay(retries_taken)
         log.info(
-            "%s %s: %s; retry %d of %d in %.2f s",
+            "%s %s: %s; retry %d of %d %s",
             options.method,
             options.path,
             why,
             retries_taken + 1,
             self.max_retries,
-            delay,
+            "on another replica now" if delay is None else f"in {delay:.2f} s",
         )
         return delay
 
@@ -427,11 +412,11 @@ class BaseClient(Generic[_HttpxT]):
             raise APIResponseValidationError(response, body, msg + str(err)) from err
 
 
-def _score_sequence(seq: ScoreInput) -> object:
-    """A (prompt ids, completion ids) pair as the wire's ScoreSequence; others as given."""
-    if isinstance(seq, tuple) and len(seq) == 2:
-        return {"prompt_token_ids": list(seq[0]), "completion_token_ids": list(seq[1])}
-    return seq
+def _outcome(status: int) -> Outcome:
+    """What an answer says about its replica (see :data:`dvp_client._replicas.Outcome`)."""
+    if status in C.REPLICA_DOWN_STATUSES:
+        return "down"
+    return "failed" if status >= 500 else "ok"
 
 
 def _json(response: httpx.Response) -> Any:

@@ -7,17 +7,20 @@ retries and backoff live in the core. ``AsyncClient`` lives in
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
 import httpx
-from dvp_schemas import HealthResponse, ModelList, PruningRule, ScoreResponse
+from dvp_schemas import HealthResponse, ModelList, PruningRule, ScoreResponse, WeightsUpdateResponse
+from dvp_schemas.weights import InflightPolicy
 
 from ._async_client import AsyncClient
-from ._base import BaseClient, Plan, RequestOptions, ScoreInput, _json, request_options
+from ._base import BaseClient, Plan, _json
 from ._constants import DEFAULT_MAX_RETRIES
+from ._options import BaseURLInput, RequestOptions, ScoreInput, request_options
 from ._streaming import EventDecoder, StreamEvent
 from ._types import NOT_GIVEN, Headers, NotGivenOr, PromptInput, TimeoutTypes
 from .batch import RolloutBatch
@@ -56,7 +59,7 @@ class Client(BaseClient[httpx.Client]):
 
     def __init__(
         self,
-        base_url: str | httpx.URL | None = None,
+        base_url: BaseURLInput = None,
         *,
         api_key: str | None = None,
         timeout: NotGivenOr[TimeoutTypes] = NOT_GIVEN,
@@ -108,19 +111,22 @@ class Client(BaseClient[httpx.Client]):
         """
         reply: httpx.Response | None = None
         error: httpx.TransportError | None = None
-        while True:
-            try:
-                step = plan.send(reply) if error is None else plan.throw(error)
-            except StopIteration as done:
-                return done.value  # type: ignore[no-any-return]
-            reply, error = None, None
-            if isinstance(step, httpx.Request):
+        try:
+            while True:
                 try:
-                    reply = self._send(step, stream)
-                except httpx.TransportError as err:
-                    error = err
-            else:
-                self._sleep(step)
+                    step = plan.send(reply) if error is None else plan.throw(error)
+                except StopIteration as done:
+                    return done.value  # type: ignore[no-any-return]
+                reply, error = None, None
+                if isinstance(step, httpx.Request):
+                    try:
+                        reply = self._send(step, stream)
+                    except httpx.TransportError as err:
+                        error = err
+                else:
+                    self._sleep(step)
+        finally:
+            plan.close()  # interrupted mid-attempt: the plan gives its replica back
 
     # -- API ---------------------------------------------------------------------
 
@@ -182,25 +188,7 @@ class Client(BaseClient[httpx.Client]):
                 the field on a 422).
             APIConnectionError: No response after the retries.
         """
-        sampling: dict[str, Any] = {
-            "temperature": temperature,
-            "max_tokens": max_tokens,
-            "stop": stop,
-            "stop_token_ids": stop_token_ids,
-            "seed": seed,
-            "ignore_eos": ignore_eos,
-        }
-        options = self._rollouts_options(
-            prompts,
-            n=n,
-            sampling=sampling,
-            pruning=pruning,
-            return_safe_token_ids=return_safe_token_ids,
-            return_text=return_text,
-            model=model,
-            timeout=timeout,
-            extra_headers=extra_headers,
-        )
+        options = self._rollouts_options(locals(), stream=False)
         return self._parse(self._run(self._plan(options)), RolloutBatch)
 
     def stream_rollouts(
@@ -230,8 +218,8 @@ class Client(BaseClient[httpx.Client]):
         :class:`RolloutBatch` that :meth:`rollouts` returns. Arguments are validated
         now; the request is sent at the first ``next()``. Leaving the loop early
         (``break``, an exception) closes the connection, and the server aborts the
-        request's unfinished rollouts. Only connecting is retried: once the stream
-        has begun, a failure raises.
+        request's unfinished rollouts. Only connecting is retried (or failed over to
+        another replica): once the stream has begun, a failure raises.
 
         Example::
 
@@ -245,37 +233,23 @@ class Client(BaseClient[httpx.Client]):
             APIStreamError: The server failed after the stream began.
             APIResponseValidationError: The stream ended before its summary.
         """
-        sampling: dict[str, Any] = {
-            "temperature": temperature,
-            "max_tokens": max_tokens,
-            "stop": stop,
-            "stop_token_ids": stop_token_ids,
-            "seed": seed,
-            "ignore_eos": ignore_eos,
-        }
-        options = self._rollouts_options(
-            prompts,
-            n=n,
-            sampling=sampling,
-            pruning=pruning,
-            return_safe_token_ids=return_safe_token_ids,
-            return_text=return_text,
-            model=model,
-            timeout=timeout,
-            extra_headers=extra_headers,
-            stream=True,
-        )
+        options = self._rollouts_options(locals(), stream=True)
         return self._events(options)
 
     def _events(self, options: RequestOptions) -> Iterator[StreamEvent]:
         response = self._run(self._plan(options), stream=True)
         decoder = EventDecoder(response)
+        error: BaseException | None = None
         try:
             for data in response.iter_bytes():
                 yield from decoder.feed(data)
             yield from decoder.finish()
+        except BaseException as err:  # GeneratorExit too: the caller left the loop
+            error = err
+            raise
         finally:
             response.close()
+            self._end_stream(response, error)
 
     def score(
         self,
@@ -322,6 +296,50 @@ class Client(BaseClient[httpx.Client]):
             extra_headers=extra_headers,
         )
         return self._parse(self._run(self._plan(options)), ScoreResponse)
+
+    def update_weights(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        on_inflight: InflightPolicy | None = None,
+        drain_timeout_s: float | None = None,
+        timeout: NotGivenOr[TimeoutTypes] = NOT_GIVEN,
+        extra_headers: Headers | None = None,
+    ) -> list[WeightsUpdateResponse]:
+        """``POST /v1/weights``: load new policy weights into every replica, in turn.
+
+        Each server must have been started with ``--weights-root`` above ``path``.
+        Not retried once the request may have reached a server (a second update
+        would bump ``policy_version`` again); connect errors are retried. An update
+        that fails on one replica raises, and the replicas before it keep the new
+        weights (the exception's ``request.url`` names the replica).
+
+        Args:
+            path: A .safetensors file, or a directory of them, under the server's
+                weights root (relative to it, or absolute inside it).
+            on_inflight: ``"drain"`` waits for in-flight rollouts, ``"abort"`` ends
+                them; None: the server's policy.
+            drain_timeout_s: Longest wait for in-flight rollouts (409 past it).
+            timeout: This call's timeout; NOT_GIVEN uses the client's.
+            extra_headers: Headers added to (and overriding) the client's.
+
+        Returns:
+            One response per replica, in the order of the client's URLs (the new
+            ``policy_version``, what happened to in-flight rollouts, timings).
+
+        Raises:
+            pydantic.ValidationError: An argument is invalid (nothing was sent).
+            APIStatusError: A server refused (403 outside the weights root, 422 a
+                tensor that does not match, 409 drain timeout, 501 engine cannot).
+        """
+        options = self._weights_options(
+            path,
+            on_inflight=on_inflight,
+            drain_timeout_s=drain_timeout_s,
+            timeout=timeout,
+            extra_headers=extra_headers,
+        )
+        return [self._parse(self._run(self._plan(o)), WeightsUpdateResponse) for o in options]
 
     def health(self, *, timeout: NotGivenOr[TimeoutTypes] = NOT_GIVEN) -> HealthResponse:
         """``GET /health``: whether the server and its engine are up.

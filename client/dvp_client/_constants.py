@@ -44,3 +44,14 @@ IDEMPOTENT_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"
 """Methods retried by :meth:`Client.request`; a POST only when the caller says it is safe."""
 
 REQUEST_ID_HEADER: Final = "X-Request-Id"
+
+# Replicas (``Client([url1, url2, ...])``): a replica whose attempt failed at the
+# transport level or answered 502/503/504 sits out REPLICA_COOLDOWN seconds, doubled at
+# every further failure of the probe that follows, up to MAX_REPLICA_COOLDOWN; then one
+# attempt at a time probes it until one succeeds.
+REPLICA_COOLDOWN: Final = 1.0
+"""Seconds a failed replica is skipped (first failure), before it is probed again."""
+MAX_REPLICA_COOLDOWN: Final = 30.0
+"""Cap of the doubling cooldown of a replica whose probes keep failing."""
+REPLICA_DOWN_STATUSES: Final = frozenset({502, 503, 504})
+"""Statuses that put a replica on cooldown (gateway errors, starting, draining)."""
