@@ -10,9 +10,16 @@ B chat prompts (different lengths, left-padded) for N new tokens (eos ignored):
 - ``engine on``: min_p = 1e-3 and the safe ids returned (the DVP use).
 
 Each variant runs ``--repeats`` times, interleaved (so load from other processes
-hits all alike), and the best time is kept. Also reported, from the engine's
+hits all alike), and the median time is kept. Also reported, from the engine's
 own counters in the "on" runs: the share of scheduler time spent in the rule
-step (rule, sampling, log-probs, safe ids) and in bookkeeping.
+step (rule, sampling, log-probs, safe ids: the DVP metadata) and in bookkeeping.
+
+The floor: a decode step must read every weight once (an untied input embedding
+only in part), so ``B / (weight bytes / bandwidth)`` tokens/s is the most any
+implementation gets at batch B while memory-bound; the bandwidth is measured in
+this process (best of a 512 MiB fp32 sum, read only). "+KV" adds the cache read
+at the mean sequence length (``B * len * 2 * layers * kv_heads * head_dim * bytes``).
+At larger B the step becomes compute-bound and the floor is no longer reachable.
 
     .venv/bin/python bench/engine.py            # full table (SmolLM2, fp32 + bf16)
     .venv/bin/python bench/engine.py --quick    # a smoke run, under a minute
@@ -58,11 +65,53 @@ QUESTIONS = [
 class Row:
     dtype: str
     batch: int
-    generate_tps: float
-    off_tps: float
+    new_tokens: int
+    generate_tps: float  # medians over the repeats
+    off_tps: float | None  # None: not measured (--no-off)
     on_tps: float
     rule_share: float  # rule step / scheduler time, "on" runs
     emit_share: float
+    floor_tps: float  # B / (weight bytes per decode step / measured bandwidth)
+    floor_kv_tps: float  # the same with the KV cache read at the mean length added
+
+
+@dataclass
+class Floor:
+    """What one decode step must read at least, and how fast this process reads memory."""
+
+    weight_bytes: int  # parameters read by a decode step (input embedding: only gathered)
+    kv_bytes_per_token: int
+    read_gbps: float  # best of a large tensor sum (read only)
+    copy_gbps: float  # best of a large tensor copy (read + write, counted both)
+
+    def step_s(self, batch: int, kv_len: float = 0.0) -> float:
+        """Seconds to stream the weights (and ``batch * kv_len`` cached positions) once."""
+        bytes_ = self.weight_bytes + batch * kv_len * self.kv_bytes_per_token
+        return bytes_ / (self.read_gbps * 1e9)
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of parameters a decode step reads: all of them (tied ones once), less an
+    untied input embedding (a step gathers B of its rows, not the whole matrix)."""
+    total = sum(p.nbytes for p in model.parameters())  # parameters() lists tied ones once
+    emb = model.get_input_embeddings().weight  # type: ignore[operator]
+    out = model.get_output_embeddings().weight  # type: ignore[operator]
+    return int(total if emb.data_ptr() == out.data_ptr() else total - emb.nbytes)
+
+
+def bandwidth(nbytes: int = 512 << 20, repeats: int = 7) -> tuple[float, float]:
+    """(read, copy) GB/s of this process on ``nbytes`` fp32 tensors: best of ``repeats``."""
+    x = torch.ones(nbytes // 4, dtype=torch.float32)
+    y = torch.empty_like(x)
+    read = copy = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        x.sum()
+        t1 = time.perf_counter()
+        y.copy_(x)
+        t2 = time.perf_counter()
+        read, copy = min(read, t1 - t0), min(copy, t2 - t1)
+    return nbytes / read / 1e9, 2 * nbytes / copy / 1e9
 
 
 def prompts(engine: TorchEngine, batch: int) -> list[list[int]]:
@@ -123,34 +172,40 @@ def time_engine(engine: TorchEngine, batch: list[list[int]], new: int, dvp: bool
         assert counts == [new] * len(batch), counts
         return dt
 
-    batches_before = engine.stats.batches
+    before = engine.stats.prefills
     dt = asyncio.run(run())
-    assert engine.stats.batches == batches_before + 1, "rows were split over batches"
+    assert engine.stats.prefills == before + 1, "rows were split over prefills"
     return dt
 
 
-def measure(engine: TorchEngine, b: int, new: int, repeats: int) -> Row:
+def measure(engine: TorchEngine, floor: Floor, b: int, new: int, repeats: int, off: bool) -> Row:
+    """Interleaved runs of generate() / engine off / engine on; medians of each."""
     batch = prompts(engine, b)
-    time_generate(engine, batch, new)  # warm-up: kernels for these shapes
-    time_engine(engine, batch, new, True)
-    gen, off, on = [], [], []
+    time_generate(engine, batch, min(new, 16))  # warm-up: kernels for these shapes
+    time_engine(engine, batch, min(new, 16), True)
+    gen, offs, on = [], [], []
     stats = EngineStats()
     for _ in range(repeats):
         gen.append(time_generate(engine, batch, new))
-        off.append(time_engine(engine, batch, new, False))
+        if off:
+            offs.append(time_engine(engine, batch, new, False))
         engine.stats = EngineStats()
         on.append(time_engine(engine, batch, new, True))
         stats = _add(stats, engine.stats)
     total = stats.forward_s + stats.rule_s + stats.emit_s
     tokens = b * new
+    mean_len = statistics.fmean(len(p) for p in batch) + new / 2
     return Row(
         dtype=str(engine.info.dtype),
         batch=b,
-        generate_tps=tokens / min(gen),
-        off_tps=tokens / min(off),
-        on_tps=tokens / min(on),
+        new_tokens=new,
+        generate_tps=tokens / statistics.median(gen),
+        off_tps=tokens / statistics.median(offs) if offs else None,
+        on_tps=tokens / statistics.median(on),
         rule_share=stats.rule_s / total,
         emit_share=stats.emit_s / total,
+        floor_tps=b / floor.step_s(b),
+        floor_kv_tps=b / floor.step_s(b, mean_len),
     )
 
 
@@ -160,62 +215,67 @@ def _add(a: EngineStats, b: EngineStats) -> EngineStats:
 
 def table(rows: list[Row]) -> str:
     lines = [
-        "| dtype | batch | generate() tok/s | engine off tok/s | engine on tok/s "
-        "| on / generate | metadata cost (on vs off) | rule step share | bookkeeping share |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| dtype | batch | new | generate() tok/s | engine on tok/s | on / generate "
+        "| metadata cost (on vs off) | rule step share | bookkeeping share "
+        "| floor tok/s (weights) | on / floor | floor tok/s (+KV) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        cost = 1 - r.on_tps / r.off_tps
+        cost = "n/a" if r.off_tps is None else f"{100 * (1 - r.on_tps / r.off_tps):+.1f}%"
         lines.append(
-            f"| {r.dtype} | {r.batch} | {r.generate_tps:.1f} | {r.off_tps:.1f} | {r.on_tps:.1f} "
-            f"| {r.on_tps / r.generate_tps:.2f}x | {100 * cost:+.1f}% "
-            f"| {100 * r.rule_share:.1f}% | {100 * r.emit_share:.1f}% |"
+            f"| {r.dtype} | {r.batch} | {r.new_tokens} | {r.generate_tps:.1f} | {r.on_tps:.1f} "
+            f"| {r.on_tps / r.generate_tps:.2f}x | {cost} "
+            f"| {100 * r.rule_share:.1f}% | {100 * r.emit_share:.1f}% "
+            f"| {r.floor_tps:.0f} | {r.on_tps / r.floor_tps:.2f} | {r.floor_kv_tps:.0f} |"
         )
     return "\n".join(lines)
-
-
-def fastest(rows: list[Row]) -> str:
-    out = []
-    for b in sorted({r.batch for r in rows}):
-        rs = sorted((r for r in rows if r.batch == b), key=lambda r: -r.on_tps)
-        ratio = " / ".join(f"{r.dtype} {r.on_tps:.1f}" for r in rs)
-        out.append(f"- batch {b}: fastest {rs[0].dtype} (engine on, tok/s: {ratio})")
-    return "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", default=None, help="model spec for resolve_model (default SmolLM2)")
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
-    ap.add_argument("--batches", nargs="+", type=int, default=[1, 8, 16])
-    ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--batches", nargs="+", type=int, default=[1, 16, 64])
+    ap.add_argument("--new-tokens", nargs="+", type=int, default=[64, 256])
+    ap.add_argument("--repeats", type=int, default=3, help="runs per variant (median kept)")
+    ap.add_argument("--long-repeats", type=int, default=1, help="runs for more than 64 tokens")
+    ap.add_argument("--no-off", action="store_true", help="skip the 'engine off' variant")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default all)")
     ap.add_argument("--quick", action="store_true", help="batches 1 8, 16 tokens, 1 repeat")
     args = ap.parse_args(argv)
     if args.quick:
-        args.batches, args.new_tokens, args.repeats = [1, 8], 16, 1
+        args.batches, args.new_tokens, args.repeats = [1, 8], [16], 1
     path = resolve_model(args.model)
     rows: list[Row] = []
+    floors: list[str] = []
     for dtype in args.dtypes:
         engine = TorchEngine(path, dtype=dtype, max_batch=max(args.batches), threads=args.threads)
+        read, copy = bandwidth()
+        floor = Floor(weight_bytes(engine.model), engine.kv.bytes_per_token, read, copy)
+        floors.append(
+            f"{dtype}: weights read per decode step {floor.weight_bytes / 2**20:.1f} MiB, "
+            f"KV {floor.kv_bytes_per_token} B/token/sequence; bandwidth (same process) "
+            f"read {read:.1f} GB/s, copy {copy:.1f} GB/s; floor {1e3 * floor.step_s(1):.1f} ms/step"
+        )
+        print(floors[-1], flush=True)
         asyncio.run(engine.start())
         try:
-            for b in args.batches:
-                rows.append(measure(engine, b, args.new_tokens, args.repeats))
-                print(table(rows[-1:]).splitlines()[-1], flush=True)
+            for new in args.new_tokens:
+                reps = args.repeats if new <= 64 else args.long_repeats
+                for b in args.batches:
+                    rows.append(measure(engine, floor, b, new, reps, not args.no_off))
+                    print(table(rows[-1:]).splitlines()[-1], flush=True)
         finally:
             asyncio.run(engine.shutdown())
     print()
     print(
-        f"model {engine.info.model_id}, {args.new_tokens} new tokens, best of {args.repeats}, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"{os.cpu_count()} cores ({platform.processor() or platform.machine()}), "
+        f"model {engine.info.model_id}, medians of {args.repeats} (64 tokens or fewer) / "
+        f"{args.long_repeats} (more), torch {torch.__version__}, {torch.get_num_threads()} "
+        f"threads, {os.cpu_count()} cores ({platform.processor() or platform.machine()}), "
         f"load average at end {statistics.fmean(os.getloadavg()):.1f}"
     )
+    print("\n".join(floors))
     print(table(rows))
-    print()
-    print(fastest(rows))
 
 
 if __name__ == "__main__":

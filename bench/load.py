@@ -16,6 +16,13 @@ the real one) and stops it at the end; ``--url`` measures a running server.
     .venv/bin/python bench/load.py                          # 256 clients x 20 requests
     .venv/bin/python bench/load.py --clients 64 --requests 10 --max-batch 32
     .venv/bin/python bench/load.py --url http://127.0.0.1:8000 --model-name smollm2
+    .venv/bin/python bench/load.py --compare 3 --clients 48 --requests 4 \\
+        --max-batch 16 --min-tokens 8 --max-tokens 64   # continuous batching on vs off
+
+``--compare`` answers: does throughput under concurrent load reach the engine's
+best single-batch throughput (one request of ``max_batch`` rollouts of
+``--max-tokens``), with and without continuous batching? Requests of varied
+lengths (``--min-tokens``) are what a batch that waits for its longest row wastes.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import argparse
 import asyncio
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -40,14 +48,25 @@ from prometheus_client.parser import text_string_to_metric_families
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _server(args: argparse.Namespace, stack: ExitStack) -> str:
-    """Start a server as the tests do (tests/conftest.py) and return its URL."""
+def _model(args: argparse.Namespace, stack: ExitStack) -> str:
+    """The model to serve: a spec, or the tiny random test model built in a temp folder."""
+    if args.model != "tiny":
+        return str(args.model)
     sys.path.insert(0, str(ROOT / "tests"))
     from _models import build_tiny_model  # type: ignore[import-not-found]
+
+    tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dvp-load-model-")))
+    return str(build_tiny_model(tmp / "model"))
+
+
+def _server(args: argparse.Namespace, stack: ExitStack, model: str | None = None) -> str:
+    """Start a server as the tests do (tests/conftest.py) and return its URL."""
+    sys.path.insert(0, str(ROOT / "tests"))
     from conftest import start_server, stop_server  # type: ignore[import-not-found]
 
+    model = model or _model(args, stack)
     tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dvp-load-")))
-    model = args.model if args.model != "tiny" else str(build_tiny_model(tmp / "model"))
+    cb = "--continuous-batching" if args.continuous_batching else "--no-continuous-batching"
     flags = [
         "--engine", "torch",
         "--max-batch", str(args.max_batch),
@@ -55,10 +74,18 @@ def _server(args: argparse.Namespace, stack: ExitStack) -> str:
         "--threads", str(args.threads),
         "--max-rollouts", str(min(512, args.max_batch + args.max_queue)),
         "--log-level", "warning",
+        "--dtype", args.dtype,
+        cb,
     ]  # fmt: skip
     server = start_server(model, tmp / "server.log", flags, 900.0)
     stack.callback(stop_server, server)
     return str(server.base_url)
+
+
+def _max_tokens(args: argparse.Namespace, c: int, i: int) -> int:
+    """Request i of client c: ``--max-tokens``, or uniform in [--min-tokens, --max-tokens]."""
+    lo = args.min_tokens if args.min_tokens is not None else args.max_tokens
+    return lo + (c * 7919 + i * 104_729) % (args.max_tokens - lo + 1)
 
 
 def _check(batch: Any, max_tokens: int) -> None:
@@ -69,24 +96,28 @@ def _check(batch: Any, max_tokens: int) -> None:
             assert token in ids and len(ids) == r.safe_sizes[t]
 
 
-async def _client(url: str, c: int, args: argparse.Namespace, lat: list[float]) -> list[str]:
+async def _client(
+    url: str, c: int, args: argparse.Namespace, lat: list[float], tokens: list[int]
+) -> list[str]:
     errors: list[str] = []
     async with AsyncClient(url, api_key=args.api_key, max_retries=args.retries) as client:
         for i in range(args.requests):
             t0 = time.perf_counter()
+            max_tokens = _max_tokens(args, c, i)
             try:
                 batch = await client.rollouts(
                     [f"Load test prompt {c}.{i}: say something."],
                     n=args.n,
-                    max_tokens=args.max_tokens,
+                    max_tokens=max_tokens,
                     ignore_eos=True,
                     seed=c * 100_003 + i,
                     pruning={"min_p": args.min_p},
                     return_safe_token_ids=True,
                     return_text=False,
                 )
-                _check(batch, args.max_tokens)
+                _check(batch, max_tokens)
                 lat.append(time.perf_counter() - t0)
+                tokens.append(args.n * max_tokens)
             except Exception as exc:
                 errors.append(f"client {c} request {i}: {type(exc).__name__}: {exc}")
     return errors
@@ -109,14 +140,38 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def single_batch(url: str, args: argparse.Namespace) -> float:
+    """Tokens/s of one request of ``max_batch`` rollouts x ``--max-tokens``: one full batch."""
+
+    async def one() -> float:
+        async with AsyncClient(url, api_key=args.api_key) as client:
+            t0 = time.perf_counter()
+            batch = await client.rollouts(
+                ["Single batch prompt: say something."],
+                n=args.max_batch,
+                max_tokens=args.max_tokens,
+                ignore_eos=True,
+                seed=7,
+                pruning={"min_p": args.min_p},
+                return_safe_token_ids=True,
+                return_text=False,
+            )
+            dt = time.perf_counter() - t0
+            _check(batch, args.max_tokens)
+            return args.max_batch * args.max_tokens / dt
+
+    return asyncio.run(one())
+
+
+def run(args: argparse.Namespace, url: str | None = None) -> dict[str, Any]:
     with ExitStack() as stack:
-        url = args.url or _server(args, stack)
+        url = url or args.url or _server(args, stack)
         before = _scrape(url, args.api_key)
         lat: list[float] = []
+        tokens: list[int] = []
 
         async def all_clients() -> list[list[str]]:
-            calls = (_client(url, c, args, lat) for c in range(args.clients))
+            calls = (_client(url, c, args, lat, tokens) for c in range(args.clients))
             return await asyncio.gather(*calls)
 
         t0 = time.perf_counter()
@@ -134,6 +189,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "requests_per_client": args.requests,
         "n": args.n,
         "max_tokens": args.max_tokens,
+        "min_tokens": args.min_tokens,
         "max_batch": args.max_batch,
         "threads": args.threads,
         "ok": done,
@@ -141,7 +197,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "first_errors": errors[:3],
         "wall_s": round(wall, 2),
         "requests_per_s": round(done / wall, 2),
-        "tokens_per_s": round(done * args.n * args.max_tokens / wall, 1),
+        "tokens_per_s": round(sum(tokens) / wall, 1),
         "p50_s": round(statistics.median(lat), 3) if lat else None,
         "p90_s": round(_pct(lat, 0.90), 3) if lat else None,
         "p99_s": round(_pct(lat, 0.99), 3) if lat else None,
@@ -150,6 +206,53 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "mean_engine_batch": round(delta("dvp_batch_size_sum") / steps, 2) if steps else None,
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
     }
+
+
+def compare(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Continuous batching on vs off, back to back, ``--compare`` rounds.
+
+    Each run starts its own server (same model and flags but the batching mode),
+    measures its best single-batch throughput (:func:`single_batch`), then the
+    concurrent load; the ratio is load tokens/s over single-batch tokens/s.
+    """
+    out: list[dict[str, Any]] = []
+    with ExitStack() as models:
+        model = _model(args, models)
+        for r in range(args.compare):
+            for cb in (True, False):
+                args.continuous_batching = cb
+                with ExitStack() as stack:
+                    url = _server(args, stack, model)
+                    single = single_batch(url, args)
+                    res = run(args, url)
+                res.update(round=r, continuous_batching=cb, single_batch_tps=round(single, 1))
+                res["load_over_single"] = round(res["tokens_per_s"] / single, 2)
+                print(json.dumps(res), flush=True)
+                out.append(res)
+    return out
+
+
+def compare_table(results: list[dict[str, Any]]) -> str:
+    """Medians per mode over the rounds (and each round's ratio)."""
+    lines = [
+        "| continuous batching | rounds | load tok/s | single-batch tok/s | load / single "
+        "(per round) | p50 | p99 | mean engine batch | errors |",
+        "|---|---:|---:|---:|---|---:|---:|---:|---:|",
+    ]
+    for cb in (True, False):
+        rs = [r for r in results if r["continuous_batching"] is cb]
+
+        def med(key: str, rs: list[dict[str, Any]] = rs) -> float:
+            return float(statistics.median(r[key] for r in rs if r[key] is not None))
+
+        ratios = ", ".join(f"{r['load_over_single']:.2f}" for r in rs)
+        lines.append(
+            f"| {'on' if cb else 'off'} | {len(rs)} | {med('tokens_per_s'):.0f} "
+            f"| {med('single_batch_tps'):.0f} | {med('load_over_single'):.2f} ({ratios}) "
+            f"| {med('p50_s'):.2f} s | {med('p99_s'):.2f} s | {med('mean_engine_batch'):.1f} "
+            f"| {sum(r['errors'] for r in rs)} |"
+        )
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -166,7 +269,38 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-queue", type=int, default=1024, help="server --max-queue (own server)")
     ap.add_argument("--threads", type=int, default=1, help="server --threads (own server)")
     ap.add_argument("--retries", type=int, default=5, help="client max_retries (429s, 5xx)")
+    ap.add_argument(
+        "--min-tokens",
+        type=int,
+        default=None,
+        help="vary max_tokens per request in [min, --max-tokens] (default: all --max-tokens)",
+    )
+    ap.add_argument("--dtype", default="float32", help="server --dtype (own server)")
+    ap.add_argument(
+        "--continuous-batching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="own server: torch engine admits rollouts into the running batch",
+    )
+    ap.add_argument(
+        "--compare",
+        type=int,
+        default=0,
+        metavar="ROUNDS",
+        help="continuous batching on vs off, back to back, ROUNDS times; each run also "
+        "measures the server's single-batch throughput",
+    )
     args = ap.parse_args(argv)
+    if args.compare:
+        results = compare(args)
+        print(
+            f"{args.clients} clients x {args.requests} requests, n={args.n}, max_tokens "
+            f"{args.min_tokens or args.max_tokens}-{args.max_tokens}, --max-batch "
+            f"{args.max_batch}, --threads {args.threads}, model {args.model}, load average "
+            f"{os.getloadavg()[0]:.1f}"
+        )
+        print(compare_table(results))
+        return
     result = run(args)
     print(json.dumps(result, indent=2))
     print(
