@@ -171,7 +171,11 @@ def dockerfile_problems(name: str, text: str, ctx: dict[str, Any]) -> list[str]:
         problems.append(f"{name}: ENTRYPOINT {entry} is no console script of dvp-serve")
     where = {i.cmd: n for n, i in enumerate(insts)}  # the last of each
     users = [i.words()[0] for i in insts if i.cmd == "USER"]
-    if not users or users[-1] in ("root", "0") or where["USER"] > where.get("ENTRYPOINT", 0):
+    if (
+        not users
+        or users[-1].split(":")[0] in ("root", "0")
+        or where["USER"] > where.get("ENTRYPOINT", len(insts))
+    ):
         problems.append(f"{name}: runs as root (no USER before ENTRYPOINT)")
     ports = [int(w) for i in insts if i.cmd == "EXPOSE" for w in i.words()]
     port = int(cmd[cmd.index("--port") + 1]) if "--port" in cmd else None

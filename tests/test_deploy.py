@@ -232,7 +232,7 @@ DOCKERFILE_BREAKS = {
         "torchvision",
         "uninstall",
     ),
-    "runs as root": ("cpu", "USER dvp", "USER root", "runs as root"),
+    "runs as root": ("cpu", "USER 10001:10001", "USER 0:0", "runs as root"),
     "health check route not served": (
         "cpu",
         "8000/health'",
