@@ -159,15 +159,15 @@ class WeightPusher:
             str(target / "model.safetensors"),
         )
         try:
-            reply = self.client.request("POST", "/v1/weights", {"path": str(target)})
+            (reply,) = self.client.update_weights(target)  # one server: one reply
         except APIStatusError as err:
             raise SystemExit(
                 f"pushing weights failed ({err.status_code}): {err}. Start dvp-serve with "
                 f"--weights-root set to {self.weights_dir} or a directory above it."
             ) from err
-        if int(reply["policy_version"]) != self.version + 1:
-            raise SystemExit(f"policy_version went {self.version} -> {reply['policy_version']}")
-        self.version = int(reply["policy_version"])
+        if reply.policy_version != self.version + 1:
+            raise SystemExit(f"policy_version went {self.version} -> {reply.policy_version}")
+        self.version = reply.policy_version
         if self._last is not None:
             shutil.rmtree(self._last, ignore_errors=True)  # the server has copied it
         self._last = target
