@@ -1,6 +1,6 @@
 """The one core shared by :class:`Client` and :class:`AsyncClient`.
 
-It owns everything that does no I/O: the base URL, the headers, the request
+It owns everything that does no I/O: the replicas' URLs, the headers, the request
 bodies, the timeout, the retry decision and the backoff. The retry loop itself
 is written once, as a plan (a generator) that the two shells drive::
 

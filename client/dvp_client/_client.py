@@ -42,7 +42,13 @@ class Client(BaseClient[httpx.Client]):
 
     Args:
         base_url: Server URL, e.g. ``"http://127.0.0.1:8000"``; None reads
-            ``DVP_BASE_URL``, else ``http://127.0.0.1:8000``.
+            ``DVP_BASE_URL``, else ``http://127.0.0.1:8000``. A list of URLs: replicas
+            of the same model. Each attempt goes to the replica with the fewest
+            attempts in flight (ties in turn); a failed attempt moves to another
+            replica when repeating it is safe (see :meth:`rollouts`; a connect error
+            always is), counting against ``max_retries``; a replica that failed
+            (transport error, 502/503/504) sits out a cooldown. See
+            :meth:`replica_stats`.
         api_key: Sent as ``Authorization: Bearer <key>``; None reads ``DVP_API_KEY``;
             no header when neither is set.
         timeout: Default timeout of every call (seconds, an ``httpx.Timeout``, or
@@ -154,12 +160,14 @@ class Client(BaseClient[httpx.Client]):
         :class:`dvp_schemas.RolloutRequest`) before anything is sent. Sampling
         arguments left NOT_GIVEN are not sent, so the server's defaults apply.
 
-        Retries: the request is retried (connection errors, 408, 409, 429, 5xx) only
-        because it is safe to repeat. With ``seed`` NOT_GIVEN the client draws a
-        63-bit seed once, before the first attempt, and sends it on every attempt,
-        so a retry reproduces exactly the samples the lost attempt drew (the seed
-        of each sample comes back in ``Rollout.seed``). ``seed=None`` sends an
-        unseeded request, which is then not retried.
+        Retries: the request is retried (connection errors, 408, 409, 429, 5xx; on
+        another replica when there is one) only because it is safe to repeat. With
+        ``seed`` NOT_GIVEN the client draws a 63-bit seed once, before the first
+        attempt, and sends it on every attempt, so a retry reproduces the samples
+        the lost attempt drew (the seed of each sample comes back in
+        ``Rollout.seed``; on the same weights, up to the engine's batch-dependent
+        rounding). ``seed=None`` sends an unseeded request, which is then retried
+        only when it never reached a server (a connect error).
 
         Args:
             prompts: One text prompt, or a list of prompts: text, token ids, or chat
