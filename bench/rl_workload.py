@@ -70,6 +70,7 @@ TOPICS = [
     "gravity", "a library", "winter", "bees", "the Roman empire", "volcanoes", "chess",
     "bread", "the internet",
 ]  # fmt: skip
+ROLES = ("api", "engine", "worker")  # a vLLM server's processes: HTTP front end, core, worker
 TASKS = ["Write two sentences about {}.", "Explain {} to a child, briefly."]
 
 
@@ -87,6 +88,7 @@ class Run:
     tokens: int
     body_bytes: int
     load: float
+    cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds by server process role
 
 
 @dataclass
@@ -102,6 +104,7 @@ class Summary:
     bytes_per_token: float
     ratio_vs_vllm: float | None = None  # tokens/s, median of per-round ratios
     ratios: list[float] = field(default_factory=list)
+    cpu_s: dict[str, float] = field(default_factory=dict)  # median per step, by role
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -131,6 +134,7 @@ def summarise(runs: list[Run], baseline: str = "vllm") -> list[Summary]:
             p50_s=percentile(secs, 0.5),
             p99_s=percentile(secs, 0.99),
             bytes_per_token=sum(r.body_bytes for r in rs) / sum(r.tokens for r in rs),
+            cpu_s={k: statistics.median(r.cpu.get(k, 0.0) for r in rs) for k in ROLES},
         )
         if name != baseline and base:
             s.ratios = [
@@ -147,8 +151,8 @@ def table(summaries: list[Summary]) -> str:
     """Markdown table of :func:`summarise`'s output."""
     lines = [
         "| variant | rounds | rollouts/s | tokens/s | p50 step | p99 step | bytes/token "
-        "| ours / vllm serve (tokens/s) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| ours / vllm serve (tokens/s) | CPU s/step: API / engine core / worker |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s in summaries:
         ratio = "-" if s.ratio_vs_vllm is None else f"**{s.ratio_vs_vllm:.2f}**"
@@ -156,9 +160,35 @@ def table(summaries: list[Summary]) -> str:
             ratio += " (" + ", ".join(f"{x:.2f}" for x in s.ratios) + ")"
         lines.append(
             f"| {s.variant} | {s.rounds} | {s.rollouts_per_s:.2f} | {s.tokens_per_s:.1f} "
-            f"| {s.p50_s:.1f} s | {s.p99_s:.1f} s | {s.bytes_per_token:.0f} | {ratio} |"
+            f"| {s.p50_s:.1f} s | {s.p99_s:.1f} s | {s.bytes_per_token:.0f} | {ratio} "
+            f"| {' / '.join(f'{s.cpu_s.get(k, 0.0):.1f}' for k in ROLES)} |"
         )
     return "\n".join(lines)
+
+
+def group_cpu(pgid: int) -> dict[str, float]:
+    """CPU seconds (user + system) so far of the live processes of a process group, by role.
+
+    Roles from the process name: ``VLLM::Worker`` -> worker, ``VLLM::EngineCore``
+    -> engine, anything else (the HTTP server) -> api. Linux only (``/proc``).
+    """
+    out = dict.fromkeys(ROLES, 0.0)
+    tick = os.sysconf("SC_CLK_TCK")
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        comm, rest = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :]
+        fields = rest.split()  # fields[2]: pgrp, [11]: utime, [12]: stime (proc(5) - 3)
+        if int(fields[2]) != pgid:
+            continue
+        role = "worker" if "Worker" in comm else "engine" if "Engine" in comm else "api"
+        out[role] += (int(fields[11]) + int(fields[12])) / tick
+    return out
 
 
 # --- servers ------------------------------------------------------------------------
@@ -378,19 +408,23 @@ STEPS: dict[str, tuple[str, Callable[[str, Workload], tuple[int, int, int]]]] = 
 }
 
 
-def timed_step(variant: str, url: str, w: Workload, rnd: int) -> Run:
-    """Run one step of ``variant`` and time it."""
+def timed_step(variant: str, server: Server, w: Workload, rnd: int) -> Run:
+    """Run one step of ``variant`` and time it (and the server's CPU seconds)."""
     fn = STEPS[variant][1]
+    pgid = server.proc.pid if server.proc is not None else -1
+    cpu0 = group_cpu(pgid)
     t0 = time.perf_counter()
-    rollouts, tokens, nbytes = fn(url, w)
+    rollouts, tokens, nbytes = fn(server.url, w)
     dt = time.perf_counter() - t0
+    cpu = {k: v - cpu0[k] for k, v in group_cpu(pgid).items()}
     expected = len(w.prompts) * w.n
     if rollouts != expected or tokens != expected * w.max_tokens:
         raise RuntimeError(f"{variant}: {rollouts} rollouts, {tokens} tokens (expected more)")
-    run = Run(variant, rnd, dt, rollouts, tokens, nbytes, os.getloadavg()[0])
+    run = Run(variant, rnd, dt, rollouts, tokens, nbytes, os.getloadavg()[0], cpu)
     print(
         f"round {rnd} {variant}: {dt:.1f} s, {tokens / dt:.1f} tok/s, "
-        f"{nbytes / tokens:.0f} B/token, load {run.load:.1f}",
+        f"{nbytes / tokens:.0f} B/token, load {run.load:.1f}, CPU s "
+        + ", ".join(f"{k} {v:.1f}" for k, v in cpu.items()),
         flush=True,
     )
     return run
@@ -459,7 +493,7 @@ def run_rounds(
                     other.stop()
                 print(f"{server.name} up in {server.start(args.start_timeout):.0f} s", flush=True)
                 STEPS[v][1](server.url, warm)
-            runs.append(timed_step(v, server.url, w, rnd))
+            runs.append(timed_step(v, server, w, rnd))
     return runs
 
 
@@ -483,6 +517,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--json-out", type=Path, default=None)
     ap.add_argument("--quick", action="store_true", help="tiny model, 4 x 4 x 16, 1 round")
     args = ap.parse_args(argv)
+    # SIGTERM (and SIGINT, which a background job ignores) -> SystemExit: servers stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.quick:
         args.model, args.prompts, args.n, args.max_tokens, args.rounds = "tiny", 4, 4, 16, 1
     with tempfile.TemporaryDirectory(prefix="dvp-rl-") as tmpdir:
