@@ -40,6 +40,7 @@ from .ops import install_ops
 from .score import router as score_router
 from .serving import RolloutService, run_until_disconnect
 from .streaming import stream_response
+from .supervisor import EngineGateMiddleware, EngineSupervisor
 
 __all__ = ["BodyLimitMiddleware", "RequestIdMiddleware", "build_engine", "create_app"]
 
@@ -90,15 +91,31 @@ async def health(request: Request) -> JSONResponse:
     curl -s localhost:8000/health
     """
     engine: Engine = request.app.state.engine
-    status = {"running": "ok", "starting": "starting", "dead": "dead"}.get(engine.state, "degraded")
+    state = request.app.state.supervisor.state  # the engine's, or 'restarting'
+    status = {"running": "ok", "starting": "starting", "restarting": "starting", "dead": "dead"}
     body = HealthResponse(
-        status=status,  # type: ignore[arg-type]
+        status=status.get(state, "degraded"),  # type: ignore[arg-type]
         engine=engine.info.name,
-        engine_state=engine.state,
+        engine_state=state,
         policy_version=engine.policy_version,
         active_rollouts=getattr(engine, "active_rollouts", None),
     )
-    return JSONResponse(body.model_dump(), status_code=200 if status == "ok" else 503)
+    return JSONResponse(body.model_dump(), status_code=200 if body.status == "ok" else 503)
+
+
+@router.get("/ready", responses={503: {"description": "The engine is not serving (yet)."}})
+async def ready(request: Request) -> JSONResponse:
+    """Readiness: 200 ``{"ready": true, ...}`` while the engine serves, else 503.
+
+    False while the engine starts or restarts after a death, and for good once its
+    restarts are exhausted (``supervisor.py``).
+
+    curl -s localhost:8000/ready
+    """
+    supervisor: EngineSupervisor = request.app.state.supervisor
+    body = {"ready": supervisor.ready, "engine_state": supervisor.state}
+    headers = {} if supervisor.ready else {"Retry-After": str(supervisor.retry_after_s())}
+    return JSONResponse(body, status_code=200 if supervisor.ready else 503, headers=headers)
 
 
 @router.get("/v1/models", response_model=ModelList, responses=_errors(500))
@@ -153,7 +170,14 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         eng, tok = await asyncio.to_thread(_load, config, engine, tokenizer)
-        await eng.start()
+        supervisor = EngineSupervisor(  # restarts a dead engine (supervisor.py)
+            eng,
+            max_restarts=config.engine_restarts,
+            backoff_s=config.engine_restart_backoff_s,
+            on_attempt=app.state.ops.metrics.on_engine_restart,
+        )
+        await supervisor.start()
+        app.state.supervisor = supervisor
         app.state.config = config
         app.state.engine = eng
         served = app.state.ops.attach(app, eng)  # admission, metrics, weights (ops.py)
@@ -170,6 +194,7 @@ def create_app(
         try:
             yield
         finally:
+            await supervisor.stop()
             await eng.shutdown()
             app.state.ops.detach()
 
@@ -185,6 +210,7 @@ def create_app(
     install_error_handlers(app)
     app.add_middleware(MsgpackBodyMiddleware)  # inside the body limit: counts raw bytes
     app.add_middleware(BodyLimitMiddleware, limit=config.max_request_bytes)
+    app.add_middleware(EngineGateMiddleware)  # 503 + Retry-After while the engine is down
     install_ops(app, config)  # weights + /metrics routes; auth, draining, metrics middleware
     app.add_middleware(RequestIdMiddleware)  # outermost: stamps errors from inside too
     return app

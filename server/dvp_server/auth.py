@@ -1,4 +1,4 @@
-"""Bearer-key auth: every route but ``/health`` needs ``Authorization: Bearer <key>``.
+"""Bearer-key auth: all routes but ``/health`` and ``/ready`` need ``Authorization: Bearer``.
 
 On when the server has a key (``--api-key`` or ``DVP_API_KEY``). A missing or
 wrong key gets a 401 error envelope with ``WWW-Authenticate: Bearer`` before the
@@ -17,8 +17,8 @@ from .errors import ServiceError, error_response
 
 __all__ = ["OPEN_PATHS", "AuthMiddleware", "bearer_token"]
 
-#: Paths served without a key: liveness probes must work without secrets.
-OPEN_PATHS = frozenset({"/health"})
+#: Paths served without a key: liveness and readiness probes must work without secrets.
+OPEN_PATHS = frozenset({"/health", "/ready"})
 
 
 def bearer_token(authorization: bytes) -> bytes | None:

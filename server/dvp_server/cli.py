@@ -165,6 +165,16 @@ def serve(
             "for it to finish)."
         ),
     ] = _DEFAULTS.continuous_batching,
+    engine_restarts: Annotated[
+        int,
+        typer.Option(
+            help="Restart attempts after the engine dies (doubling backoff from "
+            "--engine-restart-backoff); then /ready stays false. 0: never."
+        ),
+    ] = _DEFAULTS.engine_restarts,
+    engine_restart_backoff: Annotated[
+        float, typer.Option(help="Seconds before the first restart attempt (doubled per try).")
+    ] = _DEFAULTS.engine_restart_backoff_s,
     shutdown_timeout: Annotated[
         float,
         typer.Option(help="After SIGTERM, seconds in-flight requests get to finish (exit 0)."),
@@ -203,6 +213,8 @@ def serve(
             shutdown_timeout_s=shutdown_timeout,
             threads=threads,
             continuous_batching=continuous_batching,
+            engine_restarts=engine_restarts,
+            engine_restart_backoff_s=engine_restart_backoff,
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc

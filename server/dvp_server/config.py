@@ -88,6 +88,11 @@ class ServerConfig:
         threads: torch engine: intra-op threads; None: all cores. On a machine shared
             with other jobs, 1 thread was 8-25x faster than 2 for the tiny test model
             (a descheduled OpenMP peer stalls every op).
+        engine_restarts: restart attempts after the engine dies (its worker process
+            killed or crashed), each after a doubling backoff; then it stays dead and
+            ``/ready`` false. 0: never restart (``supervisor.py``).
+        engine_restart_backoff_s: wait before the first restart attempt (doubled per
+            attempt, at most 30 s).
     """
 
     host: str = "127.0.0.1"
@@ -120,6 +125,8 @@ class ServerConfig:
     shutdown_timeout_s: float = 120.0
     threads: int | None = None
     continuous_batching: bool = True
+    engine_restarts: int = 3
+    engine_restart_backoff_s: float = 1.0
 
     def __post_init__(self) -> None:
         """Validate values; the message names the field and the value.
@@ -185,5 +192,11 @@ class ServerConfig:
             value = getattr(self, name)
             if not value > 0:
                 raise ValueError(f"{name} must be > 0, got {value}")
+        if self.engine_restarts < 0:
+            raise ValueError(f"engine_restarts must be >= 0, got {self.engine_restarts}")
+        if not self.engine_restart_backoff_s >= 0:
+            raise ValueError(
+                f"engine_restart_backoff_s must be >= 0, got {self.engine_restart_backoff_s}"
+            )
         if self.api_key is not None and not self.api_key.strip():
             raise ValueError("api_key must not be empty (leave it unset for no auth)")

@@ -14,6 +14,8 @@ dvp_rollout_first_chunk_seconds        histogram  admission -> first chunk (queu
 dvp_tokens_total                       counter    tokens by kind (prompt, completion)
 dvp_batch_size                         histogram  rollouts per engine step (torch engine)
 dvp_admission_rejected_total           counter    rollouts refused with 429
+dvp_engine_restarts_total              counter    restart attempts after the engine died,
+                                                  by outcome (ok, failed; supervisor.py)
 dvp_rollouts_admitted / _running       gauge      slots taken / rollouts in the engine
 dvp_queue_depth                        gauge      admitted rollouts not yet decoding
 dvp_queue_capacity                     gauge      max_batch + max_queue
@@ -133,6 +135,12 @@ class Metrics:
         self.rejected = Counter(
             "dvp_admission_rejected", "Rollouts refused with 429 (queue full).", registry=r
         )
+        self.engine_restarts = Counter(
+            "dvp_engine_restarts",
+            "Engine restart attempts after the engine died, by outcome.",
+            ["outcome"],
+            registry=r,
+        )
         self.safe_size = ArrayHistogram(
             "dvp_safe_set_size", "Safe-set size |S_t| per generated token.", SAFE_SIZE_BUCKETS
         )
@@ -171,6 +179,10 @@ class Metrics:
             self.rollout_latency.observe(now - ticket.reserved_at)
         if ticket.first_chunk_at is not None:
             self.first_chunk.observe(ticket.first_chunk_at - ticket.reserved_at)
+
+    def on_engine_restart(self, outcome: str) -> None:
+        """One restart attempt of a dead engine ended (``"ok"`` or ``"failed"``)."""
+        self.engine_restarts.labels(outcome).inc()
 
     def on_rejected(self) -> None:
         self.rejected.inc()

@@ -17,17 +17,25 @@ vLLM can return the sampler's own mask (``return_sampling_mask``, needs
 only. It is not written: it cannot be run here (no GPU with vLLM).
 
 Lifecycle: ``start()`` builds the ``AsyncLLM`` (model load, worker processes;
-~20 s on CPU) inside the FastAPI lifespan; ``shutdown()`` stops it (~5 s).
-vLLM is imported lazily, only here and in ``_vllm_args.py``.
+~20 s on CPU) in a worker thread, so the loop keeps answering ``/health``;
+``shutdown()`` stops it (~5 s). If the ``EngineCore`` process dies, ``state``
+turns ``'dead'`` and running streams raise :class:`EngineError`; the server's
+supervisor (``supervisor.py``) then calls ``shutdown()`` and ``start()`` again:
+same settings, and the last loaded weights re-applied (kept as hard links) so
+``policy_version`` still names the served weights. vLLM is imported lazily,
+only here and in ``_vllm_args.py``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import os
+import shutil
 import tempfile
 import time
+import weakref
 from collections.abc import AsyncGenerator, Sequence
 from pathlib import Path
 from typing import Any
@@ -82,6 +90,7 @@ class VllmEngine:
         #: Steps whose sampled token was outside the derived set, since start.
         self.outside_steps = 0
         self._policy_version = 0
+        self._weights_dir: Path | None = None  # links to the last loaded weights
 
     # ----------------------------------------------------------------- protocol
 
@@ -102,14 +111,16 @@ class VllmEngine:
             EngineError: the engine is not running, or vLLM failed the reload.
         """
         llm = self._running()
-        with tempfile.TemporaryDirectory(prefix="dvp-vllm-weights-") as folder:
-            for i, f in enumerate(weights):
-                os.symlink(Path(f).resolve(), Path(folder) / f"{i:05d}-{Path(f).name}")
-            try:
-                await llm.collective_rpc("reload_weights", kwargs={"weights_path": folder})
-            except Exception as exc:
-                raise EngineError(f"vLLM failed to reload the weights: {exc}") from exc
-        await llm.reset_prefix_cache()
+        folder = _link_weights(weights)
+        try:
+            await _reload_weights(llm, folder)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        old, self._weights_dir = self._weights_dir, folder
+        weakref.finalize(self, shutil.rmtree, folder, True)  # at the latest at exit
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
         self._policy_version += 1
         return self._policy_version
 
@@ -126,27 +137,33 @@ class VllmEngine:
         return int(self._llm.get_num_unfinished_requests()) if self._llm is not None else 0
 
     async def start(self) -> None:
-        """Build the ``AsyncLLM`` (blocking the loop while the model loads, ~20 s on CPU).
+        """Build the ``AsyncLLM`` in a worker thread (~20 s on CPU); again after a death.
 
-        It is built on the event loop on purpose: its output handler task and
-        ZMQ sockets belong to the loop that serves requests.
+        Built outside the loop, the ``AsyncLLM`` starts its output handler and
+        binds its asyncio ZMQ sockets lazily, on first use from the serving loop.
+        Weights loaded before a restart are loaded again (``policy_version`` kept).
 
         Raises:
             ValueError: bad settings for this model.
+            EngineError: the weights loaded before a restart could not be re-applied.
         """
         if self._llm is not None:
             return
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        self._state = "starting"
         cpu = on_cpu()
         if cpu:
             setup_cpu_env(self.settings)
         args = engine_args(self.model_dir, self.settings, cpu=cpu)
         t0 = time.perf_counter()
         try:
-            self._llm = AsyncLLM.from_engine_args(args)
-        except Exception:
-            self._state = "dead"
+            self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+            if self._weights_dir is not None:  # a restart: serve the same weights again
+                await _reload_weights(self._llm, self._weights_dir)
+                logger.info("re-applied the weights of policy_version %d", self._policy_version)
+        except BaseException:
+            await self.shutdown()
             raise
         model_config = self._llm.vllm_config.model_config
         self._eos_ids = frozenset(_eos_ids(self.model_dir))
@@ -168,7 +185,9 @@ class VllmEngine:
         llm, self._llm = self._llm, None
         self._state = "dead"
         if llm is not None:
-            llm.shutdown()  # synchronous: SIGTERM to EngineCore, waits for the worker
+            # Synchronous (SIGTERM to EngineCore, waits for it; ~1 s once it died): off
+            # the loop. vLLM's own liveness monitor calls it from a thread too.
+            await asyncio.to_thread(llm.shutdown)
             del llm
             gc.collect()  # else AsyncLLM.__del__ shuts down again at interpreter exit
 
@@ -208,14 +227,15 @@ class VllmEngine:
                     return
         except EngineDeadError as exc:
             finished = True  # nothing to abort
-            self._state = "dead"
-            raise EngineError(f"vLLM engine died: {exc}") from exc
+            if self._llm is llm:  # not a new engine started meanwhile
+                self._state = "dead"
+            raise EngineError(f"vLLM engine died (retryable: it is restarted): {exc}") from exc
         except VLLMValidationError as exc:
             raise ValueError(str(exc)) from exc
         finally:
             await stream.aclose()  # vLLM aborts the request on GeneratorExit
-            if not finished and self._llm is not None:
-                await self._llm.abort(request_id)
+            if not finished and self._llm is llm:
+                await llm.abort(request_id)
 
     async def abort(self, request_id: str) -> None:
         """Abort a rollout; its stream ends with finish_reason 'abort'."""
@@ -325,6 +345,35 @@ class VllmEngine:
         if isinstance(reason, int) and reason in self._eos_ids:
             return reason if reason in params.stop_token_ids else None
         return reason if isinstance(reason, (str, int)) else None
+
+
+def _link_weights(weights: Sequence[Path]) -> Path:
+    """A new folder of links to ``weights`` (vLLM reloads folders), kept for restarts.
+
+    Hard links when the file system allows (an upload's staging file may be
+    deleted after the load; a hard link keeps its bytes), else symbolic links.
+    """
+    folder = Path(tempfile.mkdtemp(prefix="dvp-vllm-weights-"))
+    for i, f in enumerate(weights):
+        src, dst = Path(f).resolve(), folder / f"{i:05d}-{Path(f).name}"
+        try:
+            os.link(src, dst)
+        except OSError:
+            os.symlink(src, dst)
+    return folder
+
+
+async def _reload_weights(llm: Any, folder: Path) -> None:
+    """vLLM's workers read the safetensors in ``folder``; then the prefix cache is reset.
+
+    Raises:
+        EngineError: vLLM failed the reload.
+    """
+    try:
+        await llm.collective_rpc("reload_weights", kwargs={"weights_path": str(folder)})
+    except Exception as exc:
+        raise EngineError(f"vLLM failed to reload the weights: {exc}") from exc
+    await llm.reset_prefix_cache()
 
 
 def _eos_ids(model_dir: Path) -> set[int]:
