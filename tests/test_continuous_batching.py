@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -190,11 +191,16 @@ def test_kv_bytes_per_token_is_the_cache_size(engine: TorchEngine) -> None:
     assert engine.kv.bytes_per_token == 512
     r = _row(engine, [5, 6, 7])
     s = _row(engine, [8] * 9)
-    batch = DecodeBatch(engine.model, [r, s], engine.pad_id)
+    batch = DecodeBatch(engine.model, [r, s], engine.pad_id, slack=engine.kv.slack)
     with torch.inference_mode():
         batch.prefill()
-    held = sum(t.nbytes for layer in batch.cache.layers for t in (layer.keys, layer.values))
-    assert held == batch.cached_positions * engine.kv.bytes_per_token == 2 * 9 * 512
+    held = sum(
+        t.untyped_storage().nbytes()
+        for layer in batch.cache.layers
+        for t in (layer.keys, layer.values)
+        if t is not None
+    )
+    assert held == batch.cached_positions * engine.kv.bytes_per_token == 2 * (9 + 64) * 512
 
 
 def _row(engine: TorchEngine, prompt: list[int]) -> Row:
@@ -206,9 +212,10 @@ def _row(engine: TorchEngine, prompt: list[int]) -> Row:
 
 
 def test_kv_budget_bounds_the_batch(tiny_dir: Path) -> None:
-    """Budget for 2 rows of 50 positions: 6 rollouts run at most 2 at a time, all finish,
-    the cache never exceeds the budget; a rollout that cannot fit alone is refused."""
-    cfg = ServerConfig(engine="torch", kv_cache_bytes=2 * 50 * 512 + 100, threads=1)
+    """Budget for 2 rows of 50 positions (+ 64 spare each): 6 rollouts run at most 2 at
+    a time, all finish, the cache never exceeds the budget; a rollout that cannot fit
+    alone is refused."""
+    cfg = ServerConfig(engine="torch", kv_cache_bytes=2 * (50 + 64) * 512 + 100, threads=1)
     eng = build_engine(cfg, tiny_dir)
     assert isinstance(eng, TorchEngine) and eng.kv.budget_bytes == cfg.kv_cache_bytes
     sizes: list[int] = []
@@ -243,3 +250,35 @@ def test_chunks_of_a_merged_row(engine: TorchEngine) -> None:
     res = to_result(asyncio.run(scenario()))
     assert [len(c.token_ids) for c in res.chunks] == [16, 16, 8]
     assert res.finish_reason == "length"
+
+
+def test_slack_cache_equals_the_plain_cache(engine: TorchEngine, tiny_dir: Path) -> None:
+    """KV buffers with spare room (written in place) give the same tokens as
+    transformers' concatenating DynamicLayer, across joins and departures; log-probs
+    within float rounding (attention reads strided views: another kernel path)."""
+    plain = TorchEngine(tiny_dir, max_batch=8, threads=1, kv_slack=0)
+    rng = np.random.default_rng(5)
+    jobs = _random_jobs(rng, "s", [4, 30, 9, 17], max_tokens=100)
+    jobs = [(rid, prompt, replace(p, max_tokens=20 + 25 * i)) for i, (rid, prompt, p) in
+            enumerate(jobs)]  # fmt: skip
+    late = _random_jobs(rng, "late", [12, 3], max_tokens=90)  # joins after slack runs out
+
+    async def scenario(eng: TorchEngine) -> list[Any]:
+        await eng.start()
+        first = asyncio.ensure_future(together(eng, jobs))
+        while eng.stats.steps < 70:
+            await asyncio.sleep(0.001)
+        second = await together(eng, late)
+        return [*(await first), *second]
+
+    a = asyncio.run(scenario(engine))
+    b = asyncio.run(scenario(plain))
+    asyncio.run(plain.shutdown())
+    assert plain.stats.merged == 2
+    worst = 0.0
+    for ra, rb in zip(a, b, strict=True):
+        assert isinstance(ra, Result) and isinstance(rb, Result)
+        np.testing.assert_array_equal(ra.tokens, rb.tokens)
+        worst = max(worst, float(np.abs(ra.logprobs - rb.logprobs).max()))
+    print(f"slack vs plain cache: max |d logp| = {worst:.2e}")
+    assert worst < PATH_ATOL

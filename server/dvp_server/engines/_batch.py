@@ -102,6 +102,70 @@ def _safe_ids(mask: Tensor, sizes: np.ndarray, asked: list[bool]) -> list[np.nda
     return out
 
 
+class SlackLayer(DynamicLayer):
+    """A ``DynamicLayer`` whose keys / values are views of buffers with room to grow.
+
+    ``DynamicLayer.update`` concatenates: every decode step copies the whole cache
+    of every layer (``B * H * K * D`` per tensor). Here the keys / values
+    ``(B, H, K, D)`` are the first K positions of buffers ``(B, H, K + slack, D)``;
+    a step writes its new position in place, and the buffers are reallocated (one
+    copy) only when full or after someone replaced the tensors (``keep``, a trim,
+    a merge: detected by identity). The cached values are the plain layer's; the
+    attention over strided views may round differently (~1e-6 in log-probs).
+    """
+
+    SLACK = 64
+    _kbuf: Tensor | None = None
+    _vbuf: Tensor | None = None
+
+    def __init__(self, slack: int = SLACK) -> None:
+        super().__init__()
+        self.slack = slack
+
+    def update(
+        self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[Tensor, Tensor]:
+        """Append ``key_states`` / ``value_states`` ``(B, H, t, D)``; return the views."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        keys, values = self.keys, self.values
+        assert keys is not None and values is not None
+        n = keys.shape[-2] if keys.numel() else 0
+        t = key_states.shape[-2]
+        kbuf, vbuf = self._kbuf, self._vbuf
+        if (
+            kbuf is None
+            or vbuf is None
+            or n + t > kbuf.shape[-2]
+            or keys.data_ptr() != kbuf.data_ptr()
+            or values.data_ptr() != vbuf.data_ptr()
+            or keys.shape[0] != kbuf.shape[0]
+        ):
+            kbuf = self._kbuf = self._grow(keys, key_states, n + t)
+            vbuf = self._vbuf = self._grow(values, value_states, n + t)
+        kbuf[:, :, n : n + t] = key_states
+        vbuf[:, :, n : n + t] = value_states
+        self.keys, self.values = kbuf[:, :, : n + t], vbuf[:, :, : n + t]
+        return self.keys, self.values
+
+    def _grow(self, old: Tensor, new: Tensor, need: int) -> Tensor:
+        """A buffer for ``need + slack`` positions holding ``old``'s ``n`` positions."""
+        b, h, _, d = new.shape
+        buf = new.new_empty((b, h, need + self.slack, d))
+        n = old.shape[-2] if old.numel() else 0
+        if n:
+            buf[:, :, :n] = old
+        return buf
+
+    @property
+    def capacity(self) -> int:
+        """Positions the buffers hold (0 before the first update)."""
+        return 0 if self._kbuf is None else int(self._kbuf.shape[-2])
+
+
+_PLAIN = (DynamicLayer, SlackLayer)
+
+
 class DecodeBatch:
     """Rows decoding in lock-step over one shared (left-padded) KV cache.
 
@@ -112,11 +176,13 @@ class DecodeBatch:
         next_pos: int64 ``(B,)``, the position of each row's next token.
     """
 
-    def __init__(self, model: Any, rows: list[Row], pad_id: int) -> None:
+    def __init__(self, model: Any, rows: list[Row], pad_id: int, slack: int = 0) -> None:
         self.model = model
         self.rows = rows
         self.pad_id = pad_id
         self.cache = DynamicCache(config=model.config)
+        if slack and all(type(layer) is DynamicLayer for layer in self.cache.layers):
+            self.cache.layers = [SlackLayer(slack) for _ in self.cache.layers]
         self.attention_mask = torch.zeros(0, 0, dtype=torch.int64)
         self.next_pos = torch.zeros(0, dtype=torch.int64)
 
@@ -156,8 +222,11 @@ class DecodeBatch:
 
     @property
     def cached_positions(self) -> int:
-        """``B * K``: cache positions held (padding included), for the KV budget."""
-        return int(self.attention_mask.numel())
+        """``B * K`` cache positions held (padding included; a ``SlackLayer``'s whole
+        buffer), for the KV budget."""
+        b, k = self.attention_mask.shape
+        layer = self.cache.layers[0] if self.cache.layers else None
+        return int(b * max(k, layer.capacity if isinstance(layer, SlackLayer) else 0))
 
     def merge(self, other: DecodeBatch) -> None:
         """Append ``other``'s rows (prefilled, not yet decoded further) after this batch's.
@@ -174,7 +243,7 @@ class DecodeBatch:
         k = max(self.attention_mask.shape[1], other.attention_mask.shape[1])
         pairs = list(zip(self.cache.layers, other.cache.layers, strict=True))
         for a, b in pairs:
-            if type(a) is not DynamicLayer or type(b) is not DynamicLayer:
+            if type(a) not in _PLAIN or type(b) not in _PLAIN:
                 raise ValueError(f"cannot merge a {type(a).__name__} cache layer")
         for a, b in cast(list[tuple[DynamicLayer, DynamicLayer]], pairs):
             if a.keys is None or b.keys is None or a.values is None or b.values is None:
@@ -201,7 +270,7 @@ class DecodeBatch:
     def _trim_left(self) -> None:
         """Cut leading columns that are padding in every row (plain cache layers only)."""
         layers = self.cache.layers
-        if not self.rows or not all(type(layer) is DynamicLayer for layer in layers):
+        if not self.rows or not all(type(layer) in _PLAIN for layer in layers):
             return
         real = self.attention_mask.any(dim=0)  # (K,)
         first = int(real.int().argmax())

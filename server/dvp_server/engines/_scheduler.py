@@ -16,10 +16,13 @@ and runs one forward + rule step:
 KV budget: a row's cache costs ``bytes_per_token = 2 * layers * kv_heads *
 head_dim * dtype bytes`` per position (keys and values of every layer), and a
 left-padded batch holds ``B * K`` positions with ``K <= max_i final_len_i``
-(``final_len = min(prompt + max_tokens, max_model_len)``). The scheduler admits
-a row only while ``B * max final_len * bytes_per_token`` stays within the
-budget, so the cache never grows past it; rows that do not fit wait in the
-engine's queue (bounded by the server's admission: a full queue answers 429).
+(``final_len = min(prompt + max_tokens, max_model_len)``), in buffers with
+``slack`` positions of room to grow (``SlackLayer``). The scheduler admits a row
+only while ``B * (max final_len + slack) * bytes_per_token`` stays within the
+budget, so the cache never grows past it (a buffer reallocation or a merge
+briefly holds the old and the new copy of one layer or of the cache); rows that
+do not fit wait in the engine's queue (bounded by the server's admission: a
+full queue answers 429).
 """
 
 from __future__ import annotations
@@ -74,7 +77,9 @@ class KvBudget:
         ValueError: a budget below one byte.
     """
 
-    def __init__(self, config: Any, dtype: torch.dtype, budget_bytes: int | None) -> None:
+    def __init__(
+        self, config: Any, dtype: torch.dtype, budget_bytes: int | None, slack: int = 0
+    ) -> None:
         if budget_bytes is not None and budget_bytes < 1:
             raise ValueError(f"kv_cache_bytes must be >= 1, got {budget_bytes}")
         heads = int(config.num_attention_heads)
@@ -84,12 +89,15 @@ class KvBudget:
         self.bytes_per_token = 2 * int(config.num_hidden_layers) * kv_heads * head_dim
         self.bytes_per_token *= torch.tensor([], dtype=dtype).element_size()
         self.budget_bytes = budget_bytes
+        #: Positions a cache buffer may hold beyond its rows' (``SlackLayer.SLACK``).
+        self.slack = slack
 
     def fits(self, rows: int, longest: int) -> bool:
-        """Whether ``rows`` rows whose longest final length is ``longest`` fit the budget."""
+        """Whether ``rows`` rows whose longest final length is ``longest`` fit the budget:
+        ``rows * (longest + slack) * bytes_per_token <= budget``."""
         if self.budget_bytes is None:
             return True
-        return rows * longest * self.bytes_per_token <= self.budget_bytes
+        return rows * (longest + self.slack) * self.bytes_per_token <= self.budget_bytes
 
 
 class SchedulerMixin:
@@ -204,7 +212,7 @@ class SchedulerMixin:
 
     def _prefill(self, rows: list[Row]) -> None:
         """Prefill ``rows`` as a mini-batch, sample their first token, join the running batch."""
-        mini = DecodeBatch(self.model, rows, self.pad_id)
+        mini = DecodeBatch(self.model, rows, self.pad_id, slack=self.kv.slack)
         try:
             self._call_hook(mini)
             t0 = time.perf_counter()

@@ -32,7 +32,7 @@ import torch
 from dvp_schemas import EngineCapabilities
 
 from ..model_store import load_tokenizer
-from ._batch import DecodeBatch
+from ._batch import DecodeBatch, SlackLayer
 from ._rows import Row, StopStringMatcher
 from ._scheduler import EngineStats, KvBudget, SchedulerMixin, StepHook
 from ._weights import WeightsInput, copy_weights, read_weights
@@ -77,6 +77,9 @@ class TorchEngine(SchedulerMixin):
             (``kv.bytes_per_token`` per position, padding included); None: no bound
             beyond ``max_batch * max_model_len`` positions. A rollout that cannot
             fit alone is refused (ValueError); others wait for room.
+        kv_slack: spare positions of each KV buffer, so that a decode step writes
+            in place instead of copying the cache (``_batch.SlackLayer``); 0: plain
+            transformers ``DynamicLayer`` (concatenates every step).
 
     Raises:
         ValueError: an unknown dtype or a non-positive size.
@@ -94,6 +97,7 @@ class TorchEngine(SchedulerMixin):
         flush_every: int = 16,
         continuous_batching: bool = True,
         kv_cache_bytes: int | None = None,
+        kv_slack: int = SlackLayer.SLACK,
     ) -> None:
         from transformers import AutoModelForCausalLM, GenerationConfig
 
@@ -102,6 +106,8 @@ class TorchEngine(SchedulerMixin):
         for name, value in (("max_batch", max_batch), ("flush_every", flush_every)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        if kv_slack < 0:
+            raise ValueError(f"kv_slack must be >= 0, got {kv_slack}")
         if threads is not None and threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
         self.threads = threads or os.cpu_count() or 1
@@ -122,7 +128,7 @@ class TorchEngine(SchedulerMixin):
         self.pad_id = int(pad if pad is not None else min(self.eos_ids, default=0))
         self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
         self.continuous_batching = continuous_batching
-        self.kv = KvBudget(config, self.model.dtype, kv_cache_bytes)
+        self.kv = KvBudget(config, self.model.dtype, kv_cache_bytes, kv_slack)
         self.info = EngineInfo(
             name="torch",
             model_id=model_id or _model_name(self.model_dir),
@@ -314,8 +320,9 @@ class TorchEngine(SchedulerMixin):
         need = min(len(ids) + params.max_tokens, self.max_model_len)
         if not self.kv.fits(1, need):
             raise ValueError(
-                f"prompt + max_tokens = {need} tokens need {need * self.kv.bytes_per_token} "
-                f"bytes of KV cache ({self.kv.bytes_per_token} per token), more than the "
+                f"prompt + max_tokens = {need} tokens need "
+                f"{(need + self.kv.slack) * self.kv.bytes_per_token} bytes of KV cache "
+                f"({self.kv.bytes_per_token} per token, {self.kv.slack} spare), more than the "
                 f"engine's kv_cache_bytes budget {self.kv.budget_bytes}: lower max_tokens"
             )
         return ids
