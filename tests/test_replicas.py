@@ -21,6 +21,7 @@ import logging
 import math
 import random
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -87,7 +88,9 @@ class NaivePool:
         self.requests[best] += 1
         return best
 
-    def release(self, i: int, outcome: str, latency: float, now: float) -> None:
+    def release(
+        self, i: int, outcome: str, latency: float, now: float, retry_after: float | None
+    ) -> None:
         self.out[i] -= 1
         if outcome == "ok":
             self.latencies[i].append(latency)
@@ -95,11 +98,13 @@ class NaivePool:
         elif outcome in ("failed", "down"):
             self.failures[i] += 1
             self.last_error[i] = f"err {self.failures[i]}"
+            asked = -math.inf if retry_after is None else now + retry_after
             if outcome == "down" and now >= self.until[i]:
                 self.strikes[i] += 1
-                self.until[i] = now + min(
-                    self.cooldown * 2 ** (self.strikes[i] - 1), self.max_cooldown
-                )
+                backoff = min(self.cooldown * 2 ** (self.strikes[i] - 1), self.max_cooldown)
+                self.until[i] = max(now + backoff, asked)
+            elif outcome == "down":
+                self.until[i] = max(self.until[i], asked)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3, 4, 5])
@@ -130,8 +135,9 @@ def test_picker_matches_a_naive_model_on_random_events(seed: int) -> None:
             lease = live.pop(rng.randrange(len(live)))
             outcome = rng.choice(outcomes)
             error = f"err {model.failures[lease.index] + 1}"
-            pool.release(lease, outcome, error)
-            model.release(lease.index, outcome, clock.now - lease.started, clock.now)
+            retry_after = rng.choice([None, None, 0.2, 3.0, 10.0])
+            pool.release(lease, outcome, error, retry_after)
+            model.release(lease.index, outcome, clock.now - lease.started, clock.now, retry_after)
         else:
             clock.now += rng.choice([0.1, 0.3, 1.0, 5.0])
         stats = pool.stats()
@@ -188,6 +194,16 @@ def test_cooldown_then_one_probe_then_doubling() -> None:
     pool.release(probe, "ok")
     stats = pool.stats()[0]
     assert stats.healthy and stats.cooldown_until is None and stats.mean_latency_s == 0.25
+
+
+def test_retry_after_lengthens_a_cooldown() -> None:
+    clock = FakeClock()
+    pool = ReplicaPool([httpx.URL("http://a.test"), httpx.URL("http://b.test")], clock=clock)
+    first, second = pool.acquire(pin=0), pool.acquire(pin=0)
+    pool.release(first, "down", "status 503", retry_after=0.1)  # shorter: the backoff wins
+    assert pool.stats()[0].cooldown_until == clock.now + C.REPLICA_COOLDOWN
+    pool.release(second, "down", "status 503", retry_after=20.0)  # "back in 20 s"
+    assert pool.stats()[0].cooldown_until == clock.now + 20.0
 
 
 def test_every_replica_down_picks_the_soonest_back() -> None:
@@ -353,9 +369,19 @@ def test_seeded_rollout_fails_over_at_once(kind: str, failure: Any) -> None:
     a, b = r.stats()
     assert (a.requests, a.failures, a.healthy, b.requests, b.failures) == (1, 1, False, 1, 0)
     assert a.cooldown_until is not None and a.last_error is not None
+    assert a.cooldown_until <= time.monotonic() + C.REPLICA_COOLDOWN
     r("rollouts", ["x"])
     r("rollouts", ["x"])
     assert r.hosts()[2:] == ["b.test", "b.test"]  # A cools down
+
+
+def test_a_503_retry_after_keeps_its_replica_out(kind: str) -> None:
+    restarting = httpx.Response(503, headers={"Retry-After": "20"})
+    r = Replicas(kind, {"a.test": lambda _: restarting, "b.test": ok})
+    r("rollouts", ["x"])
+    assert r.hosts() == ["a.test", "b.test"] and r.sleeps == []  # its Retry-After: not ours
+    until = r.stats()[0].cooldown_until
+    assert until is not None and 19.0 < until - time.monotonic() <= 20.0
 
 
 def test_unseeded_rollout_fails_over_only_when_nothing_was_sent(kind: str) -> None:

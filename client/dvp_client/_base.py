@@ -319,7 +319,8 @@ class BaseClient(Generic[_HttpxT]):
             if response.is_success and options.stream:
                 self._streams[response] = lease  # held until the shell ends the stream
             else:
-                self._pool.release(lease, _outcome(status), f"status {status}")
+                wait = parse_retry_after(response.headers)
+                self._pool.release(lease, _outcome(status), f"status {status}", wait)
             if response.is_success or status in options.answer_statuses:
                 return response
             if (

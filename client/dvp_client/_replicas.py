@@ -16,13 +16,13 @@ Within a tier: least outstanding attempts; ties go round-robin (the first tied
 replica at or after the one after the last pick, cyclically).
 
 A replica is *up* unless it failed and has not succeeded since. A failure
-(transport error, or 502/503/504, see :data:`~dvp_client._constants.REPLICA_DOWN_STATUSES`)
+(transport error, or 502/503/504: :data:`~dvp_client._constants.REPLICA_DOWN_STATUSES`)
 puts it on cooldown for ``REPLICA_COOLDOWN * 2**(strikes - 1)`` seconds, capped
-at ``MAX_REPLICA_COOLDOWN``; after the cooldown it is probed by one attempt at a
-time (it is up for a pick only while nothing else is outstanding on it); a
-success makes it up again, a failed probe adds a strike. Failures that arrive
-while it is already cooling down (the other in-flight attempts of one crash)
-are counted but add no strike.
+at ``MAX_REPLICA_COOLDOWN``, or longer when its answer's Retry-After asks. After
+the cooldown it is probed by one attempt at a time (it is up for a pick only
+while nothing else is outstanding on it); a success makes it up again, a failed
+probe adds a strike. Failures that arrive while it is already cooling down (the
+other in-flight attempts of one crash) are counted but add no strike.
 """
 
 from __future__ import annotations
@@ -163,11 +163,25 @@ class ReplicaPool:
             now = self._clock()
             return any(self._is_up(r, now) and i not in avoid for i, r in enumerate(self._replicas))
 
-    def release(self, lease: Lease, outcome: Outcome, error: str | None = None) -> None:
+    def release(
+        self,
+        lease: Lease,
+        outcome: Outcome,
+        error: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
         """Give a lease back with the attempt's outcome (see :data:`Outcome`).
 
         ``ok`` records the latency and makes the replica up; ``failed`` and ``down``
-        count a failure; ``down`` also starts or extends its cooldown.
+        count a failure; ``down`` also starts its cooldown (or, while it cools down
+        already, only a ``retry_after`` beyond its end extends it).
+
+        Args:
+            lease: From :meth:`acquire`.
+            outcome: How the attempt ended.
+            error: What failed, kept as ``last_error``.
+            retry_after: Seconds the replica asked for (a 503's Retry-After): its
+                cooldown lasts at least this long.
         """
         with self._lock:
             now = self._clock()
@@ -183,10 +197,15 @@ class ReplicaPool:
                 return
             replica.failures += 1
             replica.last_error = error
-            if outcome == "down" and now >= replica.cooldown_until:
+            if outcome != "down":
+                return
+            asked = now + retry_after if retry_after is not None else -math.inf
+            if now >= replica.cooldown_until:
                 replica.strikes += 1
                 delay = self._cooldown_s * 2.0 ** min(replica.strikes - 1, 32)
-                replica.cooldown_until = now + min(delay, self._max_cooldown_s)
+                replica.cooldown_until = max(now + min(delay, self._max_cooldown_s), asked)
+            else:
+                replica.cooldown_until = max(replica.cooldown_until, asked)
 
     def stats(self) -> list[ReplicaStats]:
         """A snapshot of every replica's stats, in the order of the URLs."""
