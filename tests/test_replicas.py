@@ -609,7 +609,7 @@ def same_result(got: RolloutBatch, want: RolloutBatch, i: int) -> None:
         assert g.policy_version == 1, f"request {i}: not served by the updated weights"
 
 
-@pytest.mark.slow  # ~30 s: two tiny servers, 32 requests twice
+@pytest.mark.slow  # 47-94 s at load 10-15 on 2 cores, mostly starting 2 servers; ~9 s after
 def test_two_servers_one_killed_mid_run_loses_no_request(
     tiny_model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
