@@ -29,6 +29,7 @@ only here and in ``_vllm_args.py``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
@@ -157,12 +158,16 @@ class VllmEngine:
             setup_cpu_env(self.settings)
         args = engine_args(self.model_dir, self.settings, cpu=cpu)
         t0 = time.perf_counter()
+        build = asyncio.ensure_future(asyncio.to_thread(AsyncLLM.from_engine_args, args))
         try:
-            self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+            self._llm = await asyncio.shield(build)
             if self._weights_dir is not None:  # a restart: serve the same weights again
                 await _reload_weights(self._llm, self._weights_dir)
                 logger.info("re-applied the weights of policy_version %d", self._policy_version)
-        except BaseException:
+        except BaseException:  # failed, or cancelled (server stopping): leave no processes
+            if self._llm is None:
+                with contextlib.suppress(Exception):
+                    self._llm = await build  # a build under way ends first
             await self.shutdown()
             raise
         model_config = self._llm.vllm_config.model_config
