@@ -26,6 +26,7 @@ from dvp_server.engines._rows import Row
 from dvp_server.engines.base import RolloutChunk
 from dvp_server.engines.factory import build_engine
 from dvp_server.engines.torch_engine import TorchEngine
+from dvp_server.errors import ServiceError
 from test_torch_engine import (
     Result,
     check_against_reference,
@@ -226,8 +227,9 @@ def test_kv_budget_bounds_the_batch(tiny_dir: Path) -> None:
         await eng.start()
         try:
             out = await together(eng, jobs)
-            with pytest.raises(ValueError, match="kv_cache_bytes budget"):
+            with pytest.raises(ValueError, match="kv_cache_bytes budget") as info:
                 await collect(eng, "huge", [5] * 10, params(max_tokens=200))
+            assert isinstance(info.value, ServiceError) and info.value.status == 422
             return out
         finally:
             await eng.shutdown()

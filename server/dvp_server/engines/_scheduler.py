@@ -6,12 +6,14 @@ and runs one forward + rule step:
 - no batch running: wait a short arrival window (a request's samples arrive one
   coroutine at a time), then prefill up to ``max_batch`` pending rows as a new
   batch;
-- a batch running (continuous batching): pending rows fill its free slots at
-  once: they are prefilled as their own left-padded mini-batch, their first
-  token sampled, and their KV cache merged into the running batch's
-  (:meth:`~._batch.DecodeBatch.merge`); the next turn decodes everybody. A
-  prefill turn is always followed by a decode turn, so a stream of arrivals
-  cannot starve the running rows.
+- a batch running (continuous batching): pending rows fill its free slots
+  without waiting for it to finish: they are prefilled as their own left-padded
+  mini-batch, their first token sampled, and their KV cache merged into the
+  running batch's (:meth:`~._batch.DecodeBatch.merge`); the next turn decodes
+  everybody. A prefill turn is always followed by a decode turn, so a stream of
+  arrivals cannot starve the running rows; into a batch at least half full,
+  newcomers come in groups (``MERGE_GROUP``, at most ``MERGE_WAIT_STEPS`` steps
+  of waiting), since each prefill forward reads every weight.
 
 KV budget: a row's cache costs ``bytes_per_token = 2 * layers * kv_heads *
 head_dim * dtype bytes`` per position (keys and values of every layer), and a
@@ -39,10 +41,11 @@ import numpy as np
 import torch
 from dvp_schemas import FinishReason
 
+from ..errors import INVALID_REQUEST, ServiceError
 from ._batch import DecodeBatch, StepOutput, rule_step
 from ._rows import Row
 
-__all__ = ["EngineStats", "KvBudget", "SchedulerMixin"]
+__all__ = ["EngineStats", "KvBudget", "KvBudgetError", "SchedulerMixin"]
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +65,15 @@ class EngineStats:
     rule_s: float = 0.0  # rule, sampling, log-probs, safe ids: the DVP metadata
     emit_s: float = 0.0  # bookkeeping: buffers, finish checks, chunks, cache merges
     kv_peak_bytes: int = 0  # largest KV cache held (B * K positions, padding included)
+
+
+class KvBudgetError(ServiceError, ValueError):
+    """A rollout that cannot fit the KV budget even alone: a ValueError for library
+    callers, a 422 naming ``sampling.max_tokens`` for the server (retrying cannot help)."""
+
+    def __init__(self, message: str) -> None:
+        param = "sampling.max_tokens"
+        super().__init__(422, INVALID_REQUEST, f"{param}: {message}", param)
 
 
 class KvBudget:
@@ -131,6 +143,13 @@ class SchedulerMixin:
     #: Quiet time that closes the arrival window of a new batch, and its round cap.
     ADMIT_WINDOW_S = 0.005
     ADMIT_ROUNDS = 20
+    #: Into a running batch at least half full, newcomers are admitted in groups of
+    #: ``MERGE_GROUP * max_batch`` (or the free slots), waiting at most
+    #: ``MERGE_WAIT_STEPS`` decode steps: every prefill forward reads all the
+    #: weights and holds up the running rows, so one per newcomer costs too much.
+    MERGE_GROUP = 0.25
+    MERGE_WAIT_STEPS = 8
+    _deferred = 0  # decode turns that left pending rows out while slots were free
 
     def final_len(self, row: Row) -> int:
         """Most cache positions ``row`` can reach: ``min(prompt + max_tokens, max_model_len)``."""
@@ -190,6 +209,8 @@ class SchedulerMixin:
         if batch is not None and (not self.continuous_batching or self._prefilled_last):
             return []
         running = batch.rows if batch is not None else []
+        if batch is not None and self._defer(len(running)):
+            return []
         longest = max((self.final_len(r) for r in running), default=0)
         out: list[Row] = []
         while self._pending and len(running) + len(out) < self.max_batch:
@@ -199,6 +220,23 @@ class SchedulerMixin:
             out.append(self._pending.popleft())
             longest = longer
         return out
+
+    def _defer(self, running: int) -> bool:
+        """Whether pending rows wait for more company before joining a running batch."""
+        free = self.max_batch - running
+        group = min(free, max(1, int(self.MERGE_GROUP * self.max_batch)))
+        if not self._pending or free <= 0:
+            self._deferred = 0
+            return True
+        if (
+            len(self._pending) < group
+            and running >= self.max_batch // 2
+            and self._deferred < self.MERGE_WAIT_STEPS
+        ):
+            self._deferred += 1
+            return True
+        self._deferred = 0
+        return False
 
     def _step(self, new_rows: list[Row], aborts: set[Row]) -> None:
         """Drop aborted rows, then prefill the newcomers, or else decode the batch."""

@@ -34,7 +34,7 @@ from dvp_schemas import EngineCapabilities
 from ..model_store import load_tokenizer
 from ._batch import DecodeBatch, SlackLayer
 from ._rows import Row, StopStringMatcher
-from ._scheduler import EngineStats, KvBudget, SchedulerMixin, StepHook
+from ._scheduler import EngineStats, KvBudget, KvBudgetError, SchedulerMixin, StepHook
 from ._weights import WeightsInput, copy_weights, read_weights
 from .base import EngineError, EngineInfo, EngineParams, RolloutChunk
 from .scoring import ScoredSequence, ScoreParams, score_sequences
@@ -319,7 +319,7 @@ class TorchEngine(SchedulerMixin):
             raise ValueError(f"max_tokens must be >= 1, got {params.max_tokens}")
         need = min(len(ids) + params.max_tokens, self.max_model_len)
         if not self.kv.fits(1, need):
-            raise ValueError(
+            raise KvBudgetError(
                 f"prompt + max_tokens = {need} tokens need "
                 f"{(need + self.kv.slack) * self.kv.bytes_per_token} bytes of KV cache "
                 f"({self.kv.bytes_per_token} per token, {self.kv.slack} spare), more than the "
