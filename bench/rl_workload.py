@@ -264,6 +264,13 @@ class Server:
         self.proc = None
 
 
+#: ``python -c`` program: dvp-serve with ``torch.set_num_threads(N)`` in its API process.
+OURS_WITH_THREADS = (
+    "import sys, torch; torch.set_num_threads({}); sys.argv[0] = 'dvp-serve'; "
+    "from dvp_server.cli import main; main()"
+)
+
+
 def engine_flags(args: argparse.Namespace, max_len: int) -> dict[str, str]:
     """The engine settings both servers get (our names -> values)."""
     return {
@@ -286,8 +293,12 @@ def make_servers(
         del env["VLLM_CPU_KVCACHE_SPACE"]
     env.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, sorted(os.sched_getaffinity(0)))))
     py = sys.executable
+    launcher = ["-m", "dvp_server"]
+    threads = getattr(args, "ours_torch_threads", None)
+    if threads:  # torch threads of our API process (vLLM's workers keep their own)
+        launcher = ["-c", OURS_WITH_THREADS.format(threads)]
     ours = [
-        py, "-m", "dvp_server", "--engine", "vllm", "--model", str(model_dir),
+        py, *launcher, "--engine", "vllm", "--model", str(model_dir),
         "--dtype", f["dtype"], "--max-model-len", f["max_model_len"],
         "--kv-cache-bytes", f["kv_cache_bytes"], "--max-batch", f["max_num_seqs"],
         "--max-logprobs", f["max_logprobs"], "--log-level", "warning",
@@ -512,6 +523,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-num-seqs", type=int, default=32, help="ours: --max-batch")
     ap.add_argument("--max-model-len", type=int, default=None)
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    ap.add_argument(
+        "--ours-torch-threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads in our server's API process (default: torch's own)",
+    )
     ap.add_argument("--mode", default="auto", choices=("auto", "both", "sequential"))
     ap.add_argument("--start-timeout", type=float, default=600.0)
     ap.add_argument("--json-out", type=Path, default=None)
