@@ -37,6 +37,7 @@ from dvp_client import Client, RolloutBatch
 from dvp_server.app import create_app
 from dvp_server.config import ServerConfig
 from dvp_server.engines.torch_engine import TorchEngine
+from dvp_server.supervisor import RETRY_AFTER_DEAD_S
 from fastapi.testclient import TestClient
 from safetensors.torch import save_file
 from test_weights import TOKEN_A, certain_weights
@@ -101,10 +102,12 @@ def test_restarts_are_bounded_then_the_engine_stays_dead(
         metrics = client.get("/metrics").text
         assert _restart_counter(metrics, "failed") == RESTARTS
         assert _restart_counter(metrics, "ok") == 0
-        for r in (during, client.post("/v1/rollouts", json=BODY)):
+        after = client.post("/v1/rollouts", json=BODY)
+        for r in (during, after):
             assert r.status_code == 503, r.text
             assert r.json()["error"]["type"] == "engine_unavailable"
             assert int(r.headers["retry-after"]) >= 1
+        assert int(after.headers["retry-after"]) == RETRY_AFTER_DEAD_S  # try another replica
     logged = [r.getMessage() for r in caplog.records if r.name == "dvp_server.supervisor"]
     assert sum("restart attempt" in m and " of 2 in " in m for m in logged) == RESTARTS
     assert any("stays dead after 2 restart attempt(s)" in m for m in logged), logged
@@ -113,7 +116,7 @@ def test_restarts_are_bounded_then_the_engine_stays_dead(
 # --- over HTTP: kill vLLM's EngineCore mid-batch -------------------------------------
 
 PROMPTS: list[str | list[int]] = ["The quick brown fox", [5, 6, 7, 8, 9], "Count: 1, 2, 3,"]
-ROLLOUT_KW: dict[str, Any] = {"n": 4, "max_tokens": 384, "seed": 2024, "ignore_eos": True}
+ROLLOUT_KW: dict[str, Any] = {"n": 4, "max_tokens": 256, "seed": 2024, "ignore_eos": True}
 MIN_RESTART_TIMEOUT_S = 120.0  # a restart takes about as long as the first start
 
 
@@ -232,7 +235,7 @@ def test_engine_core_killed_mid_batch(restart_server: tuple[ServerProcess, float
     timeout = max(MIN_RESTART_TIMEOUT_S, 2 * startup_s)  # shared, busy cores start slowly
     with Client(url, timeout=120, max_retries=0) as c:
         reference = c.rollouts(PROMPTS, **ROLLOUT_KW)  # before the kill
-    raw_body = {"prompts": PROMPTS, "n": 4, "sampling": {"max_tokens": 384, "seed": 7}}
+    raw_body = {"prompts": PROMPTS, "n": 4, "sampling": {"max_tokens": 256, "seed": 7}}
     raw_thread, raw = _in_thread(
         lambda: httpx.post(f"{url}/v1/rollouts", json=raw_body, timeout=99)
     )

@@ -102,12 +102,16 @@ class EngineSupervisor:
     def retry_after_s(self) -> int:
         """Seconds a refused client should wait: the estimated time to the engine's return.
 
-        ``start duration + time to the coming attempt`` while restarting, clipped to
-        ``[1, MAX_RETRY_AFTER_S]``; :data:`RETRY_AFTER_DEAD_S` once restarts are exhausted.
+        While restarting, ``attempt time + last start duration - now`` (the engine is
+        expected back then); once past that estimate, a quarter of the start duration
+        (the start runs late: retry soon, not at once). Clipped to ``[1,
+        MAX_RETRY_AFTER_S]``; :data:`RETRY_AFTER_DEAD_S` once restarts are exhausted.
         """
         if self._gave_up or (self.max_restarts == 0 and self.state == "dead"):
             return RETRY_AFTER_DEAD_S
-        wait = max(0.0, self._next_try_at - time.monotonic()) + self._start_s
+        wait = self._next_try_at + self._start_s - time.monotonic()
+        if wait < 1:
+            wait = self._start_s / 4
         return int(min(MAX_RETRY_AFTER_S, max(1, math.ceil(wait))))
 
     async def start(self) -> None:
