@@ -284,3 +284,16 @@ def test_slack_cache_equals_the_plain_cache(engine: TorchEngine, tiny_dir: Path)
         worst = max(worst, float(np.abs(ra.logprobs - rb.logprobs).max()))
     print(f"slack vs plain cache: max |d logp| = {worst:.2e}")
     assert worst < PATH_ATOL
+
+
+def test_newcomers_join_a_half_full_batch_in_groups(tiny_dir: Path) -> None:
+    """Into a batch at least half full, one newcomer waits (up to MERGE_WAIT_STEPS turns)
+    for a group of a quarter of max_batch; into a less than half full one it joins at once."""
+    eng = TorchEngine(tiny_dir, max_batch=8, threads=1)
+    eng._pending.append(_row(eng, [5, 6]))
+    waits = [eng._defer(running=6) for _ in range(eng.MERGE_WAIT_STEPS + 1)]
+    assert waits == [True] * eng.MERGE_WAIT_STEPS + [False]
+    assert not eng._defer(running=3)  # less than half full: at once
+    eng._pending.append(_row(eng, [7]))
+    assert not eng._defer(running=6)  # a group of 2 = 8 / 4
+    assert eng._defer(running=8)  # no free slot
