@@ -30,8 +30,12 @@ at once; ``--mode sequential``: one server at a time, restarted per round, for
 machines short of memory; ``auto`` picks ``both`` when 12 GiB are available).
 Reported per variant: rollouts/s and tokens/s (median over rounds), p50 / p99
 step time (nearest rank over rounds: with few rounds p99 is the slowest),
-response bytes per generated token, and ours / vllm serve in tokens/s as the
-median over rounds of the ratio of the runs made back to back in each round.
+response bytes per generated token, ours / vllm serve in tokens/s as the
+median over rounds of the ratio of the runs made back to back in each round, and
+the CPU seconds each server's processes used per step (API front end, vLLM
+engine core, vLLM worker; from ``/proc``). ``--ours-torch-threads N`` starts our
+server with ``torch.set_num_threads(N)`` in its API process (the per-chunk rule
+runs there; vLLM's workers bind their own threads).
 
     .venv/bin/python bench/rl_workload.py --quick       # tiny random model, ~3 minutes
     .venv/bin/python bench/rl_workload.py                # SmolLM2, 32 x 8 x 128, 3 rounds
