@@ -73,6 +73,7 @@ class Row:
     emit_share: float
     floor_tps: float  # B / (weight bytes per decode step / measured bandwidth)
     floor_kv_tps: float  # the same with the KV cache read at the mean length added
+    plain_tps: float | None = None  # engine on with kv_slack=0 (--ab-slack)
 
 
 @dataclass
@@ -178,17 +179,27 @@ def time_engine(engine: TorchEngine, batch: list[list[int]], new: int, dvp: bool
     return dt
 
 
-def measure(engine: TorchEngine, floor: Floor, b: int, new: int, repeats: int, off: bool) -> Row:
-    """Interleaved runs of generate() / engine off / engine on; medians of each."""
+def measure(
+    engine: TorchEngine, floor: Floor, b: int, new: int, repeats: int, off: bool, ab: bool
+) -> Row:
+    """Interleaved runs of generate() / engine off / engine on (/ on with the plain
+    concatenating KV cache when ``ab``); medians of each."""
     batch = prompts(engine, b)
     time_generate(engine, batch, min(new, 16))  # warm-up: kernels for these shapes
     time_engine(engine, batch, min(new, 16), True)
-    gen, offs, on = [], [], []
+    gen, offs, on, plain = [], [], [], []
     stats = EngineStats()
+    slack = engine.kv.slack
     for _ in range(repeats):
         gen.append(time_generate(engine, batch, new))
         if off:
             offs.append(time_engine(engine, batch, new, False))
+        if ab:
+            engine.kv.slack = 0
+            try:
+                plain.append(time_engine(engine, batch, new, True))
+            finally:
+                engine.kv.slack = slack
         engine.stats = EngineStats()
         on.append(time_engine(engine, batch, new, True))
         stats = _add(stats, engine.stats)
@@ -206,6 +217,7 @@ def measure(engine: TorchEngine, floor: Floor, b: int, new: int, repeats: int, o
         emit_share=stats.emit_s / total,
         floor_tps=b / floor.step_s(b),
         floor_kv_tps=b / floor.step_s(b, mean_len),
+        plain_tps=tokens / statistics.median(plain) if plain else None,
     )
 
 
@@ -217,8 +229,8 @@ def table(rows: list[Row]) -> str:
     lines = [
         "| dtype | batch | new | generate() tok/s | engine on tok/s | on / generate "
         "| metadata cost (on vs off) | rule step share | bookkeeping share "
-        "| floor tok/s (weights) | on / floor | floor tok/s (+KV) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| floor tok/s (weights) | on / floor | floor tok/s (+KV) | on, plain KV cache |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         cost = "n/a" if r.off_tps is None else f"{100 * (1 - r.on_tps / r.off_tps):+.1f}%"
@@ -226,7 +238,8 @@ def table(rows: list[Row]) -> str:
             f"| {r.dtype} | {r.batch} | {r.new_tokens} | {r.generate_tps:.1f} | {r.on_tps:.1f} "
             f"| {r.on_tps / r.generate_tps:.2f}x | {cost} "
             f"| {100 * r.rule_share:.1f}% | {100 * r.emit_share:.1f}% "
-            f"| {r.floor_tps:.0f} | {r.on_tps / r.floor_tps:.2f} | {r.floor_kv_tps:.0f} |"
+            f"| {r.floor_tps:.0f} | {r.on_tps / r.floor_tps:.2f} | {r.floor_kv_tps:.0f} "
+            f"| {'n/a' if r.plain_tps is None else f'{r.plain_tps:.1f}'} |"
         )
     return "\n".join(lines)
 
@@ -240,6 +253,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=3, help="runs per variant (median kept)")
     ap.add_argument("--long-repeats", type=int, default=1, help="runs for more than 64 tokens")
     ap.add_argument("--no-off", action="store_true", help="skip the 'engine off' variant")
+    ap.add_argument(
+        "--ab-slack", action="store_true", help="also 'engine on' with kv_slack=0 (A/B)"
+    )
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default all)")
     ap.add_argument("--quick", action="store_true", help="batches 1 8, 16 tokens, 1 repeat")
     args = ap.parse_args(argv)
@@ -263,7 +279,8 @@ def main(argv: list[str] | None = None) -> None:
             for new in args.new_tokens:
                 reps = args.repeats if new <= 64 else args.long_repeats
                 for b in args.batches:
-                    rows.append(measure(engine, floor, b, new, reps, not args.no_off))
+                    off = not args.no_off
+                    rows.append(measure(engine, floor, b, new, reps, off, args.ab_slack))
                     print(table(rows[-1:]).splitlines()[-1], flush=True)
         finally:
             asyncio.run(engine.shutdown())
