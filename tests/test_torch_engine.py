@@ -400,6 +400,46 @@ def test_step_error_fails_only_its_batch(tiny_dir: Path) -> None:
     assert eng.state == "dead"
 
 
+def test_scheduler_death_fails_its_rows_and_start_restarts_it(tiny_dir: Path) -> None:
+    """An error outside a step ends the scheduler thread: its rows fail (no caller
+    hangs), the state is 'dead', and start() brings up a new thread on the same model."""
+    eng = TorchEngine(tiny_dir, max_batch=4)
+    real_admit = eng._admit
+    calls = {"n": 0}
+
+    def admit_once_then_die() -> Any:
+        calls["n"] += 1
+        if calls["n"] == 3:  # a later turn, with both rollouts decoding
+            raise RuntimeError("injected scheduler fault")
+        return real_admit()
+
+    async def scenario() -> tuple[list[Any], str, Result, Result]:
+        await eng.start()
+        reference = await collect(eng, "ref", encode(eng, PROMPTS[0]), params(seed=11))
+        calls["n"] = 0
+        eng._admit = admit_once_then_die  # type: ignore[method-assign]
+        jobs = [
+            ("a", encode(eng, PROMPTS[0]), params(seed=11, max_tokens=200)),
+            ("b", encode(eng, PROMPTS[1]), params(seed=12, max_tokens=200)),
+        ]
+        failed = await asyncio.wait_for(together(eng, jobs), timeout=60)
+        state = eng.state
+        eng._admit = real_admit  # type: ignore[method-assign]
+        await eng.shutdown()  # what the supervisor does: shutdown, then start
+        await eng.start()
+        again = await collect(eng, "again", encode(eng, PROMPTS[0]), params(seed=11))
+        await eng.shutdown()
+        return failed, state, reference, again
+
+    failed, state, reference, again = asyncio.run(scenario())
+    for err in failed:
+        assert isinstance(err, EngineError) and "scheduler died" in str(err)
+        assert "injected scheduler fault" in str(err)
+    assert state == "dead"
+    assert again.finish_reason == "length"
+    np.testing.assert_array_equal(again.tokens, reference.tokens)  # same model, same seed
+
+
 def test_chunks_flush_every_16_steps(engine: TorchEngine) -> None:
     res = asyncio.run(collect(engine, "flush", encode(engine, "x"), params(max_tokens=40)))
     assert [len(c.token_ids) for c in res.chunks] == [16, 16, 8]

@@ -136,6 +136,7 @@ class SchedulerMixin:
     _batch: DecodeBatch | None
     _last_tokens: np.ndarray
     _stopping: bool
+    _state: str
     _policy_version: int
     _model_lock: threading.Lock
     _prefilled_last: bool
@@ -163,7 +164,27 @@ class SchedulerMixin:
         row.emit(row.take_chunk(reason, stop, error=error, policy_version=self._policy_version))
 
     def _run(self) -> None:
-        """Scheduler thread: admit, step, repeat; never lets a step's error escape."""
+        """Scheduler thread: admit, step, repeat; never lets a step's error escape.
+
+        A step's error fails its batch only (``_step``). An error anywhere else
+        ends the thread (the engine's state turns 'dead', the supervisor restarts
+        it), but first fails every row it held, so no caller waits forever.
+        """
+        reason: FinishReason = "abort"
+        error: str | None = None
+        try:
+            self._loop()
+        except Exception as exc:
+            logger.exception("torch engine scheduler died")
+            reason, error = "error", f"scheduler died: {type(exc).__name__}: {exc}"
+            self._state = "dead"  # before the rows fail: no new row is accepted
+        with self._cond:
+            for row in list(self._rows.values()):
+                self._finish(row, reason, None, error=error)
+            self._pending.clear()
+            self._batch = None
+
+    def _loop(self) -> None:
         torch.set_num_threads(self.threads)  # intra-op threads of this thread's work
         with torch.inference_mode():
             while True:
@@ -171,18 +192,13 @@ class SchedulerMixin:
                     while not self._stopping and not self._pending and self._batch is None:
                         self._cond.wait()
                     if self._stopping:
-                        break
+                        return
                     if self._batch is None:
                         self._collect_arrivals()
                     new_rows = self._admit()
                     aborts, self._aborts = self._aborts, set()
                 with self._model_lock:
                     self._step(new_rows, aborts)
-        with self._cond:
-            for row in list(self._rows.values()):
-                self._finish(row, "abort", None, error=None)
-            self._pending.clear()
-            self._batch = None
 
     def _collect_arrivals(self) -> None:
         """Before a new batch, wait while rollouts keep arriving (call with ``_cond`` held).

@@ -232,9 +232,17 @@ class TorchEngine(SchedulerMixin):
         return self._state
 
     async def start(self) -> None:
-        """Start the scheduler thread (idempotent)."""
-        if self._thread is not None:
+        """Start the scheduler thread; idempotent, and a new one after a death or shutdown.
+
+        A dead thread has failed its rows already (``_run``); the model, weights
+        and ``policy_version`` carry over to the new thread.
+        """
+        if self._thread is not None and self._thread.is_alive():
             return
+        with self._cond:
+            self._stopping = False
+            self._batch = None
+            self._last_tokens = np.zeros(0, dtype=np.int64)
         self._thread = threading.Thread(target=self._run, name="dvp-torch-engine", daemon=True)
         self._state = "running"
         self._thread.start()
