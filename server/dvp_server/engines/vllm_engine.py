@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from dvp_schemas import EngineCapabilities, FinishReason
 
 from ..model_store import load_tokenizer
@@ -176,6 +177,10 @@ class VllmEngine:
             vocab_size=int(model_config.get_vocab_size()),
             max_model_len=int(model_config.max_model_len),
         )
+        # The serving loop only runs the rule on (t, K) chunks: one intra-op thread.
+        # Two threads made each call wait for a core the worker's OpenMP threads hold
+        # (61% of the API process in safe_vocab, BENCHMARKS.md "RL workload").
+        torch.set_num_threads(1)
         self._state = "running"
         logger.info(
             "vLLM engine up in %.1f s (%s, %s, K=%d)",
