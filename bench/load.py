@@ -9,7 +9,8 @@ requests/s and tokens/s over the wall time of the whole run, p50 / p90 / p99 /
 max latency per request (client side, retries included), errors, and the
 server's own counters from ``/metrics`` (429s, mean engine batch).
 
-By default it starts its own server (``python -m dvp_server``, torch engine)
+By default it starts its own server (``python -m dvp_server``, torch engine;
+``--engine vllm`` for the vLLM engine, started like ``bench/rl_workload.py`` does)
 over a tiny random model built in a temporary folder (``--model smollm2`` for
 the real one) and stops it at the end; ``--url`` measures a running server.
 
@@ -18,11 +19,15 @@ the real one) and stops it at the end; ``--url`` measures a running server.
     .venv/bin/python bench/load.py --url http://127.0.0.1:8000 --model-name smollm2
     .venv/bin/python bench/load.py --compare 3 --clients 48 --requests 4 \\
         --max-batch 16 --min-tokens 8 --max-tokens 64   # continuous batching on vs off
+    .venv/bin/python bench/load.py --engine vllm --model smollm2 --compare 3 \\
+        --clients 32 --requests 3 --min-tokens 8 --max-tokens 64   # vLLM engine
 
 ``--compare`` answers: does throughput under concurrent load reach the engine's
 best single-batch throughput (one request of ``max_batch`` rollouts of
 ``--max-tokens``), with and without continuous batching? Requests of varied
 lengths (``--min-tokens``) are what a batch that waits for its longest row wastes.
+With ``--engine vllm`` (always continuous batching) one server serves every round:
+a warm-up request, then per round the single batch and the load, back to back.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import json
 import math
 import os
 import platform
+import signal
 import statistics
 import sys
 import tempfile
@@ -53,10 +59,38 @@ def _model(args: argparse.Namespace, stack: ExitStack) -> str:
     if args.model != "tiny":
         return str(args.model)
     sys.path.insert(0, str(ROOT / "tests"))
-    from _models import build_tiny_model  # type: ignore[import-not-found]
+    from _models import VLLM_TINY_HEADS, build_tiny_model  # type: ignore[import-not-found]
 
     tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dvp-load-model-")))
-    return str(build_tiny_model(tmp / "model"))
+    heads = VLLM_TINY_HEADS if args.engine == "vllm" else {}
+    return str(build_tiny_model(tmp / "model", **heads))
+
+
+def _vllm_server(args: argparse.Namespace, stack: ExitStack, model: str) -> str:
+    """``dvp-serve --engine vllm`` in its own process group (``rl_workload.Server``).
+
+    Same environment as ``bench/rl_workload.py`` (vLLM's CPU workers bound to every
+    core of this process); the whole group is stopped when ``stack`` closes.
+    """
+    from rl_workload import Server  # bench/, next to this file
+
+    env = dict(os.environ)
+    if env.get("VLLM_CPU_KVCACHE_SPACE") == "":
+        del env["VLLM_CPU_KVCACHE_SPACE"]
+    env.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, sorted(os.sched_getaffinity(0)))))
+    cmd = [
+        sys.executable, "-m", "dvp_server", "--engine", "vllm", "--model", model,
+        "--dtype", args.dtype,
+        "--max-batch", str(args.max_batch),
+        "--max-queue", str(args.max_queue),
+        "--max-rollouts", str(min(512, args.max_batch + args.max_queue)),
+        "--log-level", "warning",
+    ]  # fmt: skip
+    tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dvp-load-")))
+    server = Server("ours-vllm", cmd, env, tmp / "server.log")
+    stack.callback(server.stop)
+    print(f"vLLM-engine server up in {server.start(900.0):.0f} s", flush=True)
+    return server.url
 
 
 def _server(args: argparse.Namespace, stack: ExitStack, model: str | None = None) -> str:
@@ -65,6 +99,8 @@ def _server(args: argparse.Namespace, stack: ExitStack, model: str | None = None
     from conftest import start_server, stop_server  # type: ignore[import-not-found]
 
     model = model or _model(args, stack)
+    if args.engine == "vllm":
+        return _vllm_server(args, stack, model)
     tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dvp-load-")))
     cb = "--continuous-batching" if args.continuous_batching else "--no-continuous-batching"
     flags = [
@@ -140,15 +176,19 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
-def single_batch(url: str, args: argparse.Namespace) -> float:
-    """Tokens/s of one request of ``max_batch`` rollouts x ``--max-tokens``: one full batch."""
+def single_batch(url: str, args: argparse.Namespace, n: int | None = None) -> float:
+    """Tokens/s of one request of ``max_batch`` rollouts x ``--max-tokens``: one full batch.
+
+    ``n`` (default ``--max-batch``) rollouts; a smaller ``n`` serves as a warm-up.
+    """
+    n = n or args.max_batch
 
     async def one() -> float:
         async with AsyncClient(url, api_key=args.api_key) as client:
             t0 = time.perf_counter()
             batch = await client.rollouts(
                 ["Single batch prompt: say something."],
-                n=args.max_batch,
+                n=n,
                 max_tokens=args.max_tokens,
                 ignore_eos=True,
                 seed=7,
@@ -158,7 +198,7 @@ def single_batch(url: str, args: argparse.Namespace) -> float:
             )
             dt = time.perf_counter() - t0
             _check(batch, args.max_tokens)
-            return args.max_batch * args.max_tokens / dt
+            return n * args.max_tokens / dt
 
     return asyncio.run(one())
 
@@ -218,6 +258,8 @@ def compare(args: argparse.Namespace) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     with ExitStack() as models:
         model = _model(args, models)
+        if args.engine == "vllm":
+            return compare_vllm(args, model, models)
         for r in range(args.compare):
             for cb in (True, False):
                 args.continuous_batching = cb
@@ -230,6 +272,42 @@ def compare(args: argparse.Namespace) -> list[dict[str, Any]]:
                 print(json.dumps(res), flush=True)
                 out.append(res)
     return out
+
+
+def compare_vllm(args: argparse.Namespace, model: str, stack: ExitStack) -> list[dict[str, Any]]:
+    """vLLM engine: one server; a warm-up, then ``--compare`` rounds of single batch + load."""
+    url = _server(args, stack, model)
+    single_batch(url, args, n=2)  # warm-up: first-request costs stay out of round 0
+    out: list[dict[str, Any]] = []
+    for r in range(args.compare):
+        single = single_batch(url, args)
+        res = run(args, url)
+        res.update(round=r, engine="vllm", single_batch_tps=round(single, 1))
+        res["load_over_single"] = round(res["tokens_per_s"] / single, 2)
+        print(json.dumps(res), flush=True)
+        out.append(res)
+    return out
+
+
+def vllm_table(results: list[dict[str, Any]]) -> str:
+    """Medians over the rounds (and each round's ratio), vLLM engine."""
+
+    def med(key: str) -> float:
+        return float(statistics.median(r[key] for r in results))
+
+    ratios = ", ".join(f"{r['load_over_single']:.2f}" for r in results)
+    return "\n".join(
+        [
+            "| engine | rounds | load tok/s | single-batch tok/s | load / single (per round) "
+            "| requests/s | p50 | p99 | max | errors | 429s (retried) |",
+            "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+            f"| vllm | {len(results)} | {med('tokens_per_s'):.0f} "
+            f"| {med('single_batch_tps'):.0f} | {med('load_over_single'):.2f} ({ratios}) "
+            f"| {med('requests_per_s'):.1f} | {med('p50_s'):.2f} s | {med('p99_s'):.2f} s "
+            f"| {med('max_s'):.2f} s | {sum(r['errors'] for r in results)} "
+            f"| {sum(r['rejected_429'] for r in results)} |",
+        ]
+    )
 
 
 def compare_table(results: list[dict[str, Any]]) -> str:
@@ -259,6 +337,12 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--url", default=None, help="a running server (default: start one)")
     ap.add_argument("--model", default="tiny", help="'tiny' (random, built here) or a model spec")
+    ap.add_argument(
+        "--engine",
+        default="torch",
+        choices=("torch", "vllm"),
+        help="own server's engine (vllm: --threads / --continuous-batching do not apply)",
+    )
     ap.add_argument("--api-key", default=None)
     ap.add_argument("--clients", type=int, default=256)
     ap.add_argument("--requests", type=int, default=20, help="sequential requests per client")
@@ -291,15 +375,17 @@ def main(argv: list[str] | None = None) -> None:
         "measures the server's single-batch throughput",
     )
     args = ap.parse_args(argv)
+    if args.engine == "vllm":  # SIGTERM -> SystemExit: the server's process group is stopped
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.compare:
         results = compare(args)
         print(
             f"{args.clients} clients x {args.requests} requests, n={args.n}, max_tokens "
             f"{args.min_tokens or args.max_tokens}-{args.max_tokens}, --max-batch "
             f"{args.max_batch}, --threads {args.threads}, model {args.model}, load average "
-            f"{os.getloadavg()[0]:.1f}"
+            f"{os.getloadavg()[0]:.1f}, engine {args.engine}"
         )
-        print(compare_table(results))
+        print(vllm_table(results) if args.engine == "vllm" else compare_table(results))
         return
     result = run(args)
     print(json.dumps(result, indent=2))
