@@ -214,9 +214,9 @@ def run(args: argparse.Namespace, url: str | None = None) -> dict[str, Any]:
             calls = (_client(url, c, args, lat, tokens) for c in range(args.clients))
             return await asyncio.gather(*calls)
 
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         errors = [e for errs in asyncio.run(all_clients()) for e in errs]
-        wall = time.perf_counter() - t0
+        wall, client_cpu = time.perf_counter() - t0, time.process_time() - cpu0
         after = _scrape(url, args.api_key)
 
     def delta(key: str) -> float:
@@ -236,6 +236,7 @@ def run(args: argparse.Namespace, url: str | None = None) -> dict[str, Any]:
         "errors": len(errors),
         "first_errors": errors[:3],
         "wall_s": round(wall, 2),
+        "client_cpu_s": round(client_cpu, 2),  # this process: clients + response checks
         "requests_per_s": round(done / wall, 2),
         "tokens_per_s": round(sum(tokens) / wall, 1),
         "p50_s": round(statistics.median(lat), 3) if lat else None,
