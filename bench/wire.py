@@ -33,25 +33,10 @@ from typing import Any
 
 import httpx
 import msgpack
+from _prompts import QUESTIONS as _QUESTIONS  # bench/, next to this file
 
-QUESTIONS = [
-    "What is 7*8?",
-    "Name three primary colours.",
-    "Write a haiku about the sea.",
-    "Explain photosynthesis in one sentence.",
-    "What is the capital of France?",
-    "Give me a synonym for happy.",
-    "How many legs does a spider have?",
-    "Translate 'good morning' into Spanish.",
-    "What is the boiling point of water in Celsius?",
-    "List two prime numbers greater than ten.",
-    "Who wrote Romeo and Juliet?",
-    "What does CPU stand for?",
-    "Describe a cat in five words.",
-    "What is the square root of 144?",
-    "Suggest a name for a pet goldfish.",
-    "Why is the sky blue? Answer briefly.",
-]
+# wire.py's recorded runs used a shorter last question: kept, so they reproduce.
+QUESTIONS = [*_QUESTIONS[:-1], "Why is the sky blue? Answer briefly."]
 CONFIGS: list[tuple[str, float, bool]] = [
     ("sets off, min_p 1e-3", 1e-3, False),
     ("sets on, min_p 1e-3", 1e-3, True),
