@@ -222,6 +222,8 @@ def _watch_restart(
         if health[-1] == "restarting" and during is None:
             during = httpx.post(f"{url}/v1/rollouts", json=BODY, timeout=30)
         if ready[-1][1] and "restarting" in health:
+            # /health was read before /ready: read it again now that the engine is back.
+            health.append(httpx.get(f"{url}/health", timeout=5).json()["engine_state"])
             return health, ready, during
         time.sleep(0.1)
     raise AssertionError(f"the engine did not come back: {ready[-5:]}")
