@@ -4,7 +4,8 @@ For each dtype and batch size B, the same model (the engine's own module) decode
 B chat prompts (different lengths, left-padded) for N new tokens (eos ignored):
 
 - ``generate``: ``model.generate(do_sample=True, temperature=1, top_k=0, top_p=1)``
-  with a KV cache: the baseline;
+  with a KV cache, on the stock transformers modules (``aten`` linears, ``sdpa``
+  attention: the engine's fast kernels switched off for it): the baseline;
 - ``engine off``: the engine with min_p = 0 and no safe ids (the rule still runs
   on the full vocabulary: every rollout gets log p, log pi_S, log Z_S, |S|);
 - ``engine on``: min_p = 1e-3 and the safe ids returned (the DVP use).
@@ -23,6 +24,7 @@ At larger B the step becomes compute-bound and the floor is no longer reachable.
 
     .venv/bin/python bench/engine.py            # full table (SmolLM2, fp32 + bf16)
     .venv/bin/python bench/engine.py --quick    # a smoke run, under a minute
+    .venv/bin/python bench/engine.py --ab-kernels   # also "engine on" with stock kernels
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from dataclasses import dataclass
 import torch
 from _prompts import QUESTIONS  # bench/, next to this file
 from dvp_schemas import PruningRule
+from dvp_server.engines._kernels import stock
 from dvp_server.engines.base import EngineParams
 from dvp_server.engines.torch_engine import EngineStats, TorchEngine
 from dvp_server.model_store import resolve_model
@@ -56,6 +59,7 @@ class Row:
     floor_tps: float  # B / (weight bytes per decode step / measured bandwidth)
     floor_kv_tps: float  # the same with the KV cache read at the mean length added
     plain_tps: float | None = None  # engine on with kv_slack=0 (--ab-slack)
+    stock_tps: float | None = None  # engine on with the stock kernels (--ab-kernels)
 
 
 @dataclass
@@ -115,7 +119,7 @@ def time_generate(engine: TorchEngine, batch: list[list[int]], new: int) -> floa
         ids[i, k - len(p) :] = torch.tensor(p)
         mask[i, k - len(p) :] = 1
     t0 = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode(), stock(engine.model):
         out = engine.model.generate(
             input_ids=ids,
             attention_mask=mask,
@@ -162,14 +166,22 @@ def time_engine(engine: TorchEngine, batch: list[list[int]], new: int, dvp: bool
 
 
 def measure(
-    engine: TorchEngine, floor: Floor, b: int, new: int, repeats: int, off: bool, ab: bool
+    engine: TorchEngine,
+    floor: Floor,
+    b: int,
+    new: int,
+    repeats: int,
+    off: bool,
+    ab: bool,
+    ab_kernels: bool = False,
 ) -> Row:
     """Interleaved runs of generate() / engine off / engine on (/ on with the plain
-    concatenating KV cache when ``ab``); medians of each."""
+    concatenating KV cache when ``ab`` / on with the stock kernels when
+    ``ab_kernels``); medians of each."""
     batch = prompts(engine, b)
     time_generate(engine, batch, min(new, 16))  # warm-up: kernels for these shapes
     time_engine(engine, batch, min(new, 16), True)
-    gen, offs, on, plain = [], [], [], []
+    gen, offs, on, plain, stocks = [], [], [], [], []
     stats = EngineStats()
     slack = engine.kv.slack
     for _ in range(repeats):
@@ -182,6 +194,9 @@ def measure(
                 plain.append(time_engine(engine, batch, new, True))
             finally:
                 engine.kv.slack = slack
+        if ab_kernels:
+            with stock(engine.model):
+                stocks.append(time_engine(engine, batch, new, True))
         engine.stats = EngineStats()
         on.append(time_engine(engine, batch, new, True))
         stats = _add(stats, engine.stats)
@@ -200,6 +215,7 @@ def measure(
         floor_tps=b / floor.step_s(b),
         floor_kv_tps=b / floor.step_s(b, mean_len),
         plain_tps=tokens / statistics.median(plain) if plain else None,
+        stock_tps=tokens / statistics.median(stocks) if stocks else None,
     )
 
 
@@ -211,8 +227,9 @@ def table(rows: list[Row]) -> str:
     lines = [
         "| dtype | batch | new | generate() tok/s | engine on tok/s | on / generate "
         "| metadata cost (on vs off) | rule step share | bookkeeping share "
-        "| floor tok/s (weights) | on / floor | floor tok/s (+KV) | on, plain KV cache |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| floor tok/s (weights) | on / floor | floor tok/s (+KV) | on, plain KV cache "
+        "| on, stock kernels |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         cost = "n/a" if r.off_tps is None else f"{100 * (1 - r.on_tps / r.off_tps):+.1f}%"
@@ -221,7 +238,8 @@ def table(rows: list[Row]) -> str:
             f"| {r.on_tps / r.generate_tps:.2f}x | {cost} "
             f"| {100 * r.rule_share:.1f}% | {100 * r.emit_share:.1f}% "
             f"| {r.floor_tps:.0f} | {r.on_tps / r.floor_tps:.2f} | {r.floor_kv_tps:.0f} "
-            f"| {'n/a' if r.plain_tps is None else f'{r.plain_tps:.1f}'} |"
+            f"| {'n/a' if r.plain_tps is None else f'{r.plain_tps:.1f}'} "
+            f"| {'n/a' if r.stock_tps is None else f'{r.stock_tps:.1f}'} |"
         )
     return "\n".join(lines)
 
@@ -237,6 +255,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-off", action="store_true", help="skip the 'engine off' variant")
     ap.add_argument(
         "--ab-slack", action="store_true", help="also 'engine on' with kv_slack=0 (A/B)"
+    )
+    ap.add_argument(
+        "--ab-kernels", action="store_true", help="also 'engine on' with the stock kernels (A/B)"
     )
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default all)")
     ap.add_argument("--quick", action="store_true", help="batches 1 8, 16 tokens, 1 repeat")
@@ -262,7 +283,9 @@ def main(argv: list[str] | None = None) -> None:
                 reps = args.repeats if new <= 64 else args.long_repeats
                 for b in args.batches:
                     off = not args.no_off
-                    rows.append(measure(engine, floor, b, new, reps, off, args.ab_slack))
+                    rows.append(
+                        measure(engine, floor, b, new, reps, off, args.ab_slack, args.ab_kernels)
+                    )
                     print(table(rows[-1:]).splitlines()[-1], flush=True)
         finally:
             asyncio.run(engine.shutdown())

@@ -165,6 +165,13 @@ def serve(
             "for it to finish)."
         ),
     ] = _DEFAULTS.continuous_batching,
+    fast_kernels: Annotated[
+        bool,
+        typer.Option(
+            help="Torch engine: prepacked oneDNN linears and copy-free GQA decode attention "
+            "(off: stock transformers modules)."
+        ),
+    ] = _DEFAULTS.fast_kernels,
     engine_restarts: Annotated[
         int,
         typer.Option(
@@ -213,6 +220,7 @@ def serve(
             shutdown_timeout_s=shutdown_timeout,
             threads=threads,
             continuous_batching=continuous_batching,
+            fast_kernels=fast_kernels,
             engine_restarts=engine_restarts,
             engine_restart_backoff_s=engine_restart_backoff,
         )

@@ -68,6 +68,9 @@ class ServerConfig:
             ``max_batch * max_model_len`` positions.
         continuous_batching: torch engine: pending rollouts join the running batch
             (True) or wait until it has finished (False, a baseline for benchmarks).
+        fast_kernels: torch engine: prepacked oneDNN linears and a copy-free GQA
+            decode attention (``engines/_kernels.py``); off: stock transformers
+            modules (a baseline for benchmarks; same numbers up to rounding).
         max_logprobs: vLLM only: K, the top-K raw log-probs per step that the safe
             sets are derived from; also the largest ``pruning.top_k`` served (a rule
             without ``top_k`` gets ``top_k = K``).
@@ -125,6 +128,7 @@ class ServerConfig:
     shutdown_timeout_s: float = 120.0
     threads: int | None = None
     continuous_batching: bool = True
+    fast_kernels: bool = True
     engine_restarts: int = 3
     engine_restart_backoff_s: float = 1.0
 

@@ -81,6 +81,7 @@ def build_engine(config: ServerConfig, model_dir: str | os.PathLike[str] | None 
             max_model_len=config.max_model_len,
             threads=config.threads,
             continuous_batching=config.continuous_batching,
+            fast_kernels=config.fast_kernels,
             kv_cache_bytes=config.kv_cache_bytes,
         )
     from .vllm_engine import VllmEngine, VllmSettings

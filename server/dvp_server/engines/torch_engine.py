@@ -33,6 +33,8 @@ from dvp_schemas import EngineCapabilities
 
 from ..model_store import load_tokenizer
 from ._batch import DecodeBatch, SlackLayer
+from ._kernels import forget_packed
+from ._kernels import install as install_kernels
 from ._rows import Row, StopStringMatcher
 from ._scheduler import EngineStats, KvBudget, KvBudgetError, SchedulerMixin, StepHook
 from ._weights import WeightsInput, copy_weights, read_weights
@@ -98,6 +100,7 @@ class TorchEngine(SchedulerMixin):
         continuous_batching: bool = True,
         kv_cache_bytes: int | None = None,
         kv_slack: int = SlackLayer.SLACK,
+        fast_kernels: bool = True,
     ) -> None:
         from transformers import AutoModelForCausalLM, GenerationConfig
 
@@ -117,6 +120,8 @@ class TorchEngine(SchedulerMixin):
         self.flush_every = flush_every
         self.model: Any = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=DTYPES[dtype])
         self.model.eval()
+        self.kernels = install_kernels(self.model) if fast_kernels else {}
+        logger.info("torch engine kernels: %s", self.kernels or "stock")
         self.tokenizer = load_tokenizer(model_dir)  # used by the scheduler thread only
         config = self.model.config
         limit = int(getattr(config, "max_position_embeddings", 0) or 0) or (max_model_len or 2048)
@@ -193,6 +198,7 @@ class TorchEngine(SchedulerMixin):
     def _swap_weights(self, tensors: dict[str, torch.Tensor]) -> int:
         with self._model_lock:
             copy_weights(self.model, tensors)
+            forget_packed(self.model)
             self._policy_version += 1
             return self._policy_version
 
