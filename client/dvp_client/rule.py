@@ -138,9 +138,7 @@ def _rule_mask(
     v = u.shape[1]
     if u_max is None:
         u_max = u.max(dim=-1, keepdim=True).values  # (N, 1)
-    # 2. min-p in log space: p_v >= rho * p_max  <=>  u_v - u_max >= log(rho).
-    log_rho = torch.log(params.min_p).unsqueeze(-1)  # (N, 1); log(0) = -inf keeps all
-    mask = (u - u_max) >= log_rho
+    mask = _min_p_keep(u - u_max, params.min_p)
     # 3. top-k: keep values >= the k-th largest of the kept ones (ties kept, as vLLM).
     k = params.top_k
     if bool((k > 0).any()):
@@ -160,6 +158,20 @@ def _rule_mask(
         one_hot.scatter_(-1, u.argmax(dim=-1, keepdim=True), True)
         mask = torch.where(greedy.unsqueeze(-1), one_hot, mask)
     return mask
+
+
+def _min_p_keep(shifted: Tensor, min_p: Tensor) -> Tensor:
+    """Step 2, min-p in log space: ``p_v >= rho * p_max  <=>  u_v - u_max >= log(rho)``.
+
+    Args:
+        shifted: float32 ``(N, V)``, ``u - max(u)`` per row (exactly this subtraction:
+            the sparse path in ``rule_sparse.py`` must keep the same tokens).
+        min_p: float32 ``(N,)``; 0 keeps everything (``log 0 = -inf``).
+
+    Returns:
+        bool ``(N, V)``.
+    """
+    return shifted >= torch.log(min_p).unsqueeze(-1)
 
 
 def _top_p_rows(u: Tensor, mask: Tensor, q: Tensor) -> Tensor:

@@ -29,6 +29,7 @@ from typing import Any, cast
 import numpy as np
 import torch
 from dvp_client.rule import safe_vocab
+from dvp_client.rule_sparse import sparse_applies, sparse_safe_vocab
 from torch import Tensor
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
@@ -63,26 +64,48 @@ def rule_step(logits: Tensor, rows: Sequence[Row]) -> StepOutput:
     Per-row temperature / min_p / top_k / top_p; each row draws from its own
     generator (inverse CDF over pi_S, see ``SafeVocab.sample``), so its token does
     not depend on its batch mates. Safe ids are extracted only for rows that asked.
+    A batch whose rows all sample with min-p alone (the RL case) takes the sparse
+    path (``dvp_client.rule_sparse``: the same sets and draws, S as id lists).
     """
     params = [r.params for r in rows]
-    sv = safe_vocab(
-        logits,
-        temperature=torch.tensor([p.temperature for p in params], dtype=torch.float64),
-        min_p=torch.tensor([p.rule.min_p for p in params], dtype=torch.float64),
-        top_k=torch.tensor([p.rule.top_k or 0 for p in params], dtype=torch.int64),
-        top_p=torch.tensor([p.rule.top_p for p in params], dtype=torch.float64),
-    )
-    tokens = sv.sample([r.generator for r in rows])  # (B,) int64
-    full, masked = sv.logprobs(tokens)
-    sizes = sv.safe_sizes.numpy()
+    temperature = torch.tensor([p.temperature for p in params], dtype=torch.float64)
+    min_p = torch.tensor([p.rule.min_p for p in params], dtype=torch.float64)
+    top_k = torch.tensor([p.rule.top_k or 0 for p in params], dtype=torch.int64)
+    top_p = torch.tensor([p.rule.top_p for p in params], dtype=torch.float64)
+    asked = [p.return_safe_token_ids for p in params]
+    generators = [r.generator for r in rows]
+    if sparse_applies(temperature, min_p, top_k, top_p):
+        sparse = sparse_safe_vocab(logits, temperature=temperature, min_p=min_p)
+        tokens = sparse.sample(generators)
+        full, masked = sparse.logprobs(tokens)
+        logmass, sizes = sparse.safe_logmass, sparse.safe_sizes.numpy()
+        safe_ids = _split_ids(sparse.ids, sizes, asked)
+    else:
+        sv = safe_vocab(logits, temperature=temperature, min_p=min_p, top_k=top_k, top_p=top_p)
+        tokens = sv.sample(generators)  # (B,) int64
+        full, masked = sv.logprobs(tokens)
+        logmass, sizes = sv.safe_logmass, sv.safe_sizes.numpy()
+        safe_ids = _safe_ids(sv.mask, sizes, asked)
     return StepOutput(
         tokens=tokens.numpy(),
         logprobs=full.numpy(),
         masked=masked.numpy(),
-        logmass=sv.safe_logmass.numpy(),
+        logmass=logmass.numpy(),
         sizes=sizes,
-        safe_ids=_safe_ids(sv.mask, sizes, [r.params.return_safe_token_ids for r in rows]),
+        safe_ids=safe_ids,
     )
+
+
+def _split_ids(ids: Tensor, sizes: np.ndarray, asked: list[bool]) -> list[np.ndarray | None]:
+    """Per row, int32 ids of S for the rows that asked, from the sparse path's id list.
+
+    Args:
+        ids: int64 ``(M,)``, every row's S one after the other; sizes: ``(B,)``.
+    """
+    if not any(asked):
+        return [None] * len(asked)
+    parts = np.split(ids.to(torch.int32).numpy(), np.cumsum(sizes)[:-1])
+    return [part if a else None for part, a in zip(parts, asked, strict=True)]
 
 
 def _safe_ids(mask: Tensor, sizes: np.ndarray, asked: list[bool]) -> list[np.ndarray | None]:
