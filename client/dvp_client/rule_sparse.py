@@ -141,19 +141,37 @@ def _nonzero(mask: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def sparse_safe_vocab(
-    logits: Tensor, *, temperature: Scalar | Tensor = 1.0, min_p: Scalar | Tensor
+    logits: Tensor,
+    *,
+    temperature: Scalar | Tensor = 1.0,
+    min_p: Scalar | Tensor = 0.0,
+    params: RuleParams | None = None,
 ) -> SparseSafeVocab:
     """Apply the min-p-only rule to logits ``(N, V)`` (CPU, any float dtype).
 
+    Args:
+        logits: ``(N, V)`` raw logits of N steps.
+        temperature, min_p: scalars or ``(N,)`` tensors.
+        params: instead of those, ``RuleParams.make``'s output (a caller that
+            decodes the same rows step after step validates them once).
+
     Raises:
         ValueError: bad shapes or values, or parameters :func:`sparse_applies`
-            refuses (a greedy row, ``min_p = 0``): use ``rule.safe_vocab`` for those.
+            refuses (a greedy row, ``min_p = 0``, top-k, top-p): use
+            ``rule.safe_vocab`` for those.
     """
     if logits.dim() != 2:
         raise ValueError(f"logits must be (N, V), got shape {tuple(logits.shape)}")
-    params = RuleParams.make(logits.shape[0], temperature=temperature, min_p=min_p)
-    if not sparse_applies(params.temperature, params.min_p):
-        raise ValueError("sparse_safe_vocab needs T >= 1e-5 and min_p > 0 in every row")
+    if params is None:
+        params = RuleParams.make(logits.shape[0], temperature=temperature, min_p=min_p)
+    if params.temperature.shape != (logits.shape[0],):
+        raise ValueError(
+            f"params are for {params.temperature.shape[0]} rows, logits have {logits.shape[0]}"
+        )
+    if not sparse_applies(params.temperature, params.min_p, params.top_k, params.top_p):
+        raise ValueError(
+            "sparse_safe_vocab needs T >= 1e-5, min_p > 0, no top_k and top_p = 1 in every row"
+        )
     u, _ = _scale(logits, params.temperature)
     shift = torch.amax(u, dim=-1, keepdim=True)  # (N, 1)
     e = u - shift  # (N, V): the min-p test's operand, then exp(u - max) in place

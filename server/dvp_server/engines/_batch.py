@@ -28,7 +28,7 @@ from typing import Any, cast
 
 import numpy as np
 import torch
-from dvp_client.rule import safe_vocab
+from dvp_client.rule import RuleParams, safe_vocab
 from dvp_client.rule_sparse import sparse_applies, sparse_safe_vocab
 from torch import Tensor
 from transformers import DynamicCache
@@ -58,7 +58,45 @@ class StepOutput:
     safe_ids: list[np.ndarray | None]
 
 
-def rule_step(logits: Tensor, rows: Sequence[Row]) -> StepOutput:
+@dataclass
+class BatchRule:
+    """The rule parameters of a batch's rows, built once per row list (not per step).
+
+    Attributes:
+        rows: the row list these were built from (compared by identity).
+        params: validated per-row float32 parameters ``(B,)`` (``RuleParams``).
+        sparse: every row samples with min-p alone: the sparse path applies.
+        asked: per row, whether it wants the ids of S.
+        generators: per row, its own generator.
+    """
+
+    rows: Sequence[Row]
+    params: RuleParams
+    sparse: bool
+    asked: list[bool]
+    generators: list[torch.Generator]
+
+    @classmethod
+    def of(cls, rows: Sequence[Row]) -> BatchRule:
+        """Gather and validate the rows' parameters."""
+        ps = [r.params for r in rows]
+        temperature = torch.tensor([p.temperature for p in ps], dtype=torch.float64)
+        min_p = torch.tensor([p.rule.min_p for p in ps], dtype=torch.float64)
+        top_k = torch.tensor([p.rule.top_k or 0 for p in ps], dtype=torch.int64)
+        top_p = torch.tensor([p.rule.top_p for p in ps], dtype=torch.float64)
+        params = RuleParams.make(
+            len(ps), temperature=temperature, min_p=min_p, top_k=top_k, top_p=top_p
+        )
+        return cls(
+            rows=rows,
+            params=params,
+            sparse=sparse_applies(temperature, min_p, top_k, top_p),
+            asked=[p.return_safe_token_ids for p in ps],
+            generators=[r.generator for r in rows],
+        )
+
+
+def rule_step(logits: Tensor, rows: Sequence[Row], rule: BatchRule | None = None) -> StepOutput:
     """Apply the shared rule to last-position logits ``(B, V)`` and sample one token per row.
 
     Per-row temperature / min_p / top_k / top_p; each row draws from its own
@@ -66,26 +104,25 @@ def rule_step(logits: Tensor, rows: Sequence[Row]) -> StepOutput:
     not depend on its batch mates. Safe ids are extracted only for rows that asked.
     A batch whose rows all sample with min-p alone (the RL case) takes the sparse
     path (``dvp_client.rule_sparse``: the same sets and draws, S as id lists).
+    ``rule``: the rows' :class:`BatchRule` when the caller keeps one (built if None).
     """
-    params = [r.params for r in rows]
-    temperature = torch.tensor([p.temperature for p in params], dtype=torch.float64)
-    min_p = torch.tensor([p.rule.min_p for p in params], dtype=torch.float64)
-    top_k = torch.tensor([p.rule.top_k or 0 for p in params], dtype=torch.int64)
-    top_p = torch.tensor([p.rule.top_p for p in params], dtype=torch.float64)
-    asked = [p.return_safe_token_ids for p in params]
-    generators = [r.generator for r in rows]
-    if sparse_applies(temperature, min_p, top_k, top_p):
-        sparse = sparse_safe_vocab(logits, temperature=temperature, min_p=min_p)
-        tokens = sparse.sample(generators)
+    if rule is None or rule.rows is not rows:
+        rule = BatchRule.of(rows)
+    if rule.sparse:
+        sparse = sparse_safe_vocab(logits, params=rule.params)
+        tokens = sparse.sample(rule.generators)
         full, masked = sparse.logprobs(tokens)
         logmass, sizes = sparse.safe_logmass, sparse.safe_sizes.numpy()
-        safe_ids = _split_ids(sparse.ids, sizes, asked)
+        safe_ids = _split_ids(sparse.ids, sizes, rule.asked)
     else:
-        sv = safe_vocab(logits, temperature=temperature, min_p=min_p, top_k=top_k, top_p=top_p)
-        tokens = sv.sample(generators)  # (B,) int64
+        p = rule.params
+        sv = safe_vocab(
+            logits, temperature=p.temperature, min_p=p.min_p, top_k=p.top_k, top_p=p.top_p
+        )
+        tokens = sv.sample(rule.generators)  # (B,) int64
         full, masked = sv.logprobs(tokens)
         logmass, sizes = sv.safe_logmass, sv.safe_sizes.numpy()
-        safe_ids = _safe_ids(sv.mask, sizes, asked)
+        safe_ids = _safe_ids(sv.mask, sizes, rule.asked)
     return StepOutput(
         tokens=tokens.numpy(),
         logprobs=full.numpy(),
@@ -208,6 +245,13 @@ class DecodeBatch:
             self.cache.layers = [SlackLayer(slack) for _ in self.cache.layers]
         self.attention_mask = torch.zeros(0, 0, dtype=torch.int64)
         self.next_pos = torch.zeros(0, dtype=torch.int64)
+        self._rule: BatchRule | None = None
+
+    def rule(self) -> BatchRule:
+        """The rows' :class:`BatchRule`, rebuilt only when the row list changed."""
+        if self._rule is None or self._rule.rows is not self.rows:
+            self._rule = BatchRule.of(self.rows)
+        return self._rule
 
     def prefill(self) -> Tensor:
         """Run the left-padded prompts through the model; float logits ``(B, V)``."""

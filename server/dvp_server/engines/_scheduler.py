@@ -316,7 +316,7 @@ class SchedulerMixin:
     def _rule(self, batch: DecodeBatch, logits: torch.Tensor, t0: float) -> StepOutput:
         """The rule step on a forward's logits, timed and counted."""
         t1 = time.perf_counter()
-        out = rule_step(logits, batch.rows)
+        out = rule_step(logits, batch.rows, batch.rule())
         self.stats.forward_s += t1 - t0
         self.stats.rule_s += time.perf_counter() - t1
         self.stats.steps += 1
