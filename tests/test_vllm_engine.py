@@ -201,7 +201,7 @@ def test_sampling_params_map_the_rule_in_order() -> None:
     assert (sp.temperature, sp.min_p, sp.top_k, sp.top_p) == (0.8, 0.05, 7, 0.9)
     assert (sp.n, sp.seed, sp.max_tokens, sp.logprobs, sp.stop_token_ids) == (1, 2**62, 9, 7, [5])
     assert sp.flat_logprobs and not sp.detokenize  # no stop strings: no detokenizing
-    assert sp.output_kind == RequestOutputKind.CUMULATIVE and sp.stream_interval == 16
+    assert sp.output_kind == RequestOutputKind.DELTA and sp.stream_interval == 16
     with_stop = sampling_params(
         EngineParams(temperature=1.0, max_tokens=9, rule=rule, seed=0, stop=("x",)), 7, 16
     )

@@ -170,9 +170,15 @@ def sampling_params(params: EngineParams, k: int, flush_every: int) -> Any:
     """One rollout's ``SamplingParams``: the rule in vLLM's order, K raw log-probs.
 
     Temperature -> min_p -> top_k -> top_p is vLLM's sampler order and ours.
-    Output is CUMULATIVE every ``flush_every`` steps (the flat log-prob lists keep
-    exactly K + 1 rows per step; DELTA merging would rebuild them through
-    dicts). Detokenizing is only switched on for stop strings.
+    Output is DELTA: vLLM 0.32 honours ``stream_interval`` only for DELTA
+    (``make_request_output`` advances ``sent_tokens_offset`` in DELTA mode alone),
+    so CUMULATIVE sent an output per rollout per step, which the engine's reader
+    woke up for and skipped 15 times in 16. With DELTA, vLLM sends the first token,
+    then every ``flush_every`` tokens, then the rest, each output holding only its
+    new steps (``_vllm_steps.StepBuffer`` joins them into chunks). Outputs are
+    merged through dicts (K rows a step when y is in the top-K, which
+    ``read_flat_topk`` reads the same way) only when the reader falls a whole
+    output behind. Detokenizing is only switched on for stop strings.
     """
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
@@ -191,6 +197,6 @@ def sampling_params(params: EngineParams, k: int, flush_every: int) -> Any:
         logprobs=k,
         flat_logprobs=True,
         detokenize=bool(params.stop),
-        output_kind=RequestOutputKind.CUMULATIVE,
+        output_kind=RequestOutputKind.DELTA,
         stream_interval=flush_every,
     )

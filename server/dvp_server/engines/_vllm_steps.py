@@ -38,7 +38,7 @@ import torch
 from dvp_client.rule import GREEDY_EPS, safe_vocab
 from dvp_schemas import PruningRule
 
-__all__ = ["DerivedSteps", "TopK", "derive_steps", "read_flat_topk"]
+__all__ = ["DerivedSteps", "StepBuffer", "TopK", "derive_steps", "read_flat_topk"]
 
 _SENTINEL = np.iinfo(np.int64).max  # sorts after every token id
 
@@ -66,7 +66,9 @@ def read_flat_topk(flat: Any, start: int, stop: int, k: int) -> TopK:
     Each position holds row 0 (the sampled token) and then its top-K rows; a
     position built by vLLM's ``append_fast`` has exactly K + 1 rows, one merged
     through a dict (DELTA aggregation) has K when y is in the top-K. Both are
-    read the same way: row 0 is y, the last K rows are the top-K set.
+    read the same way: row 0 is y, the last K rows are the top-K set. The engine
+    asks for DELTA outputs, so merging happens only when its reader falls a whole
+    output behind vLLM.
 
     Args:
         flat: a ``vllm.logprobs.FlatLogprobs`` (``start_indices``, ``end_indices``,
@@ -92,6 +94,67 @@ def read_flat_topk(flat: Any, start: int, stop: int, k: int) -> TopK:
     lps = np.asarray(flat.logprobs[lo:hi], dtype=np.float32)
     cols = ends[:, None] - k + np.arange(k)  # (t, K): the last K rows of each position
     return TopK(sampled=ids[starts], sampled_lp=lps[starts], ids=ids[cols], lps=lps[cols])
+
+
+class StepBuffer:
+    """Steps received from vLLM (DELTA outputs) and not yet turned into a chunk.
+
+    vLLM sends a rollout's first token at once and then every ``stream_interval``
+    tokens (and at the end), each output holding only its new steps. The buffer
+    joins those pieces and hands them out ``n`` steps at a time (:meth:`take`), so
+    chunk boundaries do not depend on how vLLM cut its outputs.
+    """
+
+    def __init__(self) -> None:
+        self._tokens: list[np.ndarray] = []
+        self._tops: list[TopK] = []
+        self.size = 0  # buffered steps
+
+    def add(self, tokens: np.ndarray, top: TopK) -> None:
+        """Append t steps: int64 ``tokens`` ``(t,)`` and their top-K (``t`` rows)."""
+        if len(tokens):
+            self._tokens.append(tokens)
+            self._tops.append(top)
+            self.size += len(tokens)
+
+    def take(self, n: int) -> tuple[np.ndarray, TopK]:
+        """The first ``min(n, size)`` buffered steps (tokens, top-K), removed.
+
+        Raises:
+            ValueError: the buffer is empty.
+        """
+        if not self._tops:
+            raise ValueError("no buffered steps")
+        if len(self._tops) == 1:
+            tokens, top = self._tokens[0], self._tops[0]
+        else:
+            tokens = np.concatenate(self._tokens)
+            top = TopK(*(np.concatenate([getattr(t, f) for t in self._tops]) for f in _TOPK_FIELDS))
+        self._tokens, self._tops, self.size = [], [], 0
+        if n < len(tokens):
+            self.add(tokens[n:], _rows(top, slice(n, None)))
+            return tokens[:n], _rows(top, slice(0, n))
+        return tokens, top
+
+    def ready(self, n: int, finished: bool) -> list[tuple[np.ndarray, TopK]]:
+        """What to turn into chunks now: ``n`` steps at a time, and at the end the rest.
+
+        A running rollout keeps a last full ``n`` back until more steps come (or the
+        end), so the final chunk is never empty when steps are left.
+        """
+        out = []
+        while self.size > n or (self.size == n and not finished):
+            out.append(self.take(n))
+        if finished and self.size:
+            out.append(self.take(n))
+        return out
+
+
+_TOPK_FIELDS = ("sampled", "sampled_lp", "ids", "lps")
+
+
+def _rows(top: TopK, rows: slice) -> TopK:
+    return TopK(*(getattr(top, f)[rows] for f in _TOPK_FIELDS))
 
 
 @dataclass(frozen=True)

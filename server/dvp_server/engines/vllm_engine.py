@@ -55,7 +55,7 @@ from ._vllm_args import (
     setup_cpu_env,
 )
 from ._vllm_score import score_with_vllm
-from ._vllm_steps import derive_steps, read_flat_topk
+from ._vllm_steps import StepBuffer, TopK, derive_steps, read_flat_topk
 from .base import EngineError, EngineInfo, EngineParams, RolloutChunk
 from .scoring import ScoredSequence, ScoreParams
 
@@ -219,22 +219,25 @@ class VllmEngine:
         k = effective_top_k(params, self.settings.max_logprobs)
         sp = sampling_params(params, k, self.settings.flush_every)
         stream = llm.generate(TokensPrompt(prompt_token_ids=prompt), sp, request_id=request_id)
-        done, finished = 0, False
+        flush, buf, finished = self.settings.flush_every, StepBuffer(), False
         try:
-            async for out in stream:
+            async for out in stream:  # DELTA outputs: only the new steps
                 comp = out.outputs[0]
-                n = len(comp.token_ids)  # the lists grow in place: read them now
-                if not out.finished and n - done < self.settings.flush_every:
+                top = read_flat_topk(comp.logprobs, 0, len(comp.token_ids), k)
+                buf.add(np.asarray(comp.token_ids, dtype=np.int64), top)
+                chunks = [self._chunk(*p, params) for p in buf.ready(flush, out.finished)]
+                if not out.finished:
+                    for chunk in chunks:
+                        yield chunk
                     continue
-                chunk = self._chunk(comp, done, n, params, k)
-                done = n
-                if out.finished:
-                    finished = True
-                    chunk.finish_reason = _FINISH.get(str(comp.finish_reason), "error")
-                    chunk.stop_reason = self._stop_reason(comp.stop_reason, params)
-                yield chunk
-                if finished:
-                    return
+                finished = True
+                last = chunks.pop() if chunks else self._chunk(top.sampled, top, params)  # empty
+                for chunk in chunks:
+                    yield chunk
+                last.finish_reason = _FINISH.get(str(comp.finish_reason), "error")
+                last.stop_reason = self._stop_reason(comp.stop_reason, params)
+                yield last
+                return
         except EngineDeadError as exc:
             finished = True  # nothing to abort
             if self._llm is llm:  # not a new engine started meanwhile
@@ -318,12 +321,8 @@ class VllmEngine:
             raise ValueError(f"max_tokens must be >= 1, got {params.max_tokens}")
         return ids
 
-    def _chunk(
-        self, comp: Any, start: int, stop: int, params: EngineParams, k: int
-    ) -> RolloutChunk:
-        """Steps ``[start, stop)`` of a completion as a chunk (one rule call)."""
-        top = read_flat_topk(comp.logprobs, start, stop, k)
-        tokens = np.asarray(comp.token_ids[start:stop], dtype=np.int64)
+    def _chunk(self, tokens: np.ndarray, top: TopK, params: EngineParams) -> RolloutChunk:
+        """t steps of a completion as a chunk (one rule call): int64 ``tokens`` ``(t,)``."""
         if not np.array_equal(top.sampled, tokens):
             raise EngineError("vLLM log-probs do not line up with the sampled tokens")
         steps = derive_steps(top, params.temperature, params.rule, params.return_safe_token_ids)
