@@ -34,14 +34,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import math
 import os
 import platform
 import signal
+import ssl
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -90,6 +93,8 @@ def _vllm_server(args: argparse.Namespace, stack: ExitStack, model: str) -> str:
     server = Server("ours-vllm", cmd, env, tmp / "server.log")
     stack.callback(server.stop)
     print(f"vLLM-engine server up in {server.start(900.0):.0f} s", flush=True)
+    assert server.proc is not None
+    args.server_pgid = server.proc.pid  # its own session: the group id is the leader's pid
     return server.url
 
 
@@ -124,6 +129,18 @@ def _max_tokens(args: argparse.Namespace, c: int, i: int) -> int:
     return lo + (c * 7919 + i * 104_729) % (args.max_tokens - lo + 1)
 
 
+@functools.cache
+def _ssl_context() -> ssl.SSLContext:
+    """One TLS context for every client of the bench.
+
+    httpx builds a context per client by default and parses the CA bundle for it
+    (~23 ms of CPU each, even for http:// URLs): 32 clients spent ~0.75 s of CPU
+    at the start of every load run on the cores the engine runs on, and the single
+    batch (one client) ~0.02 s. Sharing one keeps that out of the comparison.
+    """
+    return ssl.create_default_context()
+
+
 def _check(batch: Any, max_tokens: int) -> None:
     for r in batch.rollouts:
         assert len(r.token_ids) == max_tokens == len(r.masked_logprobs) == len(r.safe_sizes)
@@ -133,10 +150,21 @@ def _check(batch: Any, max_tokens: int) -> None:
 
 
 async def _client(
-    url: str, c: int, args: argparse.Namespace, lat: list[float], tokens: list[int]
+    url: str,
+    c: int,
+    args: argparse.Namespace,
+    lat: list[float],
+    tokens: list[int],
+    done_at: list[float],
 ) -> list[str]:
     errors: list[str] = []
-    async with AsyncClient(url, api_key=args.api_key, max_retries=args.retries) as client:
+    http = httpx.AsyncClient(verify=_ssl_context())  # the dvp client sets its timeout
+    async with (
+        http,
+        AsyncClient(
+            url, api_key=args.api_key, max_retries=args.retries, http_client=http
+        ) as client,
+    ):
         for i in range(args.requests):
             t0 = time.perf_counter()
             max_tokens = _max_tokens(args, c, i)
@@ -156,12 +184,14 @@ async def _client(
                 tokens.append(args.n * max_tokens)
             except Exception as exc:
                 errors.append(f"client {c} request {i}: {type(exc).__name__}: {exc}")
+    done_at.append(time.perf_counter())
     return errors
 
 
-def _scrape(url: str, api_key: str | None) -> dict[str, float]:
+def _scrape(url: str, api_key: str | None, client: httpx.Client | None = None) -> dict[str, float]:
     headers = {"authorization": f"Bearer {api_key}"} if api_key else None
-    text = httpx.get(f"{url}/metrics", headers=headers, timeout=30).text
+    get = client.get if client is not None else httpx.get
+    text = get(f"{url}/metrics", headers=headers, timeout=30).text
     out: dict[str, float] = {}
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:
@@ -184,7 +214,8 @@ def single_batch(url: str, args: argparse.Namespace, n: int | None = None) -> fl
     n = n or args.max_batch
 
     async def one() -> float:
-        async with AsyncClient(url, api_key=args.api_key) as client:
+        http = httpx.AsyncClient(verify=_ssl_context())  # as the load's clients
+        async with http, AsyncClient(url, api_key=args.api_key, http_client=http) as client:
             t0 = time.perf_counter()
             batch = await client.rollouts(
                 ["Single batch prompt: say something."],
@@ -203,20 +234,107 @@ def single_batch(url: str, args: argparse.Namespace, n: int | None = None) -> fl
     return asyncio.run(one())
 
 
+TOKENS_KEY = 'dvp_tokens_total{"kind": "completion"}'
+
+
+def busy_cpu_s() -> float:
+    """CPU seconds the whole machine spent busy so far (``/proc/stat``; 0 where absent).
+
+    Minus the server's and this process's CPU over the same interval, it is what
+    other jobs took from the cores (the engine's OpenMP threads are bound to all of
+    them, so any of it slows every step).
+    """
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except OSError:
+        return 0.0
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+class Sampler:
+    """Polls the server's ``/metrics`` every ``period`` s in a thread during the load.
+
+    Each sample: (time, completion tokens so far, rollouts running in the engine).
+    The token counter moves a chunk at a time (vLLM engine: every 16 tokens of a
+    rollout), so a window's count is off by under a chunk per running rollout at
+    each end, in both directions.
+    """
+
+    def __init__(self, url: str, api_key: str | None, period: float = 0.25) -> None:
+        self.url, self.api_key, self.period = url, api_key, period
+        self.samples: list[tuple[float, float, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        with httpx.Client(verify=_ssl_context()) as client:  # one connection, one context
+            while not self._stop.is_set():
+                m = _scrape(self.url, self.api_key, client)
+                t = time.perf_counter()
+                row = (t, m.get(TOKENS_KEY, 0.0), m.get("dvp_rollouts_running", 0.0))
+                self.samples.append(row)
+                self._stop.wait(self.period)
+
+    def steady(self, full: float, until: float) -> dict[str, float | None]:
+        """Throughput while the load keeps the engine full.
+
+        The window runs from the first sample with at least ``full`` rollouts running
+        (the clients' first requests are all in) to the last sample before ``until``
+        (the first client has sent its last request: from then on the batch drains).
+
+        Returns:
+            ``steady_tokens_per_s``, ``steady_window_s``, ``steady_mean_running``
+            (mean of the samples in the window), ``mean_running`` (all samples).
+        """
+        s = self.samples
+        mean_all = statistics.mean(x[2] for x in s) if s else None
+        i = next((k for k, x in enumerate(s) if x[2] >= full), None)
+        j = max((k for k, x in enumerate(s) if x[0] <= until), default=None)
+        if i is None or j is None or j <= i:
+            return dict.fromkeys(
+                ("steady_tokens_per_s", "steady_window_s", "steady_mean_running"), None
+            ) | {"mean_running": mean_all}
+        dt = s[j][0] - s[i][0]
+        return {
+            "steady_tokens_per_s": round((s[j][1] - s[i][1]) / dt, 1),
+            "steady_window_s": round(dt, 2),
+            "steady_mean_running": round(statistics.mean(x[2] for x in s[i : j + 1]), 1),
+            "mean_running": round(mean_all, 1) if mean_all is not None else None,
+        }
+
+
 def run(args: argparse.Namespace, url: str | None = None) -> dict[str, Any]:
     with ExitStack() as stack:
         url = url or args.url or _server(args, stack)
         before = _scrape(url, args.api_key)
         lat: list[float] = []
         tokens: list[int] = []
+        done_at: list[float] = []
 
         async def all_clients() -> list[list[str]]:
-            calls = (_client(url, c, args, lat, tokens) for c in range(args.clients))
+            calls = (_client(url, c, args, lat, tokens, done_at) for c in range(args.clients))
             return await asyncio.gather(*calls)
 
-        t0, cpu0 = time.perf_counter(), time.process_time()
-        errors = [e for errs in asyncio.run(all_clients()) for e in errs]
-        wall, client_cpu = time.perf_counter() - t0, time.process_time() - cpu0
+        pgid = getattr(args, "server_pgid", None)
+        from rl_workload import group_cpu  # bench/, next to this file
+
+        cpu0, busy0 = (group_cpu(pgid) if pgid else {}), busy_cpu_s()
+        with Sampler(url, args.api_key) as sampler:
+            t0, ccpu0 = time.perf_counter(), time.process_time()
+            errors = [e for errs in asyncio.run(all_clients()) for e in errs]
+            wall, client_cpu = time.perf_counter() - t0, time.process_time() - ccpu0
+        cpu = {k: v - cpu0[k] for k, v in group_cpu(pgid).items()} if pgid else {}
+        other = busy_cpu_s() - busy0 - client_cpu - sum(cpu.values())
         after = _scrape(url, args.api_key)
 
     def delta(key: str) -> float:
@@ -224,6 +342,7 @@ def run(args: argparse.Namespace, url: str | None = None) -> dict[str, Any]:
 
     done = len(lat)
     steps = delta("dvp_batch_size_count")
+    full = min(args.clients * args.n, args.max_batch)
     return {
         "clients": args.clients,
         "requests_per_client": args.requests,
@@ -237,8 +356,11 @@ def run(args: argparse.Namespace, url: str | None = None) -> dict[str, Any]:
         "first_errors": errors[:3],
         "wall_s": round(wall, 2),
         "client_cpu_s": round(client_cpu, 2),  # this process: clients + response checks
+        "server_cpu_s": {k: round(v, 2) for k, v in cpu.items()},  # by role (vLLM engine)
+        "other_cpu_s": round(other, 2) if pgid else None,  # other jobs on the machine
         "requests_per_s": round(done / wall, 2),
         "tokens_per_s": round(sum(tokens) / wall, 1),
+        **sampler.steady(full, min(done_at) if done_at else t0),
         "p50_s": round(statistics.median(lat), 3) if lat else None,
         "p90_s": round(_pct(lat, 0.90), 3) if lat else None,
         "p99_s": round(_pct(lat, 0.99), 3) if lat else None,
@@ -280,11 +402,22 @@ def compare_vllm(args: argparse.Namespace, model: str, stack: ExitStack) -> list
     url = _server(args, stack, model)
     single_batch(url, args, n=2)  # warm-up: first-request costs stay out of round 0
     out: list[dict[str, Any]] = []
+    from rl_workload import group_cpu  # bench/, next to this file
+
     for r in range(args.compare):
+        cpu0, busy0, ccpu0 = group_cpu(args.server_pgid), busy_cpu_s(), time.process_time()
         single = single_batch(url, args)
+        cpu = {k: round(v - cpu0[k], 2) for k, v in group_cpu(args.server_pgid).items()}
+        own = sum(cpu.values()) + time.process_time() - ccpu0
+        res_other = round(busy_cpu_s() - busy0 - own, 2)
         res = run(args, url)
         res.update(round=r, engine="vllm", single_batch_tps=round(single, 1))
+        res["single_server_cpu_s"] = cpu
+        res["single_other_cpu_s"] = res_other
         res["load_over_single"] = round(res["tokens_per_s"] / single, 2)
+        steady = res["steady_tokens_per_s"]
+        res["steady_over_single"] = round(steady / single, 2) if steady else None
+        res["load_average"] = round(os.getloadavg()[0], 2)
         print(json.dumps(res), flush=True)
         out.append(res)
     return out
