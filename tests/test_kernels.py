@@ -51,7 +51,7 @@ def test_packed_linear_matches_float64(seed: int, shape: tuple[int, ...]) -> Non
     with torch.inference_mode():
         out = lin(x)
     assert out.shape == (*shape[:-1], 200)
-    assert lin._packed is not None  # the packed path ran
+    assert lin.packed is not None  # the packed path ran
     assert _rel(out, _ref_linear(lin, x)) < 1e-6
 
 
@@ -70,17 +70,17 @@ def test_packed_linear_repacks_when_the_weight_changes() -> None:
     x = torch.randn(5, 32)
     with torch.inference_mode():
         lin(x)
-        first = lin._packed
+        first = lin.packed
         with torch.no_grad():  # in place, as copy_weights does
             lin.weight.copy_(torch.randn(48, 32))
         out = lin(x)
-    assert lin._packed is not first
+    assert lin.packed is not first
     assert _rel(out, _ref_linear(lin, x)) < 1e-6
     lin.weight.data = torch.randn(48, 32)  # replaced
     with torch.inference_mode():
         assert _rel(lin(x), _ref_linear(lin, x)) < 1e-6
     _kernels.forget_packed(nn.Sequential(lin))
-    assert lin._packed is None
+    assert lin.packed is None
 
 
 def test_packed_linear_falls_back_under_autograd() -> None:
@@ -88,7 +88,7 @@ def test_packed_linear_falls_back_under_autograd() -> None:
     x = torch.randn(4, 16, requires_grad=True)
     lin(x).sum().backward()  # the oneDNN op has no backward: F.linear must have run
     assert x.grad is not None
-    assert lin._packed is None
+    assert lin.packed is None
 
 
 def _naive_attention(
@@ -167,4 +167,6 @@ def test_install_keeps_the_model_exact(tiny_model_dir: Path, seed: int) -> None:
         exact = _decode_logits(ref, ids, mask, steps)
     assert _rel(fast, exact) < 1e-5
     assert _rel(plain, exact) < 1e-5
-    assert any(m._packed is not None for m in model.modules() if isinstance(m, PackedLinear))
+    assert any(m.packed is not None for m in model.modules() if isinstance(m, PackedLinear))
+    twin = copy.deepcopy(model)  # a copy packs its own weights
+    assert all(m.packed is None for m in twin.modules() if isinstance(m, PackedLinear))

@@ -15,9 +15,10 @@ that became padding for every survivor are cut. Rows join a running batch
 prefilled as their own left-padded batch, then both caches are left-padded to
 the same K along the sequence axis and concatenated along the batch axis (keys
 and values ``(B, H, K, D)`` per layer, the mask ``(B, K)``, next positions
-``(B,)``). Every row's real tokens stay contiguous at the right end of the
-cache, so after a trim ``K = max_i (prompt_i + generated_i)``: a batch's cache
-never holds more than ``B * max_i (prompt_i + max_tokens_i)`` positions.
+``(B,)``). Every row's real tokens stay at the right end of the cache (rows
+prefilled with a shared prefix hold ``[prefix | padding | suffix]``, ``_prefix.py``:
+the same width), so after a trim ``K = max_i (prompt_i + generated_i)``: a batch's
+cache never holds more than ``B * max_i (prompt_i + max_tokens_i)`` positions.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from torch import Tensor
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from ._prefix import MIN_SHARED, PrefixCache, common_prefix
 from ._rows import Row
 
 
@@ -246,6 +248,7 @@ class DecodeBatch:
         self.attention_mask = torch.zeros(0, 0, dtype=torch.int64)
         self.next_pos = torch.zeros(0, dtype=torch.int64)
         self._rule: BatchRule | None = None
+        self.prefilled = 0  # positions the last prefill ran through the model
 
     def rule(self) -> BatchRule:
         """The rows' :class:`BatchRule`, rebuilt only when the row list changed."""
@@ -253,10 +256,22 @@ class DecodeBatch:
             self._rule = BatchRule.of(self.rows)
         return self._rule
 
-    def prefill(self) -> Tensor:
-        """Run the left-padded prompts through the model; float logits ``(B, V)``."""
+    def prefill(self, prefixes: PrefixCache | None = None) -> Tensor:
+        """Run the left-padded prompts through the model; float logits ``(B, V)``.
+
+        With ``prefixes`` and two or more rows sharing at least ``MIN_SHARED``
+        leading tokens, the common prefix runs once (or comes from the cache) and
+        only the suffixes run as a batch (``_prefix.py``). ``self.prefilled``
+        counts the positions that went through the model.
+        """
+        prompts = [r.prompt for r in self.rows]
+        plain = all(type(layer) in _PLAIN for layer in self.cache.layers)
+        shared = common_prefix(prompts) if prefixes is not None and len(prompts) > 1 else 0
+        if prefixes is not None and plain and shared >= MIN_SHARED:
+            return self._prefill_shared(prompts, shared, prefixes)
         lens = [len(r.prompt) for r in self.rows]
         b, k = len(self.rows), max(lens)
+        self.prefilled = b * k
         ids = torch.full((b, k), self.pad_id, dtype=torch.int64)
         mask = torch.zeros((b, k), dtype=torch.int64)
         for i, r in enumerate(self.rows):
@@ -265,6 +280,49 @@ class DecodeBatch:
         pos = (mask.cumsum(-1) - 1).masked_fill_(mask == 0, 1)  # (B, K), as generate()
         self.attention_mask = mask
         self.next_pos = pos[:, -1] + 1
+        return self._forward(ids, pos)
+
+    def _prefill_shared(self, prompts: list[list[int]], p: int, prefixes: PrefixCache) -> Tensor:
+        """Prefill rows whose first ``p`` tokens are equal: cache ``[prefix | pad | suffix]``.
+
+        The prefix's keys / values ``(1, H, p, D)`` per layer (computed as a batch
+        of one, or from ``prefixes``) are broadcast to the B rows; the suffixes run
+        left-padded after them at positions ``p, p + 1, ...``. Logits ``(B, V)``.
+        """
+        key = tuple(prompts[0][:p])
+        kv = prefixes.get(key)
+        self.prefilled = 0
+        if kv is None:
+            one = DynamicCache(config=self.model.config)
+            self.model(
+                input_ids=torch.tensor([key], dtype=torch.int64),
+                attention_mask=torch.ones((1, p), dtype=torch.int64),
+                position_ids=torch.arange(p).unsqueeze(0),
+                past_key_values=one,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            kv = []
+            for layer in cast(list[DynamicLayer], one.layers):
+                if layer.keys is None or layer.values is None:
+                    raise ValueError("the prefix forward left a cache layer empty")
+                kv.append((layer.keys, layer.values))
+            prefixes.put(key, kv)
+            self.prefilled = p
+        b = len(prompts)
+        for layer, (k_p, v_p) in zip(cast(list[DynamicLayer], self.cache.layers), kv, strict=True):
+            layer.update(k_p.expand(b, -1, -1, -1), v_p.expand(b, -1, -1, -1))
+        lens = [len(x) - p for x in prompts]
+        s = max(lens)
+        ids = torch.full((b, s), self.pad_id, dtype=torch.int64)
+        mask = torch.zeros((b, s), dtype=torch.int64)
+        for i, x in enumerate(prompts):
+            ids[i, s - lens[i] :] = torch.tensor(x[p:], dtype=torch.int64)
+            mask[i, s - lens[i] :] = 1
+        pos = (p + mask.cumsum(-1) - 1).masked_fill_(mask == 0, 1)  # (B, S)
+        self.attention_mask = torch.cat([torch.ones((b, p), dtype=torch.int64), mask], dim=-1)
+        self.next_pos = pos[:, -1] + 1
+        self.prefilled += b * s
         return self._forward(ids, pos)
 
     def decode(self, tokens: np.ndarray) -> Tensor:

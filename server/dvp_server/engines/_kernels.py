@@ -25,6 +25,7 @@ another order: log-probs move by rounding only (~1e-6; tested against float64).
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -49,19 +50,35 @@ class PackedLinear(nn.Linear):
     """
 
     enabled: bool = True
-    _packed: Tensor | None = None
-    _packed_key: tuple[int, int, torch.dtype] | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.weight
-        if not self.enabled or torch.is_grad_enabled() or x.dtype != w.dtype:
+        if (
+            not self.enabled
+            or torch.is_grad_enabled()
+            or x.dtype != w.dtype
+            or w.dtype not in _PACKED_DTYPES
+        ):
             return F.linear(x, w, self.bias)
         key = (w.data_ptr(), w._version, w.dtype)
-        packed = self._packed
-        if packed is None or key != self._packed_key:
-            packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 64)
-            self._packed, self._packed_key = packed, key
-        return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
+        cached = _PACKED.get(self)
+        if cached is None or cached[0] != key:
+            cached = (key, torch.ops.mkldnn._reorder_linear_weight(w.detach(), 64))
+            _PACKED[self] = cached
+        return torch.ops.mkldnn._linear_pointwise(x, cached[1], self.bias, "none", [], "")
+
+    @property
+    def packed(self) -> Tensor | None:
+        """The packed weight copy in use (None before the first packed call)."""
+        cached = _PACKED.get(self)
+        return None if cached is None else cached[1]
+
+
+#: Packed copies, out of the modules' ``__dict__`` (an opaque oneDNN tensor cannot be
+#: deep-copied or pickled, and a copy of the module must not share a stale one).
+_PACKED: weakref.WeakKeyDictionary[PackedLinear, tuple[tuple[int, int, torch.dtype], Tensor]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def packing_works(dtype: torch.dtype) -> bool:
@@ -171,7 +188,7 @@ def forget_packed(model: nn.Module) -> None:
     """
     for sub in model.modules():
         if isinstance(sub, PackedLinear):
-            sub._packed = sub._packed_key = None
+            _PACKED.pop(sub, None)
 
 
 @contextmanager

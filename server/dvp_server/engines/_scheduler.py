@@ -43,6 +43,7 @@ from dvp_schemas import FinishReason
 
 from ..errors import INVALID_REQUEST, ServiceError
 from ._batch import DecodeBatch, StepOutput, rule_step
+from ._prefix import PrefixCache
 from ._rows import Row
 
 __all__ = ["EngineStats", "KvBudget", "KvBudgetError", "SchedulerMixin"]
@@ -65,6 +66,7 @@ class EngineStats:
     rule_s: float = 0.0  # rule, sampling, log-probs, safe ids: the DVP metadata
     emit_s: float = 0.0  # bookkeeping: buffers, finish checks, chunks, cache merges
     kv_peak_bytes: int = 0  # largest KV cache held (B * K positions, padding included)
+    prefill_tokens: int = 0  # positions run through prefill forwards (shared prefixes once)
 
 
 class KvBudgetError(ServiceError, ValueError):
@@ -126,6 +128,7 @@ class SchedulerMixin:
     threads: int
     continuous_batching: bool
     kv: KvBudget
+    prefixes: PrefixCache | None
     stats: EngineStats
     step_hook: StepHook | None
     on_step: Callable[[int], None] | None
@@ -270,7 +273,8 @@ class SchedulerMixin:
         try:
             self._call_hook(mini)
             t0 = time.perf_counter()
-            logits = mini.prefill()
+            logits = mini.prefill(self.prefixes)
+            self.stats.prefill_tokens += mini.prefilled
             out = self._rule(mini, logits, t0)
             self.stats.prefills += 1
             if self._batch is None:

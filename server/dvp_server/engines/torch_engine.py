@@ -35,6 +35,7 @@ from ..model_store import load_tokenizer
 from ._batch import DecodeBatch, SlackLayer
 from ._kernels import forget_packed
 from ._kernels import install as install_kernels
+from ._prefix import PrefixCache
 from ._rows import Row, StopStringMatcher
 from ._scheduler import EngineStats, KvBudget, KvBudgetError, SchedulerMixin, StepHook
 from ._weights import WeightsInput, copy_weights, read_weights
@@ -101,6 +102,7 @@ class TorchEngine(SchedulerMixin):
         kv_cache_bytes: int | None = None,
         kv_slack: int = SlackLayer.SLACK,
         fast_kernels: bool = True,
+        share_prefixes: bool = True,
     ) -> None:
         from transformers import AutoModelForCausalLM, GenerationConfig
 
@@ -134,6 +136,8 @@ class TorchEngine(SchedulerMixin):
         self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
         self.continuous_batching = continuous_batching
         self.kv = KvBudget(config, self.model.dtype, kv_cache_bytes, kv_slack)
+        #: Shared prompt prefixes' keys / values (``_prefix.py``); None: no sharing.
+        self.prefixes: PrefixCache | None = PrefixCache() if share_prefixes else None
         self.info = EngineInfo(
             name="torch",
             model_id=model_id or _model_name(self.model_dir),
@@ -199,6 +203,8 @@ class TorchEngine(SchedulerMixin):
         with self._model_lock:
             copy_weights(self.model, tensors)
             forget_packed(self.model)
+            if self.prefixes is not None:
+                self.prefixes.clear()  # keys / values of the old weights
             self._policy_version += 1
             return self._policy_version
 
