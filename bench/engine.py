@@ -1,7 +1,9 @@
 """Tokens/s of the torch engine against ``model.generate()``, and the cost of the DVP metadata.
 
 For each dtype and batch size B, the same model (the engine's own module) decodes
-B chat prompts (different lengths, left-padded) for N new tokens (eos ignored):
+B chat prompts (different lengths, left-padded; 16 distinct questions, repeated
+above 16, all after the chat template's system prompt: the engine shares their
+common prefix, ``--ab-prefixes`` measures it without) for N new tokens (eos ignored):
 
 - ``generate``: ``model.generate(do_sample=True, temperature=1, top_k=0, top_p=1)``
   with a KV cache, on the stock transformers modules (``aten`` linears, ``sdpa``
@@ -60,6 +62,7 @@ class Row:
     floor_kv_tps: float  # the same with the KV cache read at the mean length added
     plain_tps: float | None = None  # engine on with kv_slack=0 (--ab-slack)
     stock_tps: float | None = None  # engine on with the stock kernels (--ab-kernels)
+    unshared_tps: float | None = None  # engine on without prefix sharing (--ab-prefixes)
 
 
 @dataclass
@@ -174,6 +177,7 @@ def measure(
     off: bool,
     ab: bool,
     ab_kernels: bool = False,
+    ab_prefixes: bool = False,
 ) -> Row:
     """Interleaved runs of generate() / engine off / engine on (/ on with the plain
     concatenating KV cache when ``ab`` / on with the stock kernels when
@@ -181,7 +185,7 @@ def measure(
     batch = prompts(engine, b)
     time_generate(engine, batch, min(new, 16))  # warm-up: kernels for these shapes
     time_engine(engine, batch, min(new, 16), True)
-    gen, offs, on, plain, stocks = [], [], [], [], []
+    gen, offs, on, plain, stocks, unshared = [], [], [], [], [], []
     stats = EngineStats()
     slack = engine.kv.slack
     for _ in range(repeats):
@@ -197,6 +201,14 @@ def measure(
         if ab_kernels:
             with stock(engine.model):
                 stocks.append(time_engine(engine, batch, new, True))
+        if ab_prefixes:
+            prefixes, engine.prefixes = engine.prefixes, None
+            try:
+                unshared.append(time_engine(engine, batch, new, True))
+            finally:
+                engine.prefixes = prefixes
+        if engine.prefixes is not None:
+            engine.prefixes.clear()  # every run computes its shared prefix again
         engine.stats = EngineStats()
         on.append(time_engine(engine, batch, new, True))
         stats = _add(stats, engine.stats)
@@ -216,6 +228,7 @@ def measure(
         floor_kv_tps=b / floor.step_s(b, mean_len),
         plain_tps=tokens / statistics.median(plain) if plain else None,
         stock_tps=tokens / statistics.median(stocks) if stocks else None,
+        unshared_tps=tokens / statistics.median(unshared) if unshared else None,
     )
 
 
@@ -228,8 +241,8 @@ def table(rows: list[Row]) -> str:
         "| dtype | batch | new | generate() tok/s | engine on tok/s | on / generate "
         "| metadata cost (on vs off) | rule step share | bookkeeping share "
         "| floor tok/s (weights) | on / floor | floor tok/s (+KV) | on, plain KV cache "
-        "| on, stock kernels |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| on, stock kernels | on, no prefix sharing |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         cost = "n/a" if r.off_tps is None else f"{100 * (1 - r.on_tps / r.off_tps):+.1f}%"
@@ -239,7 +252,8 @@ def table(rows: list[Row]) -> str:
             f"| {100 * r.rule_share:.1f}% | {100 * r.emit_share:.1f}% "
             f"| {r.floor_tps:.0f} | {r.on_tps / r.floor_tps:.2f} | {r.floor_kv_tps:.0f} "
             f"| {'n/a' if r.plain_tps is None else f'{r.plain_tps:.1f}'} "
-            f"| {'n/a' if r.stock_tps is None else f'{r.stock_tps:.1f}'} |"
+            f"| {'n/a' if r.stock_tps is None else f'{r.stock_tps:.1f}'} "
+            f"| {'n/a' if r.unshared_tps is None else f'{r.unshared_tps:.1f}'} |"
         )
     return "\n".join(lines)
 
@@ -258,6 +272,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument(
         "--ab-kernels", action="store_true", help="also 'engine on' with the stock kernels (A/B)"
+    )
+    ap.add_argument(
+        "--ab-prefixes", action="store_true", help="also 'engine on' without prefix sharing"
     )
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default all)")
     ap.add_argument("--quick", action="store_true", help="batches 1 8, 16 tokens, 1 repeat")
@@ -283,9 +300,8 @@ def main(argv: list[str] | None = None) -> None:
                 reps = args.repeats if new <= 64 else args.long_repeats
                 for b in args.batches:
                     off = not args.no_off
-                    rows.append(
-                        measure(engine, floor, b, new, reps, off, args.ab_slack, args.ab_kernels)
-                    )
+                    ab = (args.ab_slack, args.ab_kernels, args.ab_prefixes)
+                    rows.append(measure(engine, floor, b, new, reps, off, *ab))
                     print(table(rows[-1:]).splitlines()[-1], flush=True)
         finally:
             asyncio.run(engine.shutdown())

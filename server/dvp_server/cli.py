@@ -172,6 +172,13 @@ def serve(
             "(off: stock transformers modules)."
         ),
     ] = _DEFAULTS.fast_kernels,
+    share_prefixes: Annotated[
+        bool,
+        typer.Option(
+            help="Torch engine: rollouts prefilled together run their common prompt prefix "
+            "once and keep it for the next group (off: every prompt prefilled whole)."
+        ),
+    ] = _DEFAULTS.share_prefixes,
     engine_restarts: Annotated[
         int,
         typer.Option(
@@ -221,6 +228,7 @@ def serve(
             threads=threads,
             continuous_batching=continuous_batching,
             fast_kernels=fast_kernels,
+            share_prefixes=share_prefixes,
             engine_restarts=engine_restarts,
             engine_restart_backoff_s=engine_restart_backoff,
         )

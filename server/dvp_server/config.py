@@ -71,6 +71,9 @@ class ServerConfig:
         fast_kernels: torch engine: prepacked oneDNN linears and a copy-free GQA
             decode attention (``engines/_kernels.py``); off: stock transformers
             modules (a baseline for benchmarks; same numbers up to rounding).
+        share_prefixes: torch engine: rollouts prefilled together run their common
+            prompt prefix once and keep it for the next group (``engines/_prefix.py``);
+            off: every prompt prefilled whole (a baseline for benchmarks).
         max_logprobs: vLLM only: K, the top-K raw log-probs per step that the safe
             sets are derived from; also the largest ``pruning.top_k`` served (a rule
             without ``top_k`` gets ``top_k = K``).
@@ -129,6 +132,7 @@ class ServerConfig:
     threads: int | None = None
     continuous_batching: bool = True
     fast_kernels: bool = True
+    share_prefixes: bool = True
     engine_restarts: int = 3
     engine_restart_backoff_s: float = 1.0
 

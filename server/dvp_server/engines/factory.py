@@ -82,6 +82,7 @@ def build_engine(config: ServerConfig, model_dir: str | os.PathLike[str] | None 
             threads=config.threads,
             continuous_batching=config.continuous_batching,
             fast_kernels=config.fast_kernels,
+            share_prefixes=config.share_prefixes,
             kv_cache_bytes=config.kv_cache_bytes,
         )
     from .vllm_engine import VllmEngine, VllmSettings
