@@ -9,6 +9,7 @@ with the log's tail.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import subprocess
@@ -17,10 +18,14 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+import torch
 from _models import VLLM_TINY_HEADS, build_tiny_model  # tests/ is on sys.path
+from dvp_server.engines.torch_engine import TorchEngine
+from transformers import AutoModelForCausalLM
 
 # Limits of the tiny-model server; tests/test_api.py checks the 422s at these edges.
 TINY_LIMITS = {
@@ -102,6 +107,27 @@ def stop_server(server: ServerProcess) -> None:
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random Llama with the SmolLM2 tokenizer, built once per session."""
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model") / "model")
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tiny_model_dir: Path) -> Path:
+    """The tiny model's directory (read only: copy it to change it)."""
+    return tiny_model_dir
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_dir: Path) -> Iterator[TorchEngine]:
+    """A started torch engine on the tiny model (max_batch 8, 1 thread), per module."""
+    eng = TorchEngine(tiny_dir, max_batch=8, threads=1)
+    asyncio.run(eng.start())
+    yield eng
+    asyncio.run(eng.shutdown())
+
+
+@pytest.fixture(scope="module")
+def ref_model(tiny_dir: Path) -> Any:
+    """The tiny model in stock transformers (float32, eval): the engine's reference."""
+    return AutoModelForCausalLM.from_pretrained(str(tiny_dir), dtype=torch.float32).eval()
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,6 @@ reference of ``test_torch_engine`` (``LOGPROB_ATOL``).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from _models import build_tiny_model
 from dvp_server.config import ServerConfig
 from dvp_server.engines._batch import DecodeBatch
 from dvp_server.engines._rows import Row
@@ -36,29 +34,13 @@ from test_torch_engine import (
     to_result,
     together,
 )
-from transformers import AutoModelForCausalLM
 
 #: Admitted into a running batch vs a fresh batch, same rollout: max |d log p| (fp32;
 #: each path is within ~1e-5 of the float64 reference, so up to twice that apart).
 PATH_ATOL = 2e-5  # measured 3e-6 .. 1e-5 over the cases below
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("tiny_cb"))
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_dir: Path) -> Iterator[TorchEngine]:
-    eng = TorchEngine(tiny_dir, max_batch=8, threads=1)
-    asyncio.run(eng.start())
-    yield eng
-    asyncio.run(eng.shutdown())
-
-
-@pytest.fixture(scope="module")
-def ref_model(tiny_dir: Path) -> Any:
-    return AutoModelForCausalLM.from_pretrained(str(tiny_dir), dtype=torch.float32).eval()
+# tiny_dir, engine, ref_model: conftest.py
 
 
 async def _long_running(eng: TorchEngine, jobs: list[tuple[str, list[int], Any]]) -> list[Any]:

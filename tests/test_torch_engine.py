@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from _models import build_tiny_model
 from dvp_schemas import PruningRule
 from dvp_server.engines.base import Engine, EngineError, EngineParams, RolloutChunk
 from dvp_server.engines.torch_engine import TorchEngine
@@ -39,22 +38,7 @@ PROMPTS = [
 # ------------------------------------------------------------------ fixtures
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_dir: Path) -> Iterator[TorchEngine]:
-    eng = TorchEngine(tiny_dir, max_batch=8)
-    asyncio.run(eng.start())
-    yield eng
-    asyncio.run(eng.shutdown())
-
-
-@pytest.fixture(scope="module")
-def ref_model(tiny_dir: Path) -> Any:
-    return AutoModelForCausalLM.from_pretrained(str(tiny_dir), dtype=torch.float32).eval()
+# tiny_dir, engine, ref_model: conftest.py
 
 
 def params(**kw: Any) -> EngineParams:
