@@ -28,6 +28,17 @@ best single-batch throughput (one request of ``max_batch`` rollouts of
 lengths (``--min-tokens``) are what a batch that waits for its longest row wastes.
 With ``--engine vllm`` (always continuous batching) one server serves every round:
 a warm-up request, then per round the single batch and the load, back to back.
+Each vLLM round also reports (BENCHMARKS.md "Load", vLLM subsection, says why):
+
+- ``steady_tokens_per_s``: generated tokens/s while every client is busy, from
+  the server's completion-token counter polled every 0.25 s, from the first poll
+  with the batch full to the last one before the first client has finished its
+  requests (after that the batch only drains: a finite run's tail);
+- ``processed_load_over_single``: prompt + generated tokens/s, load over single
+  batch (every rollout's prompt is prefilled; short requests bring more prompt
+  tokens per generated token than the single batch does);
+- CPU seconds by server process (API, engine core, worker), of this process (the
+  clients) and of everything else on the machine (other jobs: noise).
 """
 
 from __future__ import annotations
@@ -235,6 +246,7 @@ def single_batch(url: str, args: argparse.Namespace, n: int | None = None) -> fl
 
 
 TOKENS_KEY = 'dvp_tokens_total{"kind": "completion"}'
+PROMPT_KEY = 'dvp_tokens_total{"kind": "prompt"}'
 
 
 def busy_cpu_s() -> float:
@@ -359,7 +371,9 @@ def run(args: argparse.Namespace, url: str | None = None) -> dict[str, Any]:
         "server_cpu_s": {k: round(v, 2) for k, v in cpu.items()},  # by role (vLLM engine)
         "other_cpu_s": round(other, 2) if pgid else None,  # other jobs on the machine
         "requests_per_s": round(done / wall, 2),
+        "tokens": sum(tokens),
         "tokens_per_s": round(sum(tokens) / wall, 1),
+        "prompt_tokens": int(delta(PROMPT_KEY)),  # every rollout's prompt, prefilled
         **sampler.steady(full, min(done_at) if done_at else t0),
         "p50_s": round(statistics.median(lat), 3) if lat else None,
         "p90_s": round(_pct(lat, 0.90), 3) if lat else None,
@@ -406,7 +420,10 @@ def compare_vllm(args: argparse.Namespace, model: str, stack: ExitStack) -> list
 
     for r in range(args.compare):
         cpu0, busy0, ccpu0 = group_cpu(args.server_pgid), busy_cpu_s(), time.process_time()
+        prompt0 = _scrape(url, args.api_key).get(PROMPT_KEY, 0.0)
         single = single_batch(url, args)
+        single_tokens = args.max_batch * args.max_tokens
+        single_prompt = _scrape(url, args.api_key).get(PROMPT_KEY, 0.0) - prompt0
         cpu = {k: round(v - cpu0[k], 2) for k, v in group_cpu(args.server_pgid).items()}
         own = sum(cpu.values()) + time.process_time() - ccpu0
         res_other = round(busy_cpu_s() - busy0 - own, 2)
@@ -415,6 +432,11 @@ def compare_vllm(args: argparse.Namespace, model: str, stack: ExitStack) -> list
         res["single_server_cpu_s"] = cpu
         res["single_other_cpu_s"] = res_other
         res["load_over_single"] = round(res["tokens_per_s"] / single, 2)
+        # prompt + generated tokens per second: the work the engine did, both phases
+        single_all = (single_tokens + single_prompt) * single / single_tokens
+        load_all = (res["tokens"] + res["prompt_tokens"]) / res["wall_s"]
+        res["single_prompt_tokens"] = int(single_prompt)
+        res["processed_load_over_single"] = round(load_all / single_all, 2)
         steady = res["steady_tokens_per_s"]
         res["steady_over_single"] = round(steady / single, 2) if steady else None
         res["load_average"] = round(os.getloadavg()[0], 2)
@@ -424,22 +446,33 @@ def compare_vllm(args: argparse.Namespace, model: str, stack: ExitStack) -> list
 
 
 def vllm_table(results: list[dict[str, Any]]) -> str:
-    """Medians over the rounds (and each round's ratio), vLLM engine."""
+    """Medians over the rounds (and each round's ratios), vLLM engine.
+
+    Columns: generated tokens/s of the load over the whole run and while every client
+    was busy (steady), each over the same round's single batch; the same for prompt +
+    generated tokens; CPU seconds other jobs took during the load (noise).
+    """
 
     def med(key: str) -> float:
-        return float(statistics.median(r[key] for r in results))
+        return float(statistics.median(r[key] for r in results if r[key] is not None))
 
-    ratios = ", ".join(f"{r['load_over_single']:.2f}" for r in results)
+    def per(key: str) -> str:
+        return ", ".join(f"{r[key]:.2f}" if r[key] is not None else "-" for r in results)
+
     return "\n".join(
         [
             "| engine | rounds | load tok/s | single-batch tok/s | load / single (per round) "
-            "| requests/s | p50 | p99 | max | errors | 429s (retried) |",
-            "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+            "| steady / single | prompt+generated: load / single | mean running (steady) "
+            "| p50 | p99 | errors | 429s | other jobs' CPU s |",
+            "|---|---:|---:|---:|---|---|---|---:|---:|---:|---:|---:|---|",
             f"| vllm | {len(results)} | {med('tokens_per_s'):.0f} "
-            f"| {med('single_batch_tps'):.0f} | {med('load_over_single'):.2f} ({ratios}) "
-            f"| {med('requests_per_s'):.1f} | {med('p50_s'):.2f} s | {med('p99_s'):.2f} s "
-            f"| {med('max_s'):.2f} s | {sum(r['errors'] for r in results)} "
-            f"| {sum(r['rejected_429'] for r in results)} |",
+            f"| {med('single_batch_tps'):.0f} | {med('load_over_single'):.2f} "
+            f"({per('load_over_single')}) | {med('steady_over_single'):.2f} "
+            f"({per('steady_over_single')}) | {med('processed_load_over_single'):.2f} "
+            f"({per('processed_load_over_single')}) | {med('mean_running'):.1f} "
+            f"({med('steady_mean_running'):.1f}) | {med('p50_s'):.2f} s "
+            f"| {med('p99_s'):.2f} s | {sum(r['errors'] for r in results)} "
+            f"| {sum(r['rejected_429'] for r in results)} | {per('other_cpu_s')} |",
         ]
     )
 
