@@ -246,14 +246,15 @@ async def _processed_runs(
     async def one(rid: str, r: Rollout, params: EngineParams) -> tuple[list[int], list[list[int]]]:
         k = params.rule.top_k or K
         sp = sampling_params(params, k, flush_every=10_000)
-        final = None
-        async for out in llm.generate(TokensPrompt(prompt_token_ids=r.prompt_token_ids), sp, rid):
-            final = out
-        assert final is not None
-        comp = final.outputs[0]
-        top = read_flat_topk(comp.logprobs, 0, len(comp.token_ids), k)
-        sets = [top.ids[s][np.isfinite(top.lps[s])].tolist() for s in range(len(top.ids))]
-        return list(comp.token_ids), sets
+        tokens: list[int] = []
+        sets: list[list[int]] = []
+        prompt = TokensPrompt(prompt_token_ids=r.prompt_token_ids)
+        async for out in llm.generate(prompt, sp, rid):  # DELTA outputs: join them
+            comp = out.outputs[0]
+            top = read_flat_topk(comp.logprobs, 0, len(comp.token_ids), k)
+            tokens.extend(comp.token_ids)
+            sets.extend(top.ids[s][np.isfinite(top.lps[s])].tolist() for s in range(len(top.ids)))
+        return tokens, sets
 
     try:
         results = []
