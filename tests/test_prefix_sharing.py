@@ -12,7 +12,6 @@ import copy
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 from dvp_schemas import PruningRule
@@ -29,7 +28,7 @@ class _Row:  # what DecodeBatch reads of a row
 
 
 def _prompts(seed: int, vocab: int) -> list[list[int]]:
-    """5 prompts: a shared 12-token prefix, then 1-9 tokens of their own (one repeated)."""
+    """5 prompts: a shared 12-token prefix, then 1-9 tokens of their own (one prompt twice)."""
     gen = torch.Generator().manual_seed(seed)
     prefix = torch.randint(5, vocab, (12,), generator=gen).tolist()
     out = [prefix + torch.randint(5, vocab, (int(n),), generator=gen).tolist() for n in (1, 9, 4)]
@@ -66,12 +65,14 @@ def test_shared_prefill_matches_each_prompt_alone(
     with torch.inference_mode():
         shared = DecodeBatch(model, [_Row(p) for p in prompts], pad_id=0, slack=slack)
         out = [shared.prefill(cache)]
-        assert shared.prefilled == 12 + len(prompts) * 9  # the prefix once, suffixes padded
+        # the prefix once, then the 4 distinct prompts' suffixes (padded to 9); the
+        # repeated prompt is copied, not run again
+        assert shared.prefilled == 12 + 4 * 9
         for s in range(steps.shape[1]):
             out.append(shared.decode(steps[:, s].numpy()))
         again = DecodeBatch(model, [_Row(p) for p in prompts], pad_id=0, slack=slack)
         first = again.prefill(cache)  # the prefix from the cache
-        assert again.prefilled == len(prompts) * 9 and cache.hits == 1
+        assert again.prefilled == 4 * 9 and cache.hits == 1
         plain = DecodeBatch(model, [_Row(p) for p in prompts], pad_id=0, slack=slack)
         unshared = plain.prefill()  # no cache: the left-padded path
         assert plain.prefilled == len(prompts) * 21
@@ -108,53 +109,45 @@ def test_prefix_cache_is_bounded_and_lru() -> None:
 def test_engine_shares_prefixes_and_forgets_them_on_a_weight_update(
     tiny_model_dir: Path,
 ) -> None:
-    """n = 4 samples of one prompt run its prefix once; after new weights, the next
-    group's log-probs are the new model's (float64 reference), not the stale prefix's."""
-    prompt = list(range(100, 130))
+    """Four prompts with a common 25-token prefix, n = 2 each: the prefix runs once and
+    each prompt's own tokens once; after new weights, the next group's log-probs are
+    the new model's (float64 reference), not the stale prefix's."""
+    base = list(range(100, 125))
+    prompts = [[*base, 200 + i, 300 + i] for i in range(4)]
+    params = EngineParams(temperature=1.0, max_tokens=1, rule=PruningRule(min_p=0.01), seed=3)
 
-    async def group(eng: TorchEngine, tag: str) -> list[float]:
-        params = EngineParams(temperature=1.0, max_tokens=1, rule=PruningRule(min_p=0.01), seed=3)
-
-        async def one(i: int) -> float:
-            async for chunk in eng.generate(f"{tag}{i}", prompt, params):
-                return float(np.asarray(chunk.logprobs)[0])
+    async def group(eng: TorchEngine, tag: str) -> list[tuple[int, int, float]]:
+        async def one(i: int, j: int) -> tuple[int, int, float]:
+            async for chunk in eng.generate(f"{tag}{i}.{j}", prompts[i], params):
+                return i, int(chunk.token_ids[0]), float(chunk.logprobs[0])
             raise AssertionError("no chunk")
 
-        return list(await asyncio.gather(*(one(i) for i in range(4))))
+        return list(await asyncio.gather(*(one(i, j) for i in range(4) for j in range(2))))
 
-    def expected(eng: TorchEngine, token: int) -> float:
+    def expected(eng: TorchEngine, i: int, token: int) -> float:
         ref = copy.deepcopy(eng.model).double()
         with torch.no_grad():
-            logits = ref(input_ids=torch.tensor([prompt])).logits[0, -1]
+            logits = ref(input_ids=torch.tensor([prompts[i]])).logits[0, -1]
         return float(torch.log_softmax(logits, -1)[token])
 
     async def run() -> None:
-        eng = TorchEngine(tiny_model_dir, max_batch=8)
+        eng = TorchEngine(tiny_model_dir, max_batch=8, threads=1)
         await eng.start()
         try:
             before = eng.stats.prefill_tokens
-            await group(eng, "a")
-            assert eng.stats.prefill_tokens - before == 29 + 4  # prefix once, 1 token each
-            assert eng.prefixes is not None and eng.prefixes.positions == 29
-            state = {k: v.clone() for k, v in eng.model.state_dict().items()}
+            first = await group(eng, "a")
+            assert eng.stats.prefill_tokens - before == 25 + 4 * 2  # prefix once, 2 tokens each
+            assert eng.prefixes is not None and eng.prefixes.positions == 25
+            assert all(abs(lp - expected(eng, i, t)) < 1e-4 for i, t, lp in first)
             gen = torch.Generator().manual_seed(11)
-            new = {k: v + 0.5 * torch.randn(v.shape, generator=gen) for k, v in state.items()
-                   if k.startswith("model.layers.0.")}  # fmt: skip
+            layer0 = {k: v for k, v in eng.model.state_dict().items() if ".layers.0." in k}
+            new = {k: v + 0.5 * torch.randn(v.shape, generator=gen) for k, v in layer0.items()}
             await eng.load_weights(new)
             assert eng.prefixes.positions == 0
-            rollouts = []
-            async for chunk in eng.generate(
-                "b",
-                prompt,
-                EngineParams(temperature=1.0, max_tokens=1, rule=PruningRule(min_p=0.01), seed=3),
-            ):
-                rollouts.append(chunk)  # fmt: skip
-            token = int(np.asarray(rollouts[0].token_ids)[0])
-            logprobs = await group(eng, "c")  # shared again, prefix recomputed
-            assert eng.prefixes.positions == 29
-            ref = expected(eng, token)
-            assert abs(float(np.asarray(rollouts[0].logprobs)[0]) - ref) < 1e-4
-            assert all(abs(lp - ref) < 1e-4 for lp in logprobs), (logprobs, ref)
+            after = await group(eng, "b")  # shared again: the prefix recomputed
+            assert eng.prefixes.positions == 25
+            diffs = [abs(lp - expected(eng, i, t)) for i, t, lp in after]
+            assert max(diffs) < 1e-4, diffs
         finally:
             await eng.shutdown()
 

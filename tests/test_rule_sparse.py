@@ -16,7 +16,7 @@ from dvp_client import rule_sparse
 from dvp_client.rule import safe_vocab
 from dvp_client.rule_sparse import _nonzero, sparse_applies, sparse_safe_vocab
 from dvp_schemas import PruningRule
-from dvp_server.engines import _batch
+from dvp_server.engines import _rule_step
 from dvp_server.engines._rows import Row
 from dvp_server.engines.base import EngineParams
 from test_rule import ref_rule
@@ -131,11 +131,11 @@ def test_engine_rule_step_is_the_same_on_both_paths(
             calls.append(1)
             return real(*a, **k)  # type: ignore[arg-type]
 
-        monkeypatch.setattr(_batch, "sparse_safe_vocab", counted)
-        fast = [_batch.rule_step(z, _rows(6, loop, rho)) for _ in range(3)]
+        monkeypatch.setattr(_rule_step, "sparse_safe_vocab", counted)
+        fast = [_rule_step.rule_step(z, _rows(6, loop, rho)) for _ in range(3)]
         assert len(calls) == 3  # the sparse path ran
-        monkeypatch.setattr(_batch, "sparse_applies", lambda *a: False)
-        slow = [_batch.rule_step(z, _rows(6, loop, rho)) for _ in range(3)]
+        monkeypatch.setattr(_rule_step, "sparse_applies", lambda *a: False)
+        slow = [_rule_step.rule_step(z, _rows(6, loop, rho)) for _ in range(3)]
     finally:
         loop.close()
     for a, b in zip(fast, slow, strict=True):

@@ -23,145 +23,17 @@ cache never holds more than ``B * max_i (prompt_i + max_tokens_i)`` positions.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, cast
 
 import numpy as np
 import torch
-from dvp_client.rule import RuleParams, safe_vocab
-from dvp_client.rule_sparse import sparse_applies, sparse_safe_vocab
 from torch import Tensor
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from ._prefix import MIN_SHARED, PrefixCache, common_prefix
 from ._rows import Row
-
-
-@dataclass
-class StepOutput:
-    """What one rule step produced for a batch (numpy, on the host).
-
-    Attributes:
-        tokens: int64 ``(B,)`` sampled from pi_S.
-        logprobs: float32 ``(B,)`` log p(y), full tempered distribution.
-        masked: float32 ``(B,)`` log pi_S(y).
-        logmass: float32 ``(B,)`` log Z_S.
-        sizes: int64 ``(B,)`` |S|.
-        safe_ids: per row, int32 ids of S (ascending) or None when not asked.
-    """
-
-    tokens: np.ndarray
-    logprobs: np.ndarray
-    masked: np.ndarray
-    logmass: np.ndarray
-    sizes: np.ndarray
-    safe_ids: list[np.ndarray | None]
-
-
-@dataclass
-class BatchRule:
-    """The rule parameters of a batch's rows, built once per row list (not per step).
-
-    Attributes:
-        rows: the row list these were built from (compared by identity).
-        params: validated per-row float32 parameters ``(B,)`` (``RuleParams``).
-        sparse: every row samples with min-p alone: the sparse path applies.
-        asked: per row, whether it wants the ids of S.
-        generators: per row, its own generator.
-    """
-
-    rows: Sequence[Row]
-    params: RuleParams
-    sparse: bool
-    asked: list[bool]
-    generators: list[torch.Generator]
-
-    @classmethod
-    def of(cls, rows: Sequence[Row]) -> BatchRule:
-        """Gather and validate the rows' parameters."""
-        ps = [r.params for r in rows]
-        temperature = torch.tensor([p.temperature for p in ps], dtype=torch.float64)
-        min_p = torch.tensor([p.rule.min_p for p in ps], dtype=torch.float64)
-        top_k = torch.tensor([p.rule.top_k or 0 for p in ps], dtype=torch.int64)
-        top_p = torch.tensor([p.rule.top_p for p in ps], dtype=torch.float64)
-        params = RuleParams.make(
-            len(ps), temperature=temperature, min_p=min_p, top_k=top_k, top_p=top_p
-        )
-        return cls(
-            rows=rows,
-            params=params,
-            sparse=sparse_applies(temperature, min_p, top_k, top_p),
-            asked=[p.return_safe_token_ids for p in ps],
-            generators=[r.generator for r in rows],
-        )
-
-
-def rule_step(logits: Tensor, rows: Sequence[Row], rule: BatchRule | None = None) -> StepOutput:
-    """Apply the shared rule to last-position logits ``(B, V)`` and sample one token per row.
-
-    Per-row temperature / min_p / top_k / top_p; each row draws from its own
-    generator (inverse CDF over pi_S, see ``SafeVocab.sample``), so its token does
-    not depend on its batch mates. Safe ids are extracted only for rows that asked.
-    A batch whose rows all sample with min-p alone (the RL case) takes the sparse
-    path (``dvp_client.rule_sparse``: the same sets and draws, S as id lists).
-    ``rule``: the rows' :class:`BatchRule` when the caller keeps one (built if None).
-    """
-    if rule is None or rule.rows is not rows:
-        rule = BatchRule.of(rows)
-    if rule.sparse:
-        sparse = sparse_safe_vocab(logits, params=rule.params)
-        tokens = sparse.sample(rule.generators)
-        full, masked = sparse.logprobs(tokens)
-        logmass, sizes = sparse.safe_logmass, sparse.safe_sizes.numpy()
-        safe_ids = _split_ids(sparse.ids, sizes, rule.asked)
-    else:
-        p = rule.params
-        sv = safe_vocab(
-            logits, temperature=p.temperature, min_p=p.min_p, top_k=p.top_k, top_p=p.top_p
-        )
-        tokens = sv.sample(rule.generators)  # (B,) int64
-        full, masked = sv.logprobs(tokens)
-        logmass, sizes = sv.safe_logmass, sv.safe_sizes.numpy()
-        safe_ids = _safe_ids(sv.mask, sizes, rule.asked)
-    return StepOutput(
-        tokens=tokens.numpy(),
-        logprobs=full.numpy(),
-        masked=masked.numpy(),
-        logmass=logmass.numpy(),
-        sizes=sizes,
-        safe_ids=safe_ids,
-    )
-
-
-def _split_ids(ids: Tensor, sizes: np.ndarray, asked: list[bool]) -> list[np.ndarray | None]:
-    """Per row, int32 ids of S for the rows that asked, from the sparse path's id list.
-
-    Args:
-        ids: int64 ``(M,)``, every row's S one after the other; sizes: ``(B,)``.
-    """
-    if not any(asked):
-        return [None] * len(asked)
-    parts = np.split(ids.to(torch.int32).numpy(), np.cumsum(sizes)[:-1])
-    return [part if a else None for part, a in zip(parts, asked, strict=True)]
-
-
-def _safe_ids(mask: Tensor, sizes: np.ndarray, asked: list[bool]) -> list[np.ndarray | None]:
-    """Ascending int32 ids of S for the rows that asked (one ``nonzero`` for all of them).
-
-    Args:
-        mask: bool ``(B, V)``; sizes: int64 ``(B,)`` row sums of ``mask``; asked: ``(B,)``.
-    """
-    out: list[np.ndarray | None] = [None] * len(asked)
-    rows = [i for i, a in enumerate(asked) if a]
-    if not rows:
-        return out
-    sub = mask if len(rows) == len(asked) else mask[rows]
-    cols = sub.nonzero()[:, 1].to(torch.int32).numpy()  # row-major: grouped by row, ascending
-    for i, part in zip(rows, np.split(cols, np.cumsum(sizes[rows])[:-1]), strict=True):
-        out[i] = part
-    return out
+from ._rule_step import BatchRule
 
 
 class SlackLayer(DynamicLayer):
@@ -242,6 +114,7 @@ class DecodeBatch:
         self.model = model
         self.rows = rows
         self.pad_id = pad_id
+        self.slack = slack
         self.cache = DynamicCache(config=model.config)
         if slack and all(type(layer) is DynamicLayer for layer in self.cache.layers):
             self.cache.layers = [SlackLayer(slack) for _ in self.cache.layers]
@@ -259,12 +132,18 @@ class DecodeBatch:
     def prefill(self, prefixes: PrefixCache | None = None) -> Tensor:
         """Run the left-padded prompts through the model; float logits ``(B, V)``.
 
-        With ``prefixes`` and two or more rows sharing at least ``MIN_SHARED``
-        leading tokens, the common prefix runs once (or comes from the cache) and
-        only the suffixes run as a batch (``_prefix.py``). ``self.prefilled``
-        counts the positions that went through the model.
+        With ``prefixes`` (sharing on): rows with the same prompt (the n samples of
+        a prompt) are prefilled once and their caches copied; and two or more
+        prompts sharing at least ``MIN_SHARED`` leading tokens run that prefix once
+        (or take it from the cache), then only their suffixes (``_prefix.py``).
+        ``self.prefilled`` counts the positions that went through the model.
         """
         prompts = [r.prompt for r in self.rows]
+        if prefixes is not None:
+            first: dict[tuple[int, ...], int] = {}
+            index = [first.setdefault(tuple(p), i) for i, p in enumerate(prompts)]
+            if len(first) < len(prompts):
+                return self._prefill_unique(sorted(first.values()), index, prefixes)
         plain = all(type(layer) in _PLAIN for layer in self.cache.layers)
         shared = common_prefix(prompts) if prefixes is not None and len(prompts) > 1 else 0
         if prefixes is not None and plain and shared >= MIN_SHARED:
@@ -281,6 +160,24 @@ class DecodeBatch:
         self.attention_mask = mask
         self.next_pos = pos[:, -1] + 1
         return self._forward(ids, pos)
+
+    def _prefill_unique(self, unique: list[int], index: list[int], prefixes: PrefixCache) -> Tensor:
+        """Prefill rows ``unique`` only, then give every row the cache of its prompt's.
+
+        Args:
+            unique: ascending row indices, one per distinct prompt.
+            index: per row, the row in ``unique`` whose prompt it has.
+        """
+        sub = DecodeBatch(self.model, [self.rows[i] for i in unique], self.pad_id, self.slack)
+        logits = sub.prefill(prefixes)  # (U, V)
+        where = {row: j for j, row in enumerate(unique)}
+        pick = torch.tensor([where[i] for i in index], dtype=torch.int64)  # (B,)
+        self.cache = sub.cache
+        self.cache.batch_select_indices(pick)  # (U, ...) -> (B, ...), a copy per row
+        self.attention_mask = sub.attention_mask[pick]
+        self.next_pos = sub.next_pos[pick]
+        self.prefilled = sub.prefilled
+        return logits[pick]
 
     def _prefill_shared(self, prompts: list[list[int]], p: int, prefixes: PrefixCache) -> Tensor:
         """Prefill rows whose first ``p`` tokens are equal: cache ``[prefix | pad | suffix]``.

@@ -42,9 +42,10 @@ import torch
 from dvp_schemas import FinishReason
 
 from ..errors import INVALID_REQUEST, ServiceError
-from ._batch import DecodeBatch, StepOutput, rule_step
+from ._batch import DecodeBatch
 from ._prefix import PrefixCache
 from ._rows import Row
+from ._rule_step import StepOutput, rule_step
 
 __all__ = ["EngineStats", "KvBudget", "KvBudgetError", "SchedulerMixin"]
 
