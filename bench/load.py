@@ -45,25 +45,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import functools
 import json
 import math
 import os
 import platform
 import signal
-import ssl
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import httpx
+from _load_probe import PROMPT_KEY, Sampler, busy_cpu_s, scrape, ssl_context  # bench/
 from dvp_client import AsyncClient
-from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -140,18 +137,6 @@ def _max_tokens(args: argparse.Namespace, c: int, i: int) -> int:
     return lo + (c * 7919 + i * 104_729) % (args.max_tokens - lo + 1)
 
 
-@functools.cache
-def _ssl_context() -> ssl.SSLContext:
-    """One TLS context for every client of the bench.
-
-    httpx builds a context per client by default and parses the CA bundle for it
-    (~23 ms of CPU each, even for http:// URLs): 32 clients spent ~0.75 s of CPU
-    at the start of every load run on the cores the engine runs on, and the single
-    batch (one client) ~0.02 s. Sharing one keeps that out of the comparison.
-    """
-    return ssl.create_default_context()
-
-
 def _check(batch: Any, max_tokens: int) -> None:
     for r in batch.rollouts:
         assert len(r.token_ids) == max_tokens == len(r.masked_logprobs) == len(r.safe_sizes)
@@ -169,7 +154,7 @@ async def _client(
     done_at: list[float],
 ) -> list[str]:
     errors: list[str] = []
-    http = httpx.AsyncClient(verify=_ssl_context())  # the dvp client sets its timeout
+    http = httpx.AsyncClient(verify=ssl_context())  # the dvp client sets its timeout
     async with (
         http,
         AsyncClient(
@@ -199,18 +184,6 @@ async def _client(
     return errors
 
 
-def _scrape(url: str, api_key: str | None, client: httpx.Client | None = None) -> dict[str, float]:
-    headers = {"authorization": f"Bearer {api_key}"} if api_key else None
-    get = client.get if client is not None else httpx.get
-    text = get(f"{url}/metrics", headers=headers, timeout=30).text
-    out: dict[str, float] = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            key = s.name + (json.dumps(s.labels, sort_keys=True) if s.labels else "")
-            out[key] = s.value
-    return out
-
-
 def _pct(values: list[float], q: float) -> float:
     """The q-quantile (nearest rank) of values."""
     ordered = sorted(values)
@@ -225,7 +198,7 @@ def single_batch(url: str, args: argparse.Namespace, n: int | None = None) -> fl
     n = n or args.max_batch
 
     async def one() -> float:
-        http = httpx.AsyncClient(verify=_ssl_context())  # as the load's clients
+        http = httpx.AsyncClient(verify=ssl_context())  # as the load's clients
         async with http, AsyncClient(url, api_key=args.api_key, http_client=http) as client:
             t0 = time.perf_counter()
             batch = await client.rollouts(
@@ -245,90 +218,10 @@ def single_batch(url: str, args: argparse.Namespace, n: int | None = None) -> fl
     return asyncio.run(one())
 
 
-TOKENS_KEY = 'dvp_tokens_total{"kind": "completion"}'
-PROMPT_KEY = 'dvp_tokens_total{"kind": "prompt"}'
-
-
-def busy_cpu_s() -> float:
-    """CPU seconds the whole machine spent busy so far (``/proc/stat``; 0 where absent).
-
-    Minus the server's and this process's CPU over the same interval, it is what
-    other jobs took from the cores (the engine's OpenMP threads are bound to all of
-    them, so any of it slows every step).
-    """
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:]]
-    except OSError:
-        return 0.0
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    return (sum(fields) - idle) / os.sysconf("SC_CLK_TCK")
-
-
-class Sampler:
-    """Polls the server's ``/metrics`` every ``period`` s in a thread during the load.
-
-    Each sample: (time, completion tokens so far, rollouts running in the engine).
-    The token counter moves a chunk at a time (vLLM engine: every 16 tokens of a
-    rollout), so a window's count is off by under a chunk per running rollout at
-    each end, in both directions.
-    """
-
-    def __init__(self, url: str, api_key: str | None, period: float = 0.25) -> None:
-        self.url, self.api_key, self.period = url, api_key, period
-        self.samples: list[tuple[float, float, float]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def __enter__(self) -> Sampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _loop(self) -> None:
-        with httpx.Client(verify=_ssl_context()) as client:  # one connection, one context
-            while not self._stop.is_set():
-                m = _scrape(self.url, self.api_key, client)
-                t = time.perf_counter()
-                row = (t, m.get(TOKENS_KEY, 0.0), m.get("dvp_rollouts_running", 0.0))
-                self.samples.append(row)
-                self._stop.wait(self.period)
-
-    def steady(self, full: float, until: float) -> dict[str, float | None]:
-        """Throughput while the load keeps the engine full.
-
-        The window runs from the first sample with at least ``full`` rollouts running
-        (the clients' first requests are all in) to the last sample before ``until``
-        (the first client has sent its last request: from then on the batch drains).
-
-        Returns:
-            ``steady_tokens_per_s``, ``steady_window_s``, ``steady_mean_running``
-            (mean of the samples in the window), ``mean_running`` (all samples).
-        """
-        s = self.samples
-        mean_all = statistics.mean(x[2] for x in s) if s else None
-        i = next((k for k, x in enumerate(s) if x[2] >= full), None)
-        j = max((k for k, x in enumerate(s) if x[0] <= until), default=None)
-        if i is None or j is None or j <= i:
-            return dict.fromkeys(
-                ("steady_tokens_per_s", "steady_window_s", "steady_mean_running"), None
-            ) | {"mean_running": mean_all}
-        dt = s[j][0] - s[i][0]
-        return {
-            "steady_tokens_per_s": round((s[j][1] - s[i][1]) / dt, 1),
-            "steady_window_s": round(dt, 2),
-            "steady_mean_running": round(statistics.mean(x[2] for x in s[i : j + 1]), 1),
-            "mean_running": round(mean_all, 1) if mean_all is not None else None,
-        }
-
-
 def run(args: argparse.Namespace, url: str | None = None) -> dict[str, Any]:
     with ExitStack() as stack:
         url = url or args.url or _server(args, stack)
-        before = _scrape(url, args.api_key)
+        before = scrape(url, args.api_key)
         lat: list[float] = []
         tokens: list[int] = []
         done_at: list[float] = []
@@ -347,7 +240,7 @@ def run(args: argparse.Namespace, url: str | None = None) -> dict[str, Any]:
             wall, client_cpu = time.perf_counter() - t0, time.process_time() - ccpu0
         cpu = {k: v - cpu0[k] for k, v in group_cpu(pgid).items()} if pgid else {}
         other = busy_cpu_s() - busy0 - client_cpu - sum(cpu.values())
-        after = _scrape(url, args.api_key)
+        after = scrape(url, args.api_key)
 
     def delta(key: str) -> float:
         return after.get(key, 0.0) - before.get(key, 0.0)
@@ -420,10 +313,10 @@ def compare_vllm(args: argparse.Namespace, model: str, stack: ExitStack) -> list
 
     for r in range(args.compare):
         cpu0, busy0, ccpu0 = group_cpu(args.server_pgid), busy_cpu_s(), time.process_time()
-        prompt0 = _scrape(url, args.api_key).get(PROMPT_KEY, 0.0)
+        prompt0 = scrape(url, args.api_key).get(PROMPT_KEY, 0.0)
         single = single_batch(url, args)
         single_tokens = args.max_batch * args.max_tokens
-        single_prompt = _scrape(url, args.api_key).get(PROMPT_KEY, 0.0) - prompt0
+        single_prompt = scrape(url, args.api_key).get(PROMPT_KEY, 0.0) - prompt0
         cpu = {k: round(v - cpu0[k], 2) for k, v in group_cpu(args.server_pgid).items()}
         own = sum(cpu.values()) + time.process_time() - ccpu0
         res_other = round(busy_cpu_s() - busy0 - own, 2)
@@ -454,7 +347,8 @@ def vllm_table(results: list[dict[str, Any]]) -> str:
     """
 
     def med(key: str) -> float:
-        return float(statistics.median(r[key] for r in results if r[key] is not None))
+        values = [r[key] for r in results if r[key] is not None]
+        return float(statistics.median(values)) if values else math.nan  # too short a run
 
     def per(key: str) -> str:
         return ", ".join(f"{r[key]:.2f}" if r[key] is not None else "-" for r in results)
