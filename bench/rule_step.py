@@ -6,9 +6,11 @@ bench's chat prompts, batch B, ``min_p = 1e-3``, T = 1. Two paths, interleaved i
 one process, best of ``--repeats`` means: ``dense`` (``rule.safe_vocab`` over the
 full ``(B, V)`` mask: what every step did before the sparse path) and ``sparse``
 (``rule_sparse.sparse_safe_vocab``: S as id lists). Both give the same sets and
-tokens (checked here on every run). And ``plain``: what ``generate()`` does per
-step, ``softmax`` then ``multinomial``, no log-prob and no metadata: the DVP
-metadata costs ``sparse - plain`` of a step.
+tokens (checked here on every run). Two samplers without any DVP output, to say
+what the metadata itself costs: ``plain``, what ``generate()`` does per step
+(``softmax`` then ``multinomial``), and ``minimal``, the least a sampler over the
+full softmax does (row max, ``exp(u - max)``, one cumulative sum, one search per
+row): the DVP metadata costs ``sparse - minimal`` of a step.
 
     .venv/bin/python bench/rule_step.py                 # batches 1 16 64, 1 thread
     .venv/bin/python bench/rule_step.py --batches 64 --threads 2
@@ -55,14 +57,25 @@ def _delivery() -> tuple[asyncio.AbstractEventLoop, asyncio.Queue, frozenset[int
     return _LOOP, asyncio.Queue(), frozenset(), None
 
 
-def mean_ms(logits: torch.Tensor, rule: BatchRule | None, steps: int) -> float:
-    """Mean ms of a rule step (``rule``), or of plain sampling (None)."""
+def minimal_sample(logits: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """One draw per row from softmax(logits) by inverse CDF, nothing else; int64 ``(B,)``."""
+    w = torch.exp(logits - torch.amax(logits, dim=-1, keepdim=True))  # (B, V)
+    cdf = torch.cumsum(w, dim=-1)
+    target = torch.rand(w.shape[0], 1, generator=gen) * cdf[:, -1:]
+    return torch.searchsorted(cdf, target).squeeze(-1).clamp(max=w.shape[1] - 1)
+
+
+def mean_ms(logits: torch.Tensor, rule: BatchRule | str, steps: int) -> float:
+    """Mean ms of a rule step (``rule``), or of the ``"plain"`` / ``"minimal"`` sampler."""
     gen = torch.Generator().manual_seed(0)
     t0 = time.perf_counter()
     for _ in range(steps):
-        if rule is None:
+        if rule == "plain":
             torch.multinomial(torch.softmax(logits.float(), dim=-1), 1, generator=gen).numpy()
+        elif rule == "minimal":
+            minimal_sample(logits, gen).numpy()
         else:
+            assert isinstance(rule, BatchRule)
             rule_step(logits, rule.rows, rule)
     return (time.perf_counter() - t0) / steps * 1e3
 
@@ -75,8 +88,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=20, help="rule steps per timed run")
     args = ap.parse_args(argv)
     engine = TorchEngine(resolve_model(None), max_batch=max(args.batches), threads=args.threads)
-    print("| batch | mean S | plain sampling ms | dense ms | sparse ms | sparse / dense |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    print(
+        "| batch | mean S | plain sampling ms | minimal sampling ms | dense rule step ms "
+        "| sparse rule step ms | sparse / dense | sparse - minimal ms |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for b in args.batches:
         logits = logits_for(engine, b)
         rows = [Row(f"r{i}", [1], _params(i), *_delivery()) for i in range(b)]
@@ -85,14 +101,19 @@ def main(argv: list[str] | None = None) -> None:
         dense = replace(sparse, sparse=False)
         a, c = rule_step(logits, rows, sparse), rule_step(logits, rows, dense)
         assert np.array_equal(a.sizes, c.sizes), "the paths disagree on |S|"
-        times: dict[str, list[float]] = {"plain": [], "dense": [], "sparse": []}
+        variants: dict[str, BatchRule | str] = {
+            "plain": "plain", "minimal": "minimal", "dense": dense, "sparse": sparse
+        }  # fmt: skip
+        times: dict[str, list[float]] = {k: [] for k in variants}
         for _ in range(args.repeats):
-            times["plain"].append(mean_ms(logits, None, args.steps))
-            times["dense"].append(mean_ms(logits, dense, args.steps))
-            times["sparse"].append(mean_ms(logits, sparse, args.steps))
-        p, d, s = (min(times[k]) for k in ("plain", "dense", "sparse"))
+            for k, v in variants.items():
+                times[k].append(mean_ms(logits, v, args.steps))
+        p, m, d, s = (min(times[k]) for k in variants)
         size = statistics.fmean(a.sizes.tolist())
-        print(f"| {b} | {size:.0f} | {p:.2f} | {d:.2f} | {s:.2f} | {s / d:.2f} |")
+        print(
+            f"| {b} | {size:.0f} | {p:.2f} | {m:.2f} | {d:.2f} | {s:.2f} | {s / d:.2f} "
+            f"| {s - m:+.2f} |"
+        )
     print(
         f"\nSmolLM2 logits, min_p 1e-3, T 1, ids returned; best of {args.repeats} means of "
         f"{args.steps} steps; torch {torch.__version__}, {torch.get_num_threads()} threads, "
