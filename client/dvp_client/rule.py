@@ -189,8 +189,34 @@ def _top_p_rows(u: Tensor, mask: Tensor, q: Tensor) -> Tensor:
     return out
 
 
+def _uniforms(n: int, generators: torch.Generator | Sequence[torch.Generator] | None) -> Tensor:
+    """The sampler's draws: one float64 uniform per row ``(N,)``, from one generator for
+    the batch or one per row (both samplers take them from here: same seeds, same draws).
+
+    Raises:
+        ValueError: a generator list whose length is not ``n``.
+    """
+    if generators is None or isinstance(generators, torch.Generator):
+        return torch.rand(n, generator=generators, dtype=torch.float64)
+    if len(generators) != n:
+        raise ValueError(f"need {n} generators, got {len(generators)}")
+    return torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators])
+
+
+class _LogMass:
+    """``safe_logmass`` for a result holding both normalisers (float32 ``(N,)`` each)."""
+
+    log_z_full: Tensor
+    log_z_safe: Tensor
+
+    @property
+    def safe_logmass(self) -> Tensor:
+        """``log Z_S`` per row, float32 ``(N,)``; 0 when nothing is pruned."""
+        return self.log_z_safe - self.log_z_full
+
+
 @dataclass(frozen=True)
-class SafeVocab:
+class SafeVocab(_LogMass):
     """The rule applied to a batch of steps.
 
     Attributes:
@@ -207,11 +233,6 @@ class SafeVocab:
     log_z_full: Tensor
     log_z_safe: Tensor
     weights: Tensor
-
-    @property
-    def safe_logmass(self) -> Tensor:
-        """``log Z_S`` per row, float32 ``(N,)``; 0 when nothing is pruned."""
-        return self.log_z_safe - self.log_z_full
 
     @property
     def safe_sizes(self) -> Tensor:
@@ -247,13 +268,7 @@ class SafeVocab:
         token with positive mass in S can be drawn.
         """
         n, v = self.mask.shape
-        if generators is None or isinstance(generators, torch.Generator):
-            uni = torch.rand(n, generator=generators, dtype=torch.float64)
-        else:
-            if len(generators) != n:
-                raise ValueError(f"need {n} generators, got {len(generators)}")
-            uni = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators])
-        uni = uni.to(self.mask.device)
+        uni = _uniforms(n, generators).to(self.mask.device)
         # pi_S in float32 (relative error ~1e-7 per token), accumulated in float64 in
         # two levels (blocks, then within the chosen block) so that no tail token's
         # mass is absorbed by rounding and no full-vocabulary float64 copy is made.

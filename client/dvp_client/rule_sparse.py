@@ -27,7 +27,16 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .rule import GREEDY_EPS, RuleParams, Scalar, _min_p_keep, _scale, _search_last_positive
+from .rule import (
+    GREEDY_EPS,
+    RuleParams,
+    Scalar,
+    _LogMass,
+    _min_p_keep,
+    _scale,
+    _search_last_positive,
+    _uniforms,
+)
 
 __all__ = ["SparseSafeVocab", "sparse_applies", "sparse_safe_vocab"]
 
@@ -47,7 +56,7 @@ def sparse_applies(
 
 
 @dataclass(frozen=True)
-class SparseSafeVocab:
+class SparseSafeVocab(_LogMass):
     """The rule applied to N min-p-only steps; S as ascending id lists.
 
     Attributes:
@@ -70,11 +79,6 @@ class SparseSafeVocab:
     weights: Tensor
     log_z_full: Tensor
     log_z_safe: Tensor
-
-    @property
-    def safe_logmass(self) -> Tensor:
-        """``log Z_S`` per row, float32 ``(N,)``."""
-        return self.log_z_safe - self.log_z_full
 
     @property
     def safe_sizes(self) -> Tensor:
@@ -114,13 +118,7 @@ class SparseSafeVocab:
         generator, the first id (ascending) whose float64 cumulative weight exceeds
         ``uniform * total``.
         """
-        n = self.offsets.shape[0] - 1
-        if generators is None or isinstance(generators, torch.Generator):
-            uni = torch.rand(n, generator=generators, dtype=torch.float64)
-        else:
-            if len(generators) != n:
-                raise ValueError(f"need {n} generators, got {len(generators)}")
-            uni = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators])
+        uni = _uniforms(self.offsets.shape[0] - 1, generators)
         ids, w = self.padded()
         cdf = torch.cumsum(w, dim=-1)  # (N, W)
         j = _search_last_positive(cdf, uni * cdf[:, -1])
