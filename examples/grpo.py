@@ -7,10 +7,10 @@ Each step:
 1. sample ``--prompts`` problems and ``--n`` rollouts each from the running server
    (``Client.rollouts``), with DVP (``pruning.min_p = --min-p``, safe sets returned)
    or without; every rollout's ``policy_version`` must be the last pushed version;
-2. group-normalised advantages (``dvp_client.advantages.group_advantages``);
+2. group-normalised advantages (``dvp_client.train.advantages.group_advantages``);
 3. the trainer's fp32 recomputation: teacher-forced logits of the policy, then
-   ``dvp_client.objective.pruned_logprobs`` in replay mode (the engine's sets; the
-   whole vocabulary without DVP), ``dvp_client.losses.policy_loss`` with the chosen
+   ``dvp_client.train.objective.pruned_logprobs`` in replay mode (the engine's sets; the
+   whole vocabulary without DVP), ``dvp_client.train.losses.policy_loss`` with the chosen
    rollout correction against the engine's ``masked_logprobs``; AdamW step;
 4. every ``--push-every`` steps, save the policy as safetensors under ``--weights-dir``
    (inside the server's ``--weights-root``) and ``POST /v1/weights``; the reply's
@@ -18,7 +18,7 @@ Each step:
 
 The initial weights are pushed before step 1, so a server reused from an earlier
 run starts from the same weights as the trainer. Per step it logs reward,
-mismatch metrics (``dvp_client.metrics.batch_metrics``) and ``|log ratio|``
+mismatch metrics (``dvp_client.train.metrics.batch_metrics``) and ``|log ratio|``
 quantiles to ``<out>/steps.csv`` and plots them to ``<out>/steps.png``; every
 ``--eval-every`` steps it measures greedy accuracy on a fixed held-out set
 (temperature 0, no pruning: the same yardstick with DVP on or off).
@@ -46,11 +46,11 @@ from typing import Any
 
 import torch
 from dvp_client import APIStatusError, Client, RolloutBatch
-from dvp_client.advantages import group_advantages
-from dvp_client.losses import Aggregation, Correction, PolicyLossConfig, policy_loss
-from dvp_client.metrics import batch_metrics
-from dvp_client.objective import pruned_logprobs
-from dvp_client.tensors import RolloutTensors
+from dvp_client.train.advantages import group_advantages
+from dvp_client.train.losses import Aggregation, Correction, PolicyLossConfig, policy_loss
+from dvp_client.train.metrics import batch_metrics
+from dvp_client.train.objective import pruned_logprobs
+from dvp_client.train.tensors import RolloutTensors
 
 SHOTS = ((2, 3), (4, 1), (6, 2))
 STOP = "\n"

@@ -183,8 +183,8 @@ def dockerignore_excluded(path: str, patterns: list[str]) -> bool:
 
 def served_routes() -> tuple[set[str], frozenset[str]]:
     """Paths the real app serves (``create_app``) and those open without an API key."""
-    from dvp_server.app import create_app
-    from dvp_server.auth import OPEN_PATHS
+    from dvp_server.api.app import create_app
+    from dvp_server.api.auth import OPEN_PATHS
     from dvp_server.config import ServerConfig
 
     app = create_app(ServerConfig())

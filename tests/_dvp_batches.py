@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 from dvp_client import RolloutBatch
-from dvp_client.rule import safe_vocab
+from dvp_client.train.rule import safe_vocab
 from dvp_schemas import PruningRule
 
 V = 40

@@ -24,7 +24,7 @@ import httpx
 import pytest
 import torch
 from _models import VLLM_TINY_HEADS, build_tiny_model  # tests/ is on sys.path
-from dvp_server.engines.torch_engine import TorchEngine
+from dvp_server.engines.torch.engine import TorchEngine
 from transformers import AutoModelForCausalLM
 
 # Limits of the tiny-model server; tests/test_api.py checks the 422s at these edges.

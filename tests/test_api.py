@@ -18,7 +18,7 @@ import httpx
 import pytest
 from conftest import TINY_LIMITS
 from dvp_client import Client, UnprocessableEntityError
-from dvp_server.app import create_app
+from dvp_server.api.app import create_app
 from dvp_server.config import ServerConfig
 from fastapi.testclient import TestClient
 

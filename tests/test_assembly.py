@@ -1,4 +1,4 @@
-"""Joining engine chunks into one columnar rollout (``dvp_server.assembly``)."""
+"""Joining engine chunks into one columnar rollout (``dvp_server.service.assembly``)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from dvp_server.assembly import assemble_rollout
+from dvp_server.service.assembly import assemble_rollout
 from dvp_server.engines.base import EngineError, RolloutChunk
 
 

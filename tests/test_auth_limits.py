@@ -19,7 +19,7 @@ import httpx
 import pytest
 from _ops import metrics, own_server
 from dvp_client import AsyncClient, AuthenticationError, Client
-from dvp_server.auth import bearer_token
+from dvp_server.api.auth import bearer_token
 
 KEY = "s3cret-key-for-tests"
 AUTH = {"authorization": f"Bearer {KEY}"}

@@ -78,7 +78,7 @@ def test_summary_medians_and_same_round_ratio(seed: int) -> None:
 def test_both_servers_get_the_same_engine_args(tmp_path: Path) -> None:
     """vllm serve's flags, parsed by vLLM, match our engine_args field by field."""
     pytest.importorskip("vllm")
-    from dvp_server.engines._vllm_args import VllmSettings, engine_args
+    from dvp_server.engines.vllm._args import VllmSettings, engine_args
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.entrypoints.launchers.cli_args import make_arg_parser
     from vllm.utils.argparse_utils import FlexibleArgumentParser

@@ -3,7 +3,7 @@
 The vLLM server (``vllm_server``: the tiny Llama, fp32, K = 20) samples
 rollouts with safe sets; each is then teacher-forced through transformers (one
 fp32 forward of prompt + completion) and the shared rule on the full
-vocabulary (:func:`dvp_client.rule.safe_vocab`), as the trainer would do.
+vocabulary (:func:`dvp_client.train.rule.safe_vocab`), as the trainer would do.
 
 - Sets: identical at >= ``MIN_SET_AGREEMENT`` of the steps. The rest are
   printed with their distance to the rule's threshold (min-p in log space,
@@ -31,7 +31,7 @@ import pytest
 import torch
 from conftest import VLLM_KV_CACHE_BYTES, ServerProcess
 from dvp_client import Client, Rollout, RolloutBatch
-from dvp_client.rule import safe_vocab
+from dvp_client.train.rule import safe_vocab
 from dvp_schemas import PruningRule
 from test_e2e_torch import MIXED_PROMPTS
 
@@ -222,15 +222,15 @@ async def _processed_runs(
     model_dir: Path, batches: list[RolloutBatch]
 ) -> list[list[tuple[list[int], list[list[int]]]]]:
     """Replay every rollout on a processed_logprobs engine: (tokens, finite top-K ids)."""
-    from dvp_server.engines._vllm_args import (
+    from dvp_server.engines.vllm._args import (
         VllmSettings,
         engine_args,
         sampling_params,
         setup_cpu_env,
     )
-    from dvp_server.engines._vllm_steps import read_flat_topk
+    from dvp_server.engines.vllm._steps import read_flat_topk
     from dvp_server.engines.base import EngineParams
-    from dvp_server.params import sample_seed
+    from dvp_server.service.params import sample_seed
     from vllm import TokensPrompt
     from vllm.v1.engine.async_llm import AsyncLLM
 

@@ -286,5 +286,5 @@ def test_dockerignore_matching() -> None:
     assert dockerignore_excluded("docs/protocol.md", patterns)
     assert not dockerignore_excluded("docs/keep.md", patterns)
     assert dockerignore_excluded("a/b/model.gguf", patterns)
-    assert not dockerignore_excluded("server/dvp_server/app.py", patterns)
+    assert not dockerignore_excluded("server/dvp_server/api/app.py", patterns)
     assert not dockerignore_excluded(".venvs", patterns)

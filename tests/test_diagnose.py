@@ -22,15 +22,15 @@ import pytest
 import torch
 from _ops import own_server
 from dvp_client import Client
-from dvp_server.diagnose import DiagnoseConfig, app, setting_summary
-from dvp_server.diagnose_sample import (
+from dvp_server.diagnose.cli import DiagnoseConfig, app, setting_summary
+from dvp_server.diagnose.cli.sample import (
     Reference,
     chat_prompts,
     completion_logits,
     sample_setting,
     score_batches,
 )
-from dvp_server.diagnose_stats import (
+from dvp_server.diagnose.cli.stats import (
     BinStats,
     binned_abs_dlogp,
     bound_violation_fraction,

@@ -6,7 +6,7 @@ uses the real SmolLM2-135M-Instruct (slow). Tolerances:
 - ``masked == full - logmass``: the server computes the three in float32 from
   the same scaled logits, so they agree to float32 rounding: ``1e-5`` absolute.
 - teacher-forced recomputation: a float32 forward of prompt + completion (no KV
-  cache, no padding) through ``dvp_client.rule`` gives the same safe sets and
+  cache, no padding) through ``dvp_client.train.rule`` gives the same safe sets and
   log-probs within ``TF_ATOL = 5e-5``: the engine's batched, left-padded
   KV-cache forward sums in another order (float32 logits of magnitude ~10 carry
   ~1e-6 of rounding each; measured here: at most 4e-6, printed with ``-s``).
@@ -27,7 +27,7 @@ import pytest
 import torch
 from conftest import ServerProcess
 from dvp_client import AsyncClient, Client, Rollout, RolloutBatch
-from dvp_client.rule import SafeVocab, safe_vocab
+from dvp_client.train.rule import SafeVocab, safe_vocab
 from dvp_server.model_store import load_tokenizer
 
 IDENTITY_ATOL = 1e-5

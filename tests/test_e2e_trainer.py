@@ -20,11 +20,11 @@ from typing import Any
 import pytest
 import torch
 from dvp_client import Client, RolloutBatch
-from dvp_client.advantages import group_advantages
-from dvp_client.losses import PolicyLossConfig, policy_loss
-from dvp_client.metrics import batch_metrics
-from dvp_client.objective import pruned_logprobs
-from dvp_client.tensors import RolloutTensors
+from dvp_client.train.advantages import group_advantages
+from dvp_client.train.losses import PolicyLossConfig, policy_loss
+from dvp_client.train.metrics import batch_metrics
+from dvp_client.train.objective import pruned_logprobs
+from dvp_client.train.tensors import RolloutTensors
 
 RATIO_LOG_ATOL = 2e-4
 TEMPERATURE = 0.9

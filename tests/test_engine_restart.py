@@ -34,10 +34,10 @@ import httpx
 import pytest
 from conftest import VLLM_KV_CACHE_BYTES, ServerProcess, start_server, stop_server
 from dvp_client import Client, RolloutBatch
-from dvp_server.app import create_app
+from dvp_server.api.app import create_app
 from dvp_server.config import ServerConfig
-from dvp_server.engines.torch_engine import TorchEngine
-from dvp_server.supervisor import RETRY_AFTER_DEAD_S
+from dvp_server.engines.torch.engine import TorchEngine
+from dvp_server.service.supervisor import RETRY_AFTER_DEAD_S
 from fastapi.testclient import TestClient
 from safetensors.torch import save_file
 from test_weights import TOKEN_A, certain_weights
@@ -108,7 +108,7 @@ def test_restarts_are_bounded_then_the_engine_stays_dead(
             assert r.json()["error"]["type"] == "engine_unavailable"
             assert int(r.headers["retry-after"]) >= 1
         assert int(after.headers["retry-after"]) == RETRY_AFTER_DEAD_S  # try another replica
-    logged = [r.getMessage() for r in caplog.records if r.name == "dvp_server.supervisor"]
+    logged = [r.getMessage() for r in caplog.records if r.name == "dvp_server.service.supervisor"]
     assert sum("restart attempt" in m and " of 2 in " in m for m in logged) == RESTARTS
     assert any("stays dead after 2 restart attempt(s)" in m for m in logged), logged
 

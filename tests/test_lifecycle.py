@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 from _ops import metrics, own_server
-from dvp_server.app import create_app
+from dvp_server.api.app import create_app
 from dvp_server.config import ServerConfig
 from fastapi.testclient import TestClient
 

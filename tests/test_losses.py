@@ -10,11 +10,11 @@ import pytest
 import torch
 from _dvp_reference import group_advantages as ref_group_advantages
 from _dvp_reference import ppo_loss
-from dvp_client.advantages import group_advantages
-from dvp_client.losses import Aggregation, Correction, PolicyLossConfig, policy_loss
-from dvp_client.objective import pruned_logprobs
-from dvp_client.rule import safe_mask
-from dvp_client.tensors import SafeSets
+from dvp_client.train.advantages import group_advantages
+from dvp_client.train.losses import Aggregation, Correction, PolicyLossConfig, policy_loss
+from dvp_client.train.objective import pruned_logprobs
+from dvp_client.train.rule import safe_mask
+from dvp_client.train.tensors import SafeSets
 
 MODES = [c.value for c in Correction]
 AGGS = [a.value for a in Aggregation]

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 from _dvp_batches import engine_response
-from dvp_client.metrics import DEFAULT_PROB_BINS, DEFAULT_QUANTILES, batch_metrics, mismatch_metrics
-from dvp_client.objective import pruned_logprobs
+from dvp_client.train.metrics import DEFAULT_PROB_BINS, DEFAULT_QUANTILES, batch_metrics, mismatch_metrics
+from dvp_client.train.objective import pruned_logprobs
 
 
 def data(seed: int, b: int = 5, t: int = 8) -> dict[str, torch.Tensor]:

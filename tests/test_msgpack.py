@@ -19,7 +19,7 @@ import msgpack
 import pytest
 from conftest import TINY_LIMITS
 from dvp_client import AsyncClient, Client, UnprocessableEntityError
-from dvp_server.codecs import pack
+from dvp_server.api.codecs import pack
 
 MSGPACK = "application/msgpack"
 BODY: dict[str, Any] = {

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 from _dvp_reference import rule_set, step_grad, step_logprobs
-from dvp_client.objective import pruned_logprobs
-from dvp_client.rule import RuleParams, safe_mask
-from dvp_client.tensors import SafeSets
+from dvp_client.train.objective import pruned_logprobs
+from dvp_client.train.rule import RuleParams, safe_mask
+from dvp_client.train.tensors import SafeSets
 from dvp_schemas import PruningRule
 
 # Log-prob tolerance against float64 on the same (dtype-rounded) logits: computing in
@@ -357,7 +357,7 @@ def test_bad_input_names_what_and_where() -> None:
 
 
 def test_dense_masks_take_the_sparse_path_when_small() -> None:
-    from dvp_client._chunks import ChunkedSets
+    from dvp_client.train._chunks import ChunkedSets
 
     _, _, mask, _ = make(0)
     small, wide = ChunkedSets.from_mask(mask), ChunkedSets.from_mask(widen(mask))

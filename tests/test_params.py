@@ -1,4 +1,4 @@
-"""Request -> engine parameters (``dvp_server.params``) and the server config."""
+"""Request -> engine parameters (``dvp_server.service.params``) and the server config."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from dvp_schemas import PruningRule, RolloutRequest
 from dvp_server.config import ServerConfig
-from dvp_server.params import (
+from dvp_server.service.params import (
     SEED_BITS,
     draw_request_seed,
     request_seed_of,

@@ -9,7 +9,7 @@ import httpx
 import numpy as np
 import pytest
 from _ops import metrics
-from dvp_server.metrics import PRUNED_MASS_BUCKETS, SAFE_SIZE_BUCKETS, ArrayHistogram
+from dvp_server.service.metrics import PRUNED_MASS_BUCKETS, SAFE_SIZE_BUCKETS, ArrayHistogram
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 from _dvp_reference import ppo_loss, rule_set, step_logprobs
-from dvp_client.losses import PolicyLossConfig, policy_loss
-from dvp_client.objective import pruned_logprobs
-from dvp_client.rule import safe_mask
+from dvp_client.train.losses import PolicyLossConfig, policy_loss
+from dvp_client.train.objective import pruned_logprobs
+from dvp_client.train.rule import safe_mask
 from dvp_schemas import PruningRule
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "protocol.md"

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from dvp_client.rule import RuleParams, safe_mask, safe_vocab
+from dvp_client.train.rule import RuleParams, safe_mask, safe_vocab
 from scipy import stats
 
 # Tolerances: fp32 log-probs against the float64 reference, relative in norm.

@@ -1,4 +1,4 @@
-"""The sparse min-p path (dvp_client.rule_sparse) against the dense rule and float64.
+"""The sparse min-p path (dvp_client.train.rule_sparse) against the dense rule and float64.
 
 It must give the dense path's sets exactly, the same seeded tokens, and log-probs /
 log-masses within float32 rounding of a float64 reference; the engine's rule step
@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 from dvp_client import rule_sparse
-from dvp_client.rule import safe_vocab
-from dvp_client.rule_sparse import _nonzero, sparse_applies, sparse_safe_vocab
+from dvp_client.train.rule import safe_vocab
+from dvp_client.train.rule_sparse import _nonzero, sparse_applies, sparse_safe_vocab
 from dvp_schemas import PruningRule
 from dvp_server.engines import _rule_step
-from dvp_server.engines._rows import Row
+from dvp_server.engines.torch._rows import Row
 from dvp_server.engines.base import EngineParams
 from test_rule import ref_rule
 

@@ -30,7 +30,7 @@ MAX_EXAMPLES = 40  # per operation and mode; ~1-2 min for the whole file on 2 bu
 def _published_schema() -> dict[str, Any]:
     """The app's OpenAPI document, built without starting it (the routes are static);
     ``test_live_schema_is_the_one_tested`` checks the live server serves the same."""
-    from dvp_server.app import create_app
+    from dvp_server.api.app import create_app
 
     return create_app(ServerConfig(engine="torch")).openapi()
 

@@ -26,7 +26,7 @@ import pytest
 import torch
 from _dvp_reference import rule_set, step_logprobs
 from dvp_client import Client, ScoreResponse
-from dvp_server.app import create_app
+from dvp_server.api.app import create_app
 from dvp_server.config import ServerConfig
 from fastapi.testclient import TestClient
 

@@ -31,7 +31,7 @@ from dvp_client import (
     UnprocessableEntityError,
     join_rollout_stream,
 )
-from dvp_server.app import create_app
+from dvp_server.api.app import create_app
 from dvp_server.config import ServerConfig
 from fastapi.testclient import TestClient
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 from _dvp_batches import V, engine_response
-from dvp_client.objective import pruned_logprobs
-from dvp_client.tensors import SafeSets
+from dvp_client.train.objective import pruned_logprobs
+from dvp_client.train.tensors import SafeSets
 from dvp_schemas import PruningRule
 
 

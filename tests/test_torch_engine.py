@@ -22,7 +22,7 @@ import pytest
 import torch
 from dvp_schemas import PruningRule
 from dvp_server.engines.base import Engine, EngineError, EngineParams, RolloutChunk
-from dvp_server.engines.torch_engine import TorchEngine
+from dvp_server.engines.torch.engine import TorchEngine
 from transformers import AutoModelForCausalLM
 
 LOGPROB_ATOL = 2e-4

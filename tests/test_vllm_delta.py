@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from dvp_server.engines._vllm_steps import StepBuffer, TopK
+from dvp_server.engines.vllm._steps import StepBuffer, TopK
 
 K = 5
 

@@ -27,15 +27,15 @@ from _dvp_reference import lse, rule_set
 from dvp_schemas import PruningRule
 from dvp_server.config import ServerConfig
 from dvp_server.engines import factory
-from dvp_server.engines._vllm_args import (
+from dvp_server.engines.vllm._args import (
     CPU_KV_CACHE_BYTES,
     VllmSettings,
     effective_top_k,
     setup_cpu_env,
 )
-from dvp_server.engines._vllm_steps import TopK, derive_steps, read_flat_topk
+from dvp_server.engines.vllm._steps import TopK, derive_steps, read_flat_topk
 from dvp_server.engines.base import EngineError, EngineParams
-from dvp_server.params import effective_rule
+from dvp_server.service.params import effective_rule
 
 ATOL = 2e-5
 V, K = 400, 20
@@ -171,7 +171,7 @@ def test_effective_rule_caps_top_k_at_k() -> None:
 
 def test_engine_args_force_the_cpu_settings(vllm_tiny_model_dir: Path) -> None:
     pytest.importorskip("vllm")
-    from dvp_server.engines._vllm_args import engine_args
+    from dvp_server.engines.vllm._args import engine_args
 
     a = engine_args(vllm_tiny_model_dir, VllmSettings(max_logprobs=64), cpu=True)
     assert a.enforce_eager is True and a.enable_chunked_prefill is False
@@ -192,7 +192,7 @@ def test_engine_args_force_the_cpu_settings(vllm_tiny_model_dir: Path) -> None:
 
 def test_sampling_params_map_the_rule_in_order() -> None:
     pytest.importorskip("vllm")
-    from dvp_server.engines._vllm_args import sampling_params
+    from dvp_server.engines.vllm._args import sampling_params
     from vllm.sampling_params import RequestOutputKind
 
     rule = PruningRule(min_p=0.05, top_k=7, top_p=0.9)
@@ -236,8 +236,8 @@ def test_factory_picks_and_falls_back(
 
 def test_factory_builds_engines(vllm_tiny_model_dir: Path) -> None:
     pytest.importorskip("vllm")
-    from dvp_server.engines.torch_engine import TorchEngine
-    from dvp_server.engines.vllm_engine import VllmEngine
+    from dvp_server.engines.torch.engine import TorchEngine
+    from dvp_server.engines.vllm.engine import VllmEngine
 
     torch_engine = factory.build_engine(ServerConfig(engine="torch"), vllm_tiny_model_dir)
     assert isinstance(torch_engine, TorchEngine)
@@ -251,7 +251,7 @@ def test_factory_builds_engines(vllm_tiny_model_dir: Path) -> None:
 
 def test_engine_refuses_work_before_start(vllm_tiny_model_dir: Path) -> None:
     pytest.importorskip("vllm")
-    from dvp_server.engines.vllm_engine import VllmEngine
+    from dvp_server.engines.vllm.engine import VllmEngine
 
     engine = VllmEngine(vllm_tiny_model_dir)
     params = EngineParams(temperature=1.0, max_tokens=2, rule=PruningRule(), seed=0)

@@ -1,7 +1,7 @@
 """dvp_client: what a trainer installs to use dvp-serve.
 
 - the HTTP client (``Client``, ``AsyncClient``) and its exceptions,
-- the safe-vocabulary rule in torch (``dvp_client.rule``; torch imported lazily),
+- the safe-vocabulary rule in torch (``dvp_client.train.rule``; torch imported lazily),
 - the pruned log-probs, policy losses and mismatch metrics (trainer side).
 """
 

@@ -9,7 +9,7 @@ from dvp_schemas import RolloutResponse
 if TYPE_CHECKING:  # torch is optional for the HTTP client: imported only in to_torch
     import torch
 
-    from .tensors import RolloutTensors
+    from .train.tensors import RolloutTensors
 
 
 class RolloutBatch(RolloutResponse):
@@ -22,7 +22,7 @@ class RolloutBatch(RolloutResponse):
 
         Prompts are left-padded, completions right-padded, so
         ``tensors.completion_logits(model_logits)`` is a view; safe sets come as
-        CSR (:class:`dvp_client.tensors.SafeSets`). See :mod:`dvp_client.tensors`.
+        CSR (:class:`dvp_client.train.tensors.SafeSets`). See :mod:`dvp_client.train.tensors`.
 
         Args:
             device: where the tensors go (default: CPU).
@@ -31,6 +31,6 @@ class RolloutBatch(RolloutResponse):
         Raises:
             ValueError: inconsistent per-step arrays (the message names the rollout).
         """
-        from .tensors import rollouts_to_tensors
+        from .train.tensors import rollouts_to_tensors
 
         return rollouts_to_tensors(self, device=device, pad_id=pad_id)

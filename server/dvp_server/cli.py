@@ -239,8 +239,8 @@ def serve(
 
 def run(config: ServerConfig) -> None:
     """Run uvicorn with the app until SIGTERM / SIGINT, then drain and exit 0 (blocking)."""
-    from .app import create_app
-    from .lifecycle import serve as serve_gracefully
+    from .api.app import create_app
+    from .service.lifecycle import serve as serve_gracefully
 
     logging.basicConfig(
         level=config.log_level.upper(),

@@ -72,7 +72,7 @@ def build_engine(config: ServerConfig, model_dir: str | os.PathLike[str] | None 
         model_dir = resolve_model(config.model, config.cache_dir)
     name = resolve_engine_name(config.engine)
     if name == "torch":
-        from .torch_engine import TorchEngine
+        from .torch.engine import TorchEngine
 
         return TorchEngine(
             Path(model_dir),
@@ -85,7 +85,7 @@ def build_engine(config: ServerConfig, model_dir: str | os.PathLike[str] | None 
             share_prefixes=config.share_prefixes,
             kv_cache_bytes=config.kv_cache_bytes,
         )
-    from .vllm_engine import VllmEngine, VllmSettings
+    from .vllm.engine import VllmEngine, VllmSettings
 
     settings = VllmSettings(
         dtype=config.dtype,

@@ -10,7 +10,7 @@ S_t (a given token may not: then ``masked`` is -inf).
 calls it under its model lock): one left-padded forward per micro-batch of
 sequences, positions counted over real tokens only (as the decoding batch
 does, so a sequence's logits match the ones it was sampled with up to float
-rounding), then the shared rule (:func:`dvp_client.rule.safe_vocab`) on the
+rounding), then the shared rule (:func:`dvp_client.train.rule.safe_vocab`) on the
 logits of the completion positions.
 """
 
@@ -22,7 +22,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
-from dvp_client.rule import safe_vocab
+from dvp_client.train.rule import safe_vocab
 from dvp_schemas import PruningRule
 
 __all__ = ["ScoreParams", "ScoredSequence", "Scorer", "score_sequences"]

@@ -1,0 +1,387 @@
+"""The torch reference engine: transformers on CPU, the rule on the full vocabulary.
+
+Every step of every rollout goes through the shared rule
+(:func:`dvp_client.train.rule.safe_vocab`) on the full vocabulary, so every field
+(log p, log pi_S, log Z_S, |S|, the ids of S) is exact at any temperature; this
+engine is the numeric oracle the vLLM engine is tested against.
+
+Threading: one scheduler thread owns the model and does all torch work, so the
+asyncio loop never blocks. ``generate`` submits a :class:`~._rows.Row` and awaits
+chunks on a per-rollout ``asyncio.Queue`` that the thread fills through
+``loop.call_soon_threadsafe``. The scheduler takes up to ``max_batch`` pending
+rollouts, prefills them left-padded, decodes them in lock-step with the KV
+cache, and drops each row as it finishes; rollouts that arrive meanwhile join
+the running batch at the next step (continuous batching), within ``max_batch``
+rows and the KV cache budget (``_scheduler.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import threading
+from collections import deque
+from collections.abc import AsyncGenerator, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from dvp_schemas import EngineCapabilities
+
+from ...model_store import load_tokenizer
+from ._batch import DecodeBatch, SlackLayer
+from ._kernels import forget_packed
+from ._kernels import install as install_kernels
+from ._prefix import PrefixCache
+from ._rows import Row, StopStringMatcher
+from ._scheduler import EngineStats, KvBudget, KvBudgetError, SchedulerMixin, StepHook
+from ._weights import WeightsInput, copy_weights, read_weights
+from ..base import EngineError, EngineInfo, EngineParams, RolloutChunk
+from ..scoring import ScoredSequence, ScoreParams, score_sequences
+
+__all__ = ["DTYPES", "EngineStats", "TorchEngine"]
+
+logger = logging.getLogger(__name__)
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+_ALL_FIELDS: list[Any] = [
+    "token_ids",
+    "logprobs",
+    "masked_logprobs",
+    "safe_logmass",
+    "safe_sizes",
+    "safe_token_ids",
+]
+
+
+class TorchEngine(SchedulerMixin):
+    """Batched decoding with a KV cache and the safe-vocabulary rule at every step.
+
+    Args:
+        model_dir: a transformers directory (see ``model_store.resolve_model``).
+        dtype: "float32" | "bfloat16" | "float16" for the weights; the rule
+            always runs in float32.
+        max_batch: most rollouts decoded together.
+        max_model_len: cap on prompt + completion tokens; default and upper bound
+            the config's ``max_position_embeddings``.
+        threads: ``torch.set_num_threads`` (process-wide); default all cores.
+        model_id: the name reported in ``info``; default the model's own name.
+        flush_every: steps between chunks of a running rollout (and at finish).
+        continuous_batching: admit pending rollouts into a running batch (True),
+            or only start a batch when none runs (False: the baseline).
+        kv_cache_bytes: most bytes of KV cache the running batch may hold
+            (``kv.bytes_per_token`` per position, padding included); None: no bound
+            beyond ``max_batch * max_model_len`` positions. A rollout that cannot
+            fit alone is refused (ValueError); others wait for room.
+        kv_slack: spare positions of each KV buffer, so that a decode step writes
+            in place instead of copying the cache (``_batch.SlackLayer``); 0: plain
+            transformers ``DynamicLayer`` (concatenates every step).
+
+    Raises:
+        ValueError: an unknown dtype or a non-positive size.
+    """
+
+    def __init__(
+        self,
+        model_dir: str | os.PathLike[str],
+        *,
+        dtype: str = "float32",
+        max_batch: int = 16,
+        max_model_len: int | None = None,
+        threads: int | None = None,
+        model_id: str | None = None,
+        flush_every: int = 16,
+        continuous_batching: bool = True,
+        kv_cache_bytes: int | None = None,
+        kv_slack: int = SlackLayer.SLACK,
+        fast_kernels: bool = True,
+        share_prefixes: bool = True,
+    ) -> None:
+        from transformers import AutoModelForCausalLM, GenerationConfig
+
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        for name, value in (("max_batch", max_batch), ("flush_every", flush_every)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if kv_slack < 0:
+            raise ValueError(f"kv_slack must be >= 0, got {kv_slack}")
+        if threads is not None and threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        self.threads = threads or os.cpu_count() or 1
+        torch.set_num_threads(self.threads)
+        self.model_dir = Path(model_dir)
+        self.max_batch = max_batch
+        self.flush_every = flush_every
+        self.model: Any = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=DTYPES[dtype])
+        self.model.eval()
+        self.kernels = install_kernels(self.model) if fast_kernels else {}
+        logger.info("torch engine kernels: %s", self.kernels or "stock")
+        self.tokenizer = load_tokenizer(model_dir)  # used by the scheduler thread only
+        config = self.model.config
+        limit = int(getattr(config, "max_position_embeddings", 0) or 0) or (max_model_len or 2048)
+        if max_model_len is not None and max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {max_model_len}")
+        self.max_model_len = min(limit, max_model_len) if max_model_len else limit
+        self.eos_ids = frozenset(_eos_ids(self.tokenizer, GenerationConfig, self.model_dir))
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = int(pad if pad is not None else min(self.eos_ids, default=0))
+        self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
+        self.continuous_batching = continuous_batching
+        self.kv = KvBudget(config, self.model.dtype, kv_cache_bytes, kv_slack)
+        #: Shared prompt prefixes' keys / values (``_prefix.py``); None: no sharing.
+        self.prefixes: PrefixCache | None = PrefixCache() if share_prefixes else None
+        self.info = EngineInfo(
+            name="torch",
+            model_id=model_id or _model_name(self.model_dir),
+            dtype=dtype,
+            vocab_size=self.vocab_size,
+            max_model_len=self.max_model_len,
+            capabilities=EngineCapabilities(
+                fields=list(_ALL_FIELDS),
+                exact_at_any_temperature=list(_ALL_FIELDS),
+                max_top_k=None,
+                score=True,
+            ),
+            eos_token_ids=tuple(sorted(self.eos_ids)),
+        )
+        #: Test seam: called in the scheduler thread before each forward with the
+        #: batch's request ids; an exception it raises fails that batch only.
+        self.step_hook: StepHook | None = None
+        self.stats = EngineStats()
+        self._cond = threading.Condition()
+        self._pending: deque[Row] = deque()
+        self._rows: dict[str, Row] = {}  # every submitted, unfinished row
+        self._aborts: set[Row] = set()  # rows (not ids: an id may be reused)
+        self._batch: DecodeBatch | None = None
+        self._last_tokens = np.zeros(0, dtype=np.int64)  # (B,) fed to the next decode
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._prefilled_last = False  # the last turn prefilled: the next one decodes
+        self._state = "starting"
+        self._policy_version = 0
+        self._model_lock = threading.Lock()  # held by every step and by a weight swap
+        #: Called in the scheduler thread after each step with the batch size (metrics).
+        self.on_step: Callable[[int], None] | None = None
+
+    # ----------------------------------------------------------------- protocol
+
+    @property
+    def policy_version(self) -> int:
+        """Weights version: 0 at start, +1 per :meth:`load_weights`."""
+        return self._policy_version
+
+    @property
+    def queued_rollouts(self) -> int:
+        """Rollouts submitted and waiting for a batch (the engine's queue depth)."""
+        return len(self._pending)
+
+    async def load_weights(self, weights: WeightsInput) -> int:
+        """Copy new weights into the model between two steps; returns the new version.
+
+        A rollout decoding meanwhile would see both versions in its chunks (the
+        serving layer refuses such a rollout); the server drains or aborts them
+        first (``admission.py``).
+
+        Args:
+            weights: safetensors files, or a name -> tensor mapping (a subset is fine).
+
+        Raises:
+            ValueError: an unknown name, a wrong shape or dtype (nothing changed).
+        """
+        tensors = await asyncio.to_thread(read_weights, weights)
+        return await asyncio.to_thread(self._swap_weights, tensors)
+
+    def _swap_weights(self, tensors: dict[str, torch.Tensor]) -> int:
+        with self._model_lock:
+            copy_weights(self.model, tensors)
+            forget_packed(self.model)
+            if self.prefixes is not None:
+                self.prefixes.clear()  # keys / values of the old weights
+            self._policy_version += 1
+            return self._policy_version
+
+    async def score(
+        self, sequences: Sequence[tuple[list[int], list[int]]], params: ScoreParams
+    ) -> list[ScoredSequence]:
+        """Teacher-forced scoring (``POST /v1/score``) under the model lock, between steps.
+
+        The serving layer has checked ids and lengths. Every field is exact.
+
+        Raises:
+            EngineError: the engine is not running.
+        """
+        if self.state != "running":
+            raise EngineError(f"torch engine is not running (state {self.state!r})")
+        return await asyncio.to_thread(self._score_locked, sequences, params)
+
+    def _score_locked(
+        self, sequences: Sequence[tuple[list[int], list[int]]], params: ScoreParams
+    ) -> list[ScoredSequence]:
+        with self._model_lock, torch.inference_mode():  # no step, no weight swap meanwhile
+            version = self.policy_version
+            return score_sequences(
+                self.model, sequences, params, pad_id=self.pad_id, policy_version=version
+            )
+
+    @property
+    def active_rollouts(self) -> int:
+        """Rollouts submitted and not yet finished (queued or decoding); /health reports it."""
+        return len(self._rows)
+
+    @property
+    def state(self) -> str:
+        """'starting' | 'running' | 'dead'."""
+        if self._state == "running" and not (self._thread and self._thread.is_alive()):
+            return "dead"
+        return self._state
+
+    async def start(self) -> None:
+        """Start the scheduler thread; idempotent, and a new one after a death or shutdown.
+
+        A dead thread has failed its rows already (``_run``); the model, weights
+        and ``policy_version`` carry over to the new thread.
+        """
+        if self._thread is not None and self._thread.is_alive():
+            return
+        with self._cond:
+            self._stopping = False
+            self._batch = None
+            self._last_tokens = np.zeros(0, dtype=np.int64)
+        self._thread = threading.Thread(target=self._run, name="dvp-torch-engine", daemon=True)
+        self._state = "running"
+        self._thread.start()
+
+    async def shutdown(self) -> None:
+        """Stop the scheduler; unfinished rollouts end with finish_reason 'abort'."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+        self._state = "dead"
+
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: EngineParams
+    ) -> AsyncGenerator[RolloutChunk, None]:
+        """Decode one rollout; yields chunks, the last with ``finish_reason`` set.
+
+        Raises:
+            ValueError: a bad prompt or parameter (the message names it), or a
+                request id already in use.
+            EngineError: the engine is not running, or the rollout's batch failed.
+        """
+        prompt = self._validate(request_id, prompt_token_ids, params)
+        loop = asyncio.get_running_loop()
+        row = Row(
+            request_id=request_id,
+            prompt=prompt,
+            params=params,
+            loop=loop,
+            queue=asyncio.Queue(),
+            eos_ids=self.eos_ids,
+            stop_matcher=StopStringMatcher(self.tokenizer, params.stop) if params.stop else None,
+        )
+        with self._cond:
+            if self.state != "running" or self._stopping:
+                raise EngineError(f"torch engine is not running (state {self.state!r})")
+            if request_id in self._rows:
+                raise ValueError(f"request_id {request_id!r} is already in use")
+            self._rows[request_id] = row
+            self._pending.append(row)
+            self._cond.notify_all()
+        finished = False
+        try:
+            while True:
+                chunk = await row.queue.get()
+                if chunk.finish_reason == "error":
+                    finished = True
+                    raise EngineError(f"rollout {request_id!r} failed: {chunk.error}")
+                finished = chunk.finish_reason is not None
+                yield chunk
+                if finished:
+                    return
+        finally:
+            if not finished:  # closed early: the client went away
+                self._request_abort(request_id)
+
+    async def abort(self, request_id: str) -> None:
+        """Abort a rollout; it ends with a chunk whose finish_reason is 'abort'."""
+        self._request_abort(request_id)
+
+    # ------------------------------------------------------------ submission
+
+    def _validate(self, request_id: str, prompt: list[int], params: EngineParams) -> list[int]:
+        if not prompt:
+            raise ValueError("prompt_token_ids must not be empty")
+        ids = [int(t) for t in prompt]
+        bad = next((i for i, t in enumerate(ids) if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise ValueError(
+                f"prompt_token_ids[{bad}] = {ids[bad]} is outside the vocabulary "
+                f"[0, {self.vocab_size})"
+            )
+        if len(ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {len(ids)} tokens; the model's context is {self.max_model_len} "
+                f"(prompt + at least one new token)"
+            )
+        if not params.temperature >= 0:  # also catches NaN
+            raise ValueError(f"temperature must be >= 0, got {params.temperature}")
+        if params.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {params.max_tokens}")
+        need = min(len(ids) + params.max_tokens, self.max_model_len)
+        if not self.kv.fits(1, need):
+            raise KvBudgetError(
+                f"prompt + max_tokens = {need} tokens need "
+                f"{(need + self.kv.slack) * self.kv.bytes_per_token} bytes of KV cache "
+                f"({self.kv.bytes_per_token} per token, {self.kv.slack} spare), more than the "
+                f"engine's kv_cache_bytes budget {self.kv.budget_bytes}: lower max_tokens"
+            )
+        return ids
+
+    def _request_abort(self, request_id: str) -> None:
+        with self._cond:
+            row = self._rows.get(request_id)
+            if row is None:
+                return
+            if row in self._pending:  # not started: end it here
+                self._pending.remove(row)
+                self._finish(row, "abort", None)
+            else:
+                self._aborts.add(row)
+                self._cond.notify_all()
+
+
+def _eos_ids(tokenizer: Any, generation_config_cls: Any, model_dir: Path) -> set[int]:
+    """End-of-sequence ids: the tokenizer's and the generation config's."""
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    try:
+        gen = generation_config_cls.from_pretrained(str(model_dir))
+    except OSError:  # no generation_config.json
+        return ids
+    eos = gen.eos_token_id
+    if eos is not None:
+        ids.update(int(e) for e in ([eos] if isinstance(eos, int) else eos))
+    return ids
+
+
+def _model_name(model_dir: Path) -> str:
+    """The GGUF source name for a converted model, else the directory name."""
+    marker = model_dir / "dvp-converted.json"
+    if marker.is_file():
+        try:
+            source = str(json.loads(marker.read_text())["source"])
+            return source.removesuffix(".gguf")
+        except (ValueError, KeyError):
+            pass
+    return model_dir.name

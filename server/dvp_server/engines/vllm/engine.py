@@ -1,0 +1,409 @@
+"""The vLLM engine: ``AsyncLLM`` with safe-vocabulary (DVP) metadata per step.
+
+One ``generate`` call is one rollout: an ``n=1`` request to vLLM with the rule
+mapped onto its sampler (temperature -> min_p -> top_k -> top_p, the order of
+our rule), the rollout's own seed, stop strings / stop token ids / ignore_eos,
+and K raw top-K log-probs per step. Safe sets, masked log-probs, sizes and
+(at T = 1) full log-probs and log Z_S are derived from those log-probs with
+the shared rule (``_vllm_steps.py``), one batched call per chunk.
+
+The rule's top_k bounds K: a rule without top_k is served with ``top_k = K``
+(the serving layer echoes the effective rule), one above K is refused. Steps
+whose sampled token falls outside the derived set are flagged per chunk.
+
+Set source: on CPU (here) always the raw top-K. On GPUs with Model Runner V2,
+vLLM can return the sampler's own mask (``return_sampling_mask``, needs
+``processed_logprobs``); that would replace ``derive_steps`` as the set source
+only. It is not written: it cannot be run here (no GPU with vLLM).
+
+Lifecycle: ``start()`` builds the ``AsyncLLM`` (model load, worker processes;
+~20 s on CPU) in a worker thread, so the loop keeps answering ``/health``;
+``shutdown()`` stops it (~5 s). If the ``EngineCore`` process dies, ``state``
+turns ``'dead'`` and running streams raise :class:`EngineError`; the server's
+supervisor (``supervisor.py``) then calls ``shutdown()`` and ``start()`` again:
+same settings, and the last loaded weights re-applied (kept as hard links) so
+``policy_version`` still names the served weights. vLLM is imported lazily,
+only here and in ``_vllm_args.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+import os
+import shutil
+import tempfile
+import time
+import weakref
+from collections.abc import AsyncGenerator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from dvp_schemas import EngineCapabilities, FinishReason
+
+from ...model_store import load_tokenizer
+from ._args import (
+    VllmSettings,
+    effective_top_k,
+    engine_args,
+    on_cpu,
+    sampling_params,
+    setup_cpu_env,
+)
+from ._score import score_with_vllm
+from ._steps import StepBuffer, TopK, derive_steps, read_flat_topk
+from ..base import EngineError, EngineInfo, EngineParams, RolloutChunk
+from ..scoring import ScoredSequence, ScoreParams
+
+__all__ = ["VllmEngine", "VllmSettings"]
+
+logger = logging.getLogger(__name__)
+
+EXACT_FIELDS: list[Any] = ["token_ids", "masked_logprobs", "safe_sizes", "safe_token_ids"]
+ALL_FIELDS: list[Any] = [*EXACT_FIELDS, "logprobs", "safe_logmass"]  # the last two: T = 1 only
+_FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length", "abort": "abort"}
+
+
+class VllmEngine:
+    """vLLM's ``AsyncLLM`` behind the :class:`~.base.Engine` protocol.
+
+    Args:
+        model_dir: a transformers directory (``model_store.resolve_model``).
+        settings: engine knobs (:class:`VllmSettings`).
+        model_id: the name reported in ``info``; default the directory name.
+    """
+
+    def __init__(
+        self, model_dir: Path, settings: VllmSettings | None = None, *, model_id: str | None = None
+    ) -> None:
+        self.model_dir = Path(model_dir)
+        self.settings = settings or VllmSettings()
+        if self.settings.max_logprobs < 1:
+            raise ValueError(f"max_logprobs must be >= 1, got {self.settings.max_logprobs}")
+        self._model_id = model_id or _model_name(self.model_dir)
+        self._llm: Any = None
+        self._state = "starting"
+        self._eos_ids: frozenset[int] = frozenset()
+        self.info = self._make_info(vocab_size=0, max_model_len=0)
+        #: Steps whose sampled token was outside the derived set, since start.
+        self.outside_steps = 0
+        self._policy_version = 0
+        self._weights_dir: Path | None = None  # links to the last loaded weights
+
+    # ----------------------------------------------------------------- protocol
+
+    @property
+    def policy_version(self) -> int:
+        """Weights version: 0 at start, +1 per :meth:`load_weights`."""
+        return self._policy_version
+
+    async def load_weights(self, weights: Sequence[Path]) -> int:
+        """Reload the model's weights in place from safetensors files; the new version.
+
+        vLLM's workers read the files themselves (``collective_rpc("reload_weights")``
+        with a folder of links to them: vLLM loads folders), then the prefix cache
+        is reset (its KV entries were computed with the old weights). The server
+        calls this only with no rollout running (``admission.py``).
+
+        Raises:
+            EngineError: the engine is not running, or vLLM failed the reload.
+        """
+        llm = self._running()
+        folder = _link_weights(weights)
+        try:
+            await _reload_weights(llm, folder)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        old, self._weights_dir = self._weights_dir, folder
+        weakref.finalize(self, shutil.rmtree, folder, True)  # at the latest at exit
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        self._policy_version += 1
+        return self._policy_version
+
+    @property
+    def state(self) -> str:
+        """'starting' | 'running' | 'dead'."""
+        if self._state == "running" and self._llm is not None and self._llm.errored:
+            return "dead"
+        return self._state
+
+    @property
+    def active_rollouts(self) -> int:
+        """Rollouts vLLM holds (waiting or decoding); 0 when not running."""
+        return int(self._llm.get_num_unfinished_requests()) if self._llm is not None else 0
+
+    async def start(self) -> None:
+        """Build the ``AsyncLLM`` in a worker thread (~20 s on CPU); again after a death.
+
+        Built outside the loop, the ``AsyncLLM`` starts its output handler and
+        binds its asyncio ZMQ sockets lazily, on first use from the serving loop.
+        Weights loaded before a restart are loaded again (``policy_version`` kept).
+
+        Raises:
+            ValueError: bad settings for this model.
+            EngineError: the weights loaded before a restart could not be re-applied.
+        """
+        if self._llm is not None:
+            return
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self._state = "starting"
+        cpu = on_cpu()
+        if cpu:
+            setup_cpu_env(self.settings)
+        args = engine_args(self.model_dir, self.settings, cpu=cpu)
+        t0 = time.perf_counter()
+        build = asyncio.ensure_future(asyncio.to_thread(AsyncLLM.from_engine_args, args))
+        try:
+            self._llm = await asyncio.shield(build)
+            if self._weights_dir is not None:  # a restart: serve the same weights again
+                await _reload_weights(self._llm, self._weights_dir)
+                logger.info("re-applied the weights of policy_version %d", self._policy_version)
+        except BaseException:  # failed, or cancelled (server stopping): leave no processes
+            if self._llm is None:
+                with contextlib.suppress(Exception):
+                    self._llm = await build  # a build under way ends first
+            await self.shutdown()
+            raise
+        model_config = self._llm.vllm_config.model_config
+        self._eos_ids = frozenset(_eos_ids(self.model_dir))
+        self.info = self._make_info(
+            vocab_size=int(model_config.get_vocab_size()),
+            max_model_len=int(model_config.max_model_len),
+        )
+        # The serving loop only runs the rule on (t, K) chunks: one intra-op thread.
+        # Two threads made each call wait for a core the worker's OpenMP threads hold
+        # (61% of the API process in safe_vocab, BENCHMARKS.md "RL workload").
+        torch.set_num_threads(1)
+        self._state = "running"
+        logger.info(
+            "vLLM engine up in %.1f s (%s, %s, K=%d)",
+            time.perf_counter() - t0,
+            "cpu" if cpu else "gpu",
+            self.settings.dtype,
+            self.settings.max_logprobs,
+        )
+
+    async def shutdown(self) -> None:
+        """Stop the engine (its processes); unfinished rollouts end with an error."""
+        llm, self._llm = self._llm, None
+        self._state = "dead"
+        if llm is not None:
+            # Synchronous (SIGTERM to EngineCore, waits for it; ~1 s once it died): off
+            # the loop. vLLM's own liveness monitor calls it from a thread too.
+            await asyncio.to_thread(llm.shutdown)
+            del llm
+            gc.collect()  # else AsyncLLM.__del__ shuts down again at interpreter exit
+
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: EngineParams
+    ) -> AsyncGenerator[RolloutChunk, None]:
+        """Decode one rollout; yields chunks, the last with ``finish_reason`` set.
+
+        Raises:
+            ValueError: a bad prompt or parameter (the message names it).
+            EngineError: the engine is not running, or it died.
+        """
+        from vllm import TokensPrompt
+        from vllm.exceptions import VLLMValidationError
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        llm = self._running()
+        prompt = self._validate(prompt_token_ids, params)
+        k = effective_top_k(params, self.settings.max_logprobs)
+        sp = sampling_params(params, k, self.settings.flush_every)
+        stream = llm.generate(TokensPrompt(prompt_token_ids=prompt), sp, request_id=request_id)
+        flush, buf, finished = self.settings.flush_every, StepBuffer(), False
+        try:
+            async for out in stream:  # DELTA outputs: only the new steps
+                comp = out.outputs[0]
+                top = read_flat_topk(comp.logprobs, 0, len(comp.token_ids), k)
+                buf.add(np.asarray(comp.token_ids, dtype=np.int64), top)
+                chunks = [self._chunk(*p, params) for p in buf.ready(flush, out.finished)]
+                if not out.finished:
+                    for chunk in chunks:
+                        yield chunk
+                    continue
+                finished = True
+                last = chunks.pop() if chunks else self._chunk(top.sampled, top, params)  # empty
+                for chunk in chunks:
+                    yield chunk
+                last.finish_reason = _FINISH.get(str(comp.finish_reason), "error")
+                last.stop_reason = self._stop_reason(comp.stop_reason, params)
+                yield last
+                return
+        except EngineDeadError as exc:
+            finished = True  # nothing to abort
+            if self._llm is llm:  # not a new engine started meanwhile
+                self._state = "dead"
+            raise EngineError(f"vLLM engine died (retryable: it is restarted): {exc}") from exc
+        except VLLMValidationError as exc:
+            raise ValueError(str(exc)) from exc
+        finally:
+            await stream.aclose()  # vLLM aborts the request on GeneratorExit
+            if not finished and self._llm is llm:
+                await llm.abort(request_id)
+
+    async def abort(self, request_id: str) -> None:
+        """Abort a rollout; its stream ends with finish_reason 'abort'."""
+        if self._llm is not None:
+            await self._llm.abort(request_id)
+
+    async def score(
+        self, sequences: Sequence[tuple[list[int], list[int]]], params: ScoreParams
+    ) -> list[ScoredSequence]:
+        """Teacher-forced scoring from prompt log-probs (``_vllm_score.py``).
+
+        Raises:
+            ValueError: a sequence leaves no room for vLLM's one generated token.
+            EngineError: the engine is not running.
+        """
+        llm = self._running()
+        limit = self.info.max_model_len - 1
+        for i, (p, c) in enumerate(sequences):
+            if len(p) + len(c) > limit:
+                raise ValueError(
+                    f"sequences.{i}: the vllm engine scores at most {limit} tokens "
+                    f"(max_model_len - 1), got {len(p) + len(c)}"
+                )
+        k = self.settings.max_logprobs
+        return await score_with_vllm(
+            llm, sequences, params, k=k, policy_version=self.policy_version
+        )
+
+    # ---------------------------------------------------------------- helpers
+
+    def _make_info(self, vocab_size: int, max_model_len: int) -> EngineInfo:
+        return EngineInfo(
+            name="vllm",
+            model_id=self._model_id,
+            dtype=self.settings.dtype,
+            vocab_size=vocab_size,
+            max_model_len=max_model_len,
+            capabilities=EngineCapabilities(
+                fields=list(ALL_FIELDS),
+                exact_at_any_temperature=list(EXACT_FIELDS),
+                max_top_k=self.settings.max_logprobs,
+                score=True,
+            ),
+            eos_token_ids=tuple(sorted(self._eos_ids)),
+        )
+
+    def _running(self) -> Any:
+        if self._llm is None or self.state != "running":
+            raise EngineError(f"vLLM engine is not running (state {self.state!r})")
+        return self._llm
+
+    def _validate(self, prompt: list[int], params: EngineParams) -> list[int]:
+        if not prompt:
+            raise ValueError("prompt_token_ids must not be empty")
+        ids = [int(t) for t in prompt]
+        vocab, max_len = self.info.vocab_size, self.info.max_model_len
+        bad = next((i for i, t in enumerate(ids) if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(
+                f"prompt_token_ids[{bad}] = {ids[bad]} is outside the vocabulary [0, {vocab})"
+            )
+        if len(ids) >= max_len:
+            raise ValueError(
+                f"prompt has {len(ids)} tokens; the model's context is {max_len} "
+                f"(prompt + at least one new token)"
+            )
+        if not params.temperature >= 0:  # also catches NaN
+            raise ValueError(f"temperature must be >= 0, got {params.temperature}")
+        if params.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {params.max_tokens}")
+        return ids
+
+    def _chunk(self, tokens: np.ndarray, top: TopK, params: EngineParams) -> RolloutChunk:
+        """t steps of a completion as a chunk (one rule call): int64 ``tokens`` ``(t,)``."""
+        if not np.array_equal(top.sampled, tokens):
+            raise EngineError("vLLM log-probs do not line up with the sampled tokens")
+        steps = derive_steps(top, params.temperature, params.rule, params.return_safe_token_ids)
+        flagged = int(steps.outside.sum())
+        if flagged:
+            self.outside_steps += flagged
+            logger.warning(
+                "%d step(s) sampled outside the derived safe set (flagged in the response)",
+                flagged,
+            )
+        return RolloutChunk(
+            token_ids=tokens,
+            logprobs=steps.logprobs,
+            masked_logprobs=steps.masked,
+            safe_logmass=steps.logmass,
+            safe_sizes=steps.sizes,
+            safe_ids=steps.safe_ids,
+            safe_offsets=steps.safe_offsets,
+            policy_version=self.policy_version,
+            outside_safe_set=steps.outside,
+        )
+
+    def _stop_reason(self, reason: Any, params: EngineParams) -> str | int | None:
+        """vLLM's stop reason, with end-of-sequence reported as None (as the torch engine).
+
+        vLLM adds the generation config's extra eos ids to ``stop_token_ids`` and
+        then reports them as the stop reason.
+        """
+        if isinstance(reason, int) and reason in self._eos_ids:
+            return reason if reason in params.stop_token_ids else None
+        return reason if isinstance(reason, (str, int)) else None
+
+
+def _link_weights(weights: Sequence[Path]) -> Path:
+    """A new folder of links to ``weights`` (vLLM reloads folders), kept for restarts.
+
+    Hard links when the file system allows (an upload's staging file may be
+    deleted after the load; a hard link keeps its bytes), else symbolic links.
+    """
+    folder = Path(tempfile.mkdtemp(prefix="dvp-vllm-weights-"))
+    for i, f in enumerate(weights):
+        src, dst = Path(f).resolve(), folder / f"{i:05d}-{Path(f).name}"
+        try:
+            os.link(src, dst)
+        except OSError:
+            os.symlink(src, dst)
+    return folder
+
+
+async def _reload_weights(llm: Any, folder: Path) -> None:
+    """vLLM's workers read the safetensors in ``folder``; then the prefix cache is reset.
+
+    Raises:
+        EngineError: vLLM failed the reload.
+    """
+    try:
+        await llm.collective_rpc("reload_weights", kwargs={"weights_path": str(folder)})
+    except Exception as exc:
+        raise EngineError(f"vLLM failed to reload the weights: {exc}") from exc
+    await llm.reset_prefix_cache()
+
+
+def _eos_ids(model_dir: Path) -> set[int]:
+    """End-of-sequence ids: the tokenizer's and the generation config's."""
+    from transformers import GenerationConfig
+
+    ids: set[int] = set()
+    tok = load_tokenizer(model_dir)
+    if tok.eos_token_id is not None:
+        ids.add(int(tok.eos_token_id))
+    try:
+        eos = GenerationConfig.from_pretrained(str(model_dir)).eos_token_id
+    except OSError:
+        return ids
+    if eos is not None:
+        ids.update(int(e) for e in ([eos] if isinstance(eos, int) else eos))
+    return ids
+
+
+def _model_name(model_dir: Path) -> str:
+    """Same naming as the torch engine (the GGUF source for a converted model)."""
+    from ..torch.engine import _model_name as torch_model_name
+
+    return torch_model_name(model_dir)
