@@ -42,8 +42,8 @@ from dataclasses import dataclass
 import torch
 from _prompts import QUESTIONS  # bench/, next to this file
 from dvp_schemas import PruningRule
-from dvp_server.engines.torch._kernels import stock
 from dvp_server.engines.base import EngineParams
+from dvp_server.engines.torch._kernels import stock
 from dvp_server.engines.torch.engine import EngineStats, TorchEngine
 from dvp_server.model_store import resolve_model
 

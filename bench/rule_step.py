@@ -29,10 +29,10 @@ from dataclasses import replace
 import numpy as np
 import torch
 from dvp_schemas import PruningRule
+from dvp_server.engines.base import EngineParams
 from dvp_server.engines.torch._batch import DecodeBatch
 from dvp_server.engines.torch._rows import Row
 from dvp_server.engines.torch._rule_step import BatchRule, rule_step
-from dvp_server.engines.base import EngineParams
 from dvp_server.engines.torch.engine import TorchEngine
 from dvp_server.model_store import resolve_model
 from engine import prompts  # bench/, next to this file

@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from dvp_server.service.assembly import assemble_rollout
 from dvp_server.engines.base import EngineError, RolloutChunk
+from dvp_server.service.assembly import assemble_rollout
 
 
 def _chunk(rng: np.random.Generator, t: int, **kw: Any) -> RolloutChunk:

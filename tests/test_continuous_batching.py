@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 import torch
 from dvp_server.config import ServerConfig
-from dvp_server.engines.torch._batch import DecodeBatch
-from dvp_server.engines.torch._rows import Row
 from dvp_server.engines.base import RolloutChunk
 from dvp_server.engines.factory import build_engine
+from dvp_server.engines.torch._batch import DecodeBatch
+from dvp_server.engines.torch._rows import Row
 from dvp_server.engines.torch.engine import TorchEngine
 from dvp_server.errors import ServiceError
 from test_torch_engine import (

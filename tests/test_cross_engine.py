@@ -222,6 +222,7 @@ async def _processed_runs(
     model_dir: Path, batches: list[RolloutBatch]
 ) -> list[list[tuple[list[int], list[list[int]]]]]:
     """Replay every rollout on a processed_logprobs engine: (tokens, finite top-K ids)."""
+    from dvp_server.engines.base import EngineParams
     from dvp_server.engines.vllm._args import (
         VllmSettings,
         engine_args,
@@ -229,7 +230,6 @@ async def _processed_runs(
         setup_cpu_env,
     )
     from dvp_server.engines.vllm._steps import read_flat_topk
-    from dvp_server.engines.base import EngineParams
     from dvp_server.service.params import sample_seed
     from vllm import TokensPrompt
     from vllm.v1.engine.async_llm import AsyncLLM

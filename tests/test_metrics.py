@@ -9,7 +9,12 @@ import numpy as np
 import pytest
 import torch
 from _dvp_batches import engine_response
-from dvp_client.train.metrics import DEFAULT_PROB_BINS, DEFAULT_QUANTILES, batch_metrics, mismatch_metrics
+from dvp_client.train.metrics import (
+    DEFAULT_PROB_BINS,
+    DEFAULT_QUANTILES,
+    batch_metrics,
+    mismatch_metrics,
+)
 from dvp_client.train.objective import pruned_logprobs
 
 

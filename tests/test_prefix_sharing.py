@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 import torch
 from dvp_schemas import PruningRule
+from dvp_server.engines.base import EngineParams
 from dvp_server.engines.torch._batch import DecodeBatch
 from dvp_server.engines.torch._prefix import MIN_SHARED, PrefixCache, common_prefix
-from dvp_server.engines.base import EngineParams
 from dvp_server.engines.torch.engine import TorchEngine
 from transformers import AutoModelForCausalLM
 

@@ -27,6 +27,7 @@ from _dvp_reference import lse, rule_set
 from dvp_schemas import PruningRule
 from dvp_server.config import ServerConfig
 from dvp_server.engines import factory
+from dvp_server.engines.base import EngineError, EngineParams
 from dvp_server.engines.vllm._args import (
     CPU_KV_CACHE_BYTES,
     VllmSettings,
@@ -34,7 +35,6 @@ from dvp_server.engines.vllm._args import (
     setup_cpu_env,
 )
 from dvp_server.engines.vllm._steps import TopK, derive_steps, read_flat_topk
-from dvp_server.engines.base import EngineError, EngineParams
 from dvp_server.service.params import effective_rule
 
 ATOL = 2e-5

@@ -25,10 +25,10 @@ import torch
 from _ops import metrics, own_server
 from conftest import ServerProcess
 from dvp_schemas import PruningRule
-from dvp_server.service.admission import Admission, AdmittedEngine
 from dvp_server.engines.base import EngineParams, RolloutChunk
 from dvp_server.engines.torch.engine import TorchEngine
 from dvp_server.errors import ServiceError
+from dvp_server.service.admission import Admission, AdmittedEngine
 from dvp_server.service.weights import (
     check_spec,
     read_safetensors_header,

@@ -31,16 +31,16 @@ from fastapi import APIRouter, FastAPI, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .codecs import MsgpackBodyMiddleware, model_response
 from ..config import ServerConfig
 from ..engines.base import Engine
 from ..errors import error_response, install_error_handlers
+from ..service.serving import RolloutService, run_until_disconnect
+from ..service.supervisor import EngineGateMiddleware, EngineSupervisor
+from .codecs import MsgpackBodyMiddleware, model_response
 from .openai_routes import router as openai_router
 from .ops import install_ops
 from .score import router as score_router
-from ..service.serving import RolloutService, run_until_disconnect
 from .streaming import stream_response
-from ..service.supervisor import EngineGateMiddleware, EngineSupervisor
 
 __all__ = ["BodyLimitMiddleware", "RequestIdMiddleware", "build_engine", "create_app"]
 

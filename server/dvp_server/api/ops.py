@@ -14,16 +14,16 @@ from __future__ import annotations
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from ..service.admission import Admission, AdmittedEngine, QueueFullError
-from .auth import AuthMiddleware
 from ..config import ServerConfig
 from ..engines.base import Engine
 from ..errors import error_response
+from ..service.admission import Admission, AdmittedEngine, QueueFullError
 from ..service.lifecycle import DrainingMiddleware, Lifecycle
 from ..service.metrics import Metrics, MetricsMiddleware
 from ..service.metrics import router as metrics_router
 from ..service.weights import WeightManager
 from ..service.weights import router as weights_router
+from .auth import AuthMiddleware
 
 __all__ = ["Ops", "install_ops"]
 

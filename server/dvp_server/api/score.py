@@ -25,12 +25,12 @@ from dvp_schemas import (
 )
 from fastapi import APIRouter, Request, Response
 
-from .codecs import model_response
 from ..engines.base import EngineError
 from ..engines.scoring import ScoredSequence, ScoreParams
 from ..errors import ServiceError, validation_error
 from ..service.params import effective_rule
 from ..service.serving import RolloutService, run_until_disconnect
+from .codecs import model_response
 
 __all__ = ["ScoreService", "router"]
 

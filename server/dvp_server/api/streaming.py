@@ -41,10 +41,10 @@ from pydantic import BaseModel
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from .codecs import MSGPACK_MEDIA_TYPE, pack, wants_msgpack
 from ..engines.base import EngineError, RolloutChunk
 from ..errors import ServiceError
 from ..service.serving import PreparedRequest, RolloutService, rollout_id
+from .codecs import MSGPACK_MEDIA_TYPE, pack, wants_msgpack
 
 __all__ = ["EventStreamResponse", "stream_events", "stream_response"]
 

@@ -37,6 +37,7 @@ import typer
 from dvp_client import Client
 from dvp_client.train.metrics import mismatch_metrics
 
+from ..model_store import resolve_model
 from .report import render_text, write_plot
 from .sample import Reference, Scored, chat_prompts, sample_setting, score_batches
 from .stats import (
@@ -50,7 +51,6 @@ from .stats import (
     spearman_bins,
 )
 from .vocab import compare_vocab
-from ..model_store import resolve_model
 
 __all__ = ["DiagnoseConfig", "app", "main", "run_diagnose", "setting_summary"]
 

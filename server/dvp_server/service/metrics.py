@@ -43,8 +43,8 @@ from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Met
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .admission import Admission, Ticket
 from ..engines.base import Engine, RolloutChunk
+from .admission import Admission, Ticket
 
 __all__ = ["ArrayHistogram", "Metrics", "MetricsMiddleware", "router"]
 

@@ -35,10 +35,10 @@ from dvp_schemas import (
 )
 from starlette.requests import Request
 
-from .assembly import assemble_rollout
 from ..config import ServerConfig
 from ..engines.base import Engine, EngineError, EngineParams, RolloutChunk
 from ..errors import ServiceError, validation_error
+from .assembly import assemble_rollout
 from .params import draw_request_seed, effective_rule, request_seed_of, to_engine_params
 
 __all__ = [

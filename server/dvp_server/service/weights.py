@@ -38,10 +38,10 @@ from typing import Any
 from dvp_schemas import ErrorResponse, WeightsInfo, WeightsUpdateRequest, WeightsUpdateResponse
 from fastapi import APIRouter, Query, Request
 
-from .admission import Admission
 from ..config import ServerConfig
 from ..engines.base import Engine
 from ..errors import ServiceError, validation_error
+from .admission import Admission
 
 __all__ = [
     "WeightManager",

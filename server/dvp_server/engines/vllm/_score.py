@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from dvp_client.train.rule import GREEDY_EPS, safe_vocab
 
-from ._steps import TopK, read_flat_topk
 from ..scoring import ScoredSequence, ScoreParams
+from ._steps import TopK, read_flat_topk
 
 __all__ = ["score_with_vllm"]
 

@@ -46,6 +46,8 @@ import torch
 from dvp_schemas import EngineCapabilities, FinishReason
 
 from ...model_store import load_tokenizer
+from ..base import EngineError, EngineInfo, EngineParams, RolloutChunk
+from ..scoring import ScoredSequence, ScoreParams
 from ._args import (
     VllmSettings,
     effective_top_k,
@@ -56,8 +58,6 @@ from ._args import (
 )
 from ._score import score_with_vllm
 from ._steps import StepBuffer, TopK, derive_steps, read_flat_topk
-from ..base import EngineError, EngineInfo, EngineParams, RolloutChunk
-from ..scoring import ScoredSequence, ScoreParams
 
 __all__ = ["VllmEngine", "VllmSettings"]
 
