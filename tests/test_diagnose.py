@@ -23,14 +23,14 @@ import torch
 from _ops import own_server
 from dvp_client import Client
 from dvp_server.diagnose.cli import DiagnoseConfig, app, setting_summary
-from dvp_server.diagnose.cli.sample import (
+from dvp_server.diagnose.sample import (
     Reference,
     chat_prompts,
     completion_logits,
     sample_setting,
     score_batches,
 )
-from dvp_server.diagnose.cli.stats import (
+from dvp_server.diagnose.stats import (
     BinStats,
     binned_abs_dlogp,
     bound_violation_fraction,
