@@ -160,7 +160,7 @@ def timed(fn: Callable[..., Any], acc: list[float]) -> Callable[..., Any]:
 
 
 async def bench_vllm(model_dir: Any, batches: list[int], ks: list[int], new: int, reps: int):
-    from dvp_server.engines import vllm_engine
+    from dvp_server.engines.vllm import engine as vllm_engine
     from dvp_server.engines.vllm.engine import VllmEngine, VllmSettings
     from dvp_server.model_store import load_tokenizer
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from dvp_server.engines import _kernels
+from dvp_server.engines.torch import _kernels
 from dvp_server.engines.torch._kernels import PackedLinear, grouped_decode_attention
 from torch import nn
 from transformers import AutoModelForCausalLM, DynamicCache
