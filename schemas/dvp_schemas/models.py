@@ -25,6 +25,11 @@ class EngineCapabilities(ResponseModel):
     score: bool = Field(
         False, description="Whether POST /v1/score (teacher-forced recomputation) is served."
     )
+    quantization: str | None = Field(
+        None,
+        description="Weight quantization of the engine, e.g. 'fp8-e4m3-block128' (linears "
+        "rounded to float8 e4m3 with 128x128 block scales, computed in `dtype`); null: none.",
+    )
 
 
 class ModelCard(ResponseModel):

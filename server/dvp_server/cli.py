@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from .config import DTYPES, ENGINES, INFLIGHT_POLICIES, LOG_LEVELS, ServerConfig
+from .config import DTYPES, ENGINES, INFLIGHT_POLICIES, LOG_LEVELS, QUANTIZE, ServerConfig
 
 __all__ = ["app", "main", "serve"]
 
@@ -179,6 +179,14 @@ def serve(
             "once and keep it for the next group (off: every prompt prefilled whole)."
         ),
     ] = _DEFAULTS.share_prefixes,
+    quantize: Annotated[
+        str | None,
+        typer.Option(
+            help=f"Weight quantization, one of {', '.join(QUANTIZE)}: fp8 = linears rounded "
+            "to float8 e4m3 with 128x128 block scales (fp8-channel: per output row), "
+            "computed in --dtype. Torch engine; vLLM: fp8 only, where vLLM supports it."
+        ),
+    ] = _DEFAULTS.quantize,
     engine_restarts: Annotated[
         int,
         typer.Option(
@@ -229,6 +237,7 @@ def serve(
             continuous_batching=continuous_batching,
             fast_kernels=fast_kernels,
             share_prefixes=share_prefixes,
+            quantize=quantize,
             engine_restarts=engine_restarts,
             engine_restart_backoff_s=engine_restart_backoff,
         )

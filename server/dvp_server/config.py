@@ -17,12 +17,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["DTYPES", "ENGINES", "INFLIGHT_POLICIES", "LOG_LEVELS", "ServerConfig"]
+__all__ = ["DTYPES", "ENGINES", "INFLIGHT_POLICIES", "LOG_LEVELS", "QUANTIZE", "ServerConfig"]
 
 DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
 ENGINES: tuple[str, ...] = ("auto", "torch", "vllm")
 LOG_LEVELS: tuple[str, ...] = ("critical", "error", "warning", "info", "debug")
 INFLIGHT_POLICIES: tuple[str, ...] = ("drain", "abort")
+QUANTIZE: tuple[str, ...] = ("fp8", "fp8-channel")
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,12 @@ class ServerConfig:
         threads: torch engine: intra-op threads; None: all cores. On a machine shared
             with other jobs, 1 thread was 8-25x faster than 2 for the tiny test model
             (a descheduled OpenMP peer stalls every op).
+        quantize: None, or one of :data:`QUANTIZE`: the engine's linear weights rounded
+            to float8 e4m3 (``fp8``: 128 x 128 block scales; ``fp8-channel``: one scale
+            per output row), computed in ``dtype``; the trainer's weights stay full
+            precision and every weight update is rounded again. Torch engine
+            (``engines/torch/_fp8.py``); the vLLM engine passes ``fp8`` to vLLM's own
+            ``quantization="fp8"`` where it runs, and refuses it otherwise at start.
         engine_restarts: restart attempts after the engine dies (its worker process
             killed or crashed), each after a doubling backoff; then it stays dead and
             ``/ready`` false. 0: never restart (``supervisor.py``).
@@ -133,6 +140,7 @@ class ServerConfig:
     continuous_batching: bool = True
     fast_kernels: bool = True
     share_prefixes: bool = True
+    quantize: str | None = None
     engine_restarts: int = 3
     engine_restart_backoff_s: float = 1.0
 
@@ -144,6 +152,8 @@ class ServerConfig:
         """
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.quantize is not None and self.quantize not in QUANTIZE:
+            raise ValueError(f"quantize must be one of {QUANTIZE}, got {self.quantize!r}")
         if self.engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
         if self.log_level.lower() not in LOG_LEVELS:

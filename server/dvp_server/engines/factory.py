@@ -83,7 +83,12 @@ def build_engine(config: ServerConfig, model_dir: str | os.PathLike[str] | None 
             continuous_batching=config.continuous_batching,
             fast_kernels=config.fast_kernels,
             share_prefixes=config.share_prefixes,
+            quantize=config.quantize,
             kv_cache_bytes=config.kv_cache_bytes,
+        )
+    if config.quantize is not None:
+        raise ValueError(
+            f"--quantize {config.quantize} is served by the torch engine only (--engine torch)"
         )
     from .vllm.engine import VllmEngine, VllmSettings
 

@@ -32,6 +32,9 @@ import torch
 from dvp_schemas import EngineCapabilities
 
 from ...model_store import load_tokenizer
+from ..base import EngineError, EngineInfo, EngineParams, RolloutChunk
+from ..scoring import ScoredSequence, ScoreParams, score_sequences
+from . import _fp8
 from ._batch import DecodeBatch, SlackLayer
 from ._kernels import forget_packed
 from ._kernels import install as install_kernels
@@ -39,8 +42,6 @@ from ._prefix import PrefixCache
 from ._rows import Row, StopStringMatcher
 from ._scheduler import EngineStats, KvBudget, KvBudgetError, SchedulerMixin, StepHook
 from ._weights import WeightsInput, copy_weights, read_weights
-from ..base import EngineError, EngineInfo, EngineParams, RolloutChunk
-from ..scoring import ScoredSequence, ScoreParams, score_sequences
 
 __all__ = ["DTYPES", "EngineStats", "TorchEngine"]
 
@@ -51,6 +52,8 @@ DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
 }
+#: ``quantize`` -> what ``/v1/models`` reports (``EngineCapabilities.quantization``).
+_QUANT_NAMES = {"fp8": "fp8-e4m3-block128", "fp8-channel": "fp8-e4m3-channel"}
 _ALL_FIELDS: list[Any] = [
     "token_ids",
     "logprobs",
@@ -83,9 +86,13 @@ class TorchEngine(SchedulerMixin):
         kv_slack: spare positions of each KV buffer, so that a decode step writes
             in place instead of copying the cache (``_batch.SlackLayer``); 0: plain
             transformers ``DynamicLayer`` (concatenates every step).
+        quantize: None, or ``"fp8"`` / ``"fp8-channel"``: the linears' weights rounded
+            to e4m3 with 128 x 128 block (or per-row) scales and computed in ``dtype``
+            (``_fp8.py``); rounded from float32 at load and from the sent tensors at
+            every weight update.
 
     Raises:
-        ValueError: an unknown dtype or a non-positive size.
+        ValueError: an unknown dtype or quantize mode, or a non-positive size.
     """
 
     def __init__(
@@ -103,6 +110,7 @@ class TorchEngine(SchedulerMixin):
         kv_slack: int = SlackLayer.SLACK,
         fast_kernels: bool = True,
         share_prefixes: bool = True,
+        quantize: str | None = None,
     ) -> None:
         from transformers import AutoModelForCausalLM, GenerationConfig
 
@@ -120,7 +128,11 @@ class TorchEngine(SchedulerMixin):
         self.model_dir = Path(model_dir)
         self.max_batch = max_batch
         self.flush_every = flush_every
-        self.model: Any = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=DTYPES[dtype])
+        if quantize is not None and quantize not in _fp8.MODES:
+            raise ValueError(f"quantize must be one of {sorted(_fp8.MODES)}, got {quantize!r}")
+        self.quantize = quantize
+        self._fp8_linears: dict[str, torch.nn.Linear] = {}
+        self.model: Any = self._load_model(AutoModelForCausalLM, model_dir, DTYPES[dtype])
         self.model.eval()
         self.kernels = install_kernels(self.model) if fast_kernels else {}
         logger.info("torch engine kernels: %s", self.kernels or "stock")
@@ -149,6 +161,7 @@ class TorchEngine(SchedulerMixin):
                 exact_at_any_temperature=list(_ALL_FIELDS),
                 max_top_k=None,
                 score=True,
+                quantization=_QUANT_NAMES.get(quantize or ""),
             ),
             eos_token_ids=tuple(sorted(self.eos_ids)),
         )
@@ -199,9 +212,23 @@ class TorchEngine(SchedulerMixin):
         tensors = await asyncio.to_thread(read_weights, weights)
         return await asyncio.to_thread(self._swap_weights, tensors)
 
+    def _load_model(self, auto_cls: Any, model_dir: str | os.PathLike[str], dtype: Any) -> Any:
+        """The model in ``dtype``; with ``quantize``, its linears rounded from float32."""
+        if self.quantize is None:
+            return auto_cls.from_pretrained(str(model_dir), dtype=dtype)
+        model = auto_cls.from_pretrained(str(model_dir), dtype=torch.float32)
+        self._fp8_linears = _fp8.fp8_linears(model)
+        source = {name: lin.weight.detach() for name, lin in self._fp8_linears.items()}
+        model.to(dtype)  # a new tensor per parameter unless dtype is float32
+        _fp8.requantize(self._fp8_linears, source, _fp8.MODES[self.quantize])
+        logger.info("torch engine: %d linears rounded to %s", len(source), self.quantize)
+        return model
+
     def _swap_weights(self, tensors: dict[str, torch.Tensor]) -> int:
         with self._model_lock:
             copy_weights(self.model, tensors)
+            if self.quantize is not None:  # round again from the sent precision
+                _fp8.requantize(self._fp8_linears, tensors, _fp8.MODES[self.quantize])
             forget_packed(self.model)
             if self.prefixes is not None:
                 self.prefixes.clear()  # keys / values of the old weights
