@@ -31,7 +31,14 @@ from .stream import (
     RolloutStreamEvent,
     RolloutStreamSummary,
 )
-from .weights import InflightPolicy, WeightsInfo, WeightsUpdateRequest, WeightsUpdateResponse
+from .weights import (
+    FleetStatus,
+    InflightPolicy,
+    ReplicaWeights,
+    WeightsInfo,
+    WeightsUpdateRequest,
+    WeightsUpdateResponse,
+)
 
 __all__ = [
     "NDJSON_MEDIA_TYPE",
@@ -46,12 +53,14 @@ __all__ = [
     "ErrorInfo",
     "ErrorResponse",
     "FinishReason",
+    "FleetStatus",
     "HealthResponse",
     "InflightPolicy",
     "ModelCard",
     "ModelList",
     "Prompt",
     "PruningRule",
+    "ReplicaWeights",
     "Rollout",
     "RolloutEnd",
     "RolloutField",

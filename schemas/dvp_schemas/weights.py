@@ -46,6 +46,29 @@ class WeightsUpdateRequest(RequestModel):
         description="Longest wait for in-flight rollouts; past it the update is refused "
         "(409) and nothing changes. Default: the server's.",
     )
+    policy_version: int | None = Field(
+        None,
+        ge=1,
+        le=2**62,
+        description="The policy_version the new weights are served as; it must be above "
+        "the served one (422 otherwise). Default: the served one plus one. A fleet (Ray "
+        "Serve) serves one version on every replica, so a replica started later reports "
+        "the same number.",
+    )
+
+
+class ReplicaWeights(ResponseModel):
+    """One replica of a fleet (Ray Serve) and the weights it serves."""
+
+    replica: str = Field(description="The Serve replica id.")
+    state: str = Field(description="Serve's replica state: RUNNING, STARTING, UPDATING, ...")
+    policy_version: int | None = Field(
+        None, description="The version it serves; None: not reported yet (starting)."
+    )
+    source: str | None = Field(None, description="Where its weights came from.")
+    error: str | None = Field(
+        None, description="Why its last weight load failed (it is then taken out of rotation)."
+    )
 
 
 class WeightsInfo(ResponseModel):
@@ -69,3 +92,22 @@ class WeightsUpdateResponse(WeightsInfo):
     drained_rollouts: int = Field(description="In-flight rollouts the update waited for.")
     wait_s: float = Field(description="Seconds new rollouts were held (drain or abort).")
     load_s: float = Field(description="Seconds the swap itself took.")
+    replicas: list[ReplicaWeights] | None = Field(
+        None,
+        description="Fleet updates (Ray Serve) only: the version each replica serves "
+        "afterwards (all of them at policy_version, else the update answered an error).",
+    )
+
+
+class FleetStatus(ResponseModel):
+    """``GET /v1/fleet`` (Ray Serve deployments): the fleet's weight version per replica."""
+
+    app: str = Field(description="The Serve application.")
+    deployment: str = Field(description="The Serve deployment.")
+    status: str = Field(description="Serve's deployment status: HEALTHY, UPDATING, ...")
+    policy_version: int = Field(description="The version the fleet is configured to serve.")
+    source: str | None = Field(None, description="Its weights ('path:<relative path>').")
+    converged: bool = Field(
+        description="Every live replica serves policy_version and none is starting or failed."
+    )
+    replicas: list[ReplicaWeights] = Field(description="Live replicas, by id.")

@@ -115,10 +115,11 @@ class WeightLoader(Protocol):
 
     ``load_weights`` gets the ``.safetensors`` files of a checkpoint the server
     has checked against the served one (same names and shapes), swaps them in
-    between two engine steps, and returns the new ``policy_version`` (the old one
-    plus one). The server calls it only while no rollout is running (see
+    between two engine steps, and returns the new ``policy_version``: ``version``
+    when given (a fleet names it, so every replica reports the same number), else
+    the old one plus one. The server calls it only while no rollout is running (see
     ``admission.py``), so no rollout mixes two versions. An engine without it
     answers ``POST /v1/weights`` with 501.
     """
 
-    async def load_weights(self, weights: Sequence[Path]) -> int: ...
+    async def load_weights(self, weights: Sequence[Path], version: int | None = None) -> int: ...
