@@ -196,7 +196,7 @@ class TorchEngine(SchedulerMixin):
         """Rollouts submitted and waiting for a batch (the engine's queue depth)."""
         return len(self._pending)
 
-    async def load_weights(self, weights: WeightsInput) -> int:
+    async def load_weights(self, weights: WeightsInput, version: int | None = None) -> int:
         """Copy new weights into the model between two steps; returns the new version.
 
         A rollout decoding meanwhile would see both versions in its chunks (the
@@ -205,12 +205,14 @@ class TorchEngine(SchedulerMixin):
 
         Args:
             weights: safetensors files, or a name -> tensor mapping (a subset is fine).
+            version: the ``policy_version`` to serve them as (a fleet's number); None:
+                the current one plus one.
 
         Raises:
             ValueError: an unknown name, a wrong shape or dtype (nothing changed).
         """
         tensors = await asyncio.to_thread(read_weights, weights)
-        return await asyncio.to_thread(self._swap_weights, tensors)
+        return await asyncio.to_thread(self._swap_weights, tensors, version)
 
     def _load_model(self, auto_cls: Any, model_dir: str | os.PathLike[str], dtype: Any) -> Any:
         """The model in ``dtype``; with ``quantize``, its linears rounded from float32."""
@@ -224,7 +226,7 @@ class TorchEngine(SchedulerMixin):
         logger.info("torch engine: %d linears rounded to %s", len(source), self.quantize)
         return model
 
-    def _swap_weights(self, tensors: dict[str, torch.Tensor]) -> int:
+    def _swap_weights(self, tensors: dict[str, torch.Tensor], version: int | None) -> int:
         with self._model_lock:
             copy_weights(self.model, tensors)
             if self.quantize is not None:  # round again from the sent precision
@@ -232,7 +234,7 @@ class TorchEngine(SchedulerMixin):
             forget_packed(self.model)
             if self.prefixes is not None:
                 self.prefixes.clear()  # keys / values of the old weights
-            self._policy_version += 1
+            self._policy_version = self._policy_version + 1 if version is None else version
             return self._policy_version
 
     async def score(
