@@ -19,9 +19,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from ._base import RequestModel, ResponseModel
+from ._text import check_text
 from .rollouts import MAX_STOP_STRINGS, SafeTokenIds, Usage
 from .rule import MAX_TOP_K, PruningRule
 from .score import MAX_SCORE_TOP_LOGPROBS
@@ -79,6 +80,8 @@ class _OpenAICommon(RequestModel):
             raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}")
         if any(s == "" for s in stops):
             raise ValueError("stop strings must be non-empty")
+        for i, s in enumerate(stops):
+            check_text(s, "stop" if isinstance(v, str) else f"stop[{i}]")
         return v
 
     @field_validator("stream")
@@ -135,6 +138,11 @@ class CompletionRequest(_OpenAICommon):
     def _prompt_non_empty(cls, v: Any) -> Any:
         if v == "" or v == [] or (isinstance(v, list) and any(p in ("", []) for p in v)):
             raise ValueError("prompt must not be empty (nor hold an empty prompt)")
+        if isinstance(v, str):
+            check_text(v, "prompt")
+        for i, p in enumerate(v if isinstance(v, list) else ()):
+            if isinstance(p, str):
+                check_text(p, f"prompt[{i}]")
         return v
 
     @field_validator("echo")
@@ -147,11 +155,13 @@ class CompletionRequest(_OpenAICommon):
     def _no_suffix(cls, v: str | None) -> str | None:
         return _neutral("suffix", v, (None,))
 
-    @model_validator(mode="after")
-    def _best_of_is_n(self) -> CompletionRequest:
-        if self.best_of is not None and self.best_of != self.n:
-            raise ValueError(f"best_of={self.best_of} is not supported (only best_of == n)")
-        return self
+    @field_validator("best_of")
+    @classmethod
+    def _best_of_is_n(cls, v: int | None, info: ValidationInfo) -> int | None:
+        n = info.data.get("n")  # validated before best_of (declared earlier); absent if invalid
+        if v is not None and n is not None and v != n:
+            raise ValueError(f"best_of={v} is not supported (only best_of == n, here {n})")
+        return v
 
 
 class ChatMessageIn(RequestModel):
@@ -167,10 +177,12 @@ class ChatMessageIn(RequestModel):
     @field_validator("content")
     @classmethod
     def _text_parts(cls, v: str | list[dict[str, Any]] | None) -> str | list[dict[str, Any]] | None:
-        if isinstance(v, list):
-            for i, part in enumerate(v):
-                if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                    raise ValueError(f"content[{i}]: only {{'type': 'text', 'text': str}} parts")
+        if isinstance(v, str):
+            check_text(v, "content")
+        for i, part in enumerate(v if isinstance(v, list) else ()):
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ValueError(f"content[{i}]: only {{'type': 'text', 'text': str}} parts")
+            check_text(part["text"], f"content[{i}].text")
         return v
 
     @property
@@ -217,11 +229,12 @@ class ChatCompletionRequest(_OpenAICommon):
     def _no_tool_choice(cls, v: Any) -> Any:
         return _neutral("tool_choice", v, (None, "none"))
 
-    @model_validator(mode="after")
-    def _top_needs_logprobs(self) -> ChatCompletionRequest:
-        if self.top_logprobs and not self.logprobs:
-            raise ValueError("top_logprobs needs logprobs=true")
-        return self
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_needs_logprobs(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v and not info.data.get("logprobs"):  # logprobs is declared (validated) first
+            raise ValueError(f"top_logprobs={v} needs logprobs=true")
+        return v
 
 
 # --- responses ---------------------------------------------------------------------

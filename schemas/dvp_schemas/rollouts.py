@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 
 from ._base import RequestModel, ResponseModel
+from ._text import Text, check_text
 from .rule import PruningRule
 
 MAX_STOP_STRINGS = 16
@@ -19,7 +20,7 @@ MAX_STOP_STRINGS = 16
 
 class ChatMessage(RequestModel):
     role: Literal["system", "user", "assistant", "tool"] = Field(description="Speaker.")
-    content: str = Field(description="Message text.")
+    content: Text = Field(description="Message text.")
 
 
 TokenIds = Annotated[list[int], Field(min_length=1, description="Prompt as token ids.")]
@@ -37,7 +38,7 @@ class SamplingOptions(RequestModel):
         1.0, ge=0.0, le=100.0, description="Softmax temperature T; 0 is greedy (S = {argmax})."
     )
     max_tokens: int = Field(256, ge=1, description="New tokens per rollout, at most.")
-    stop: list[str] | None = Field(
+    stop: list[Text] | None = Field(
         None,
         max_length=MAX_STOP_STRINGS,
         description="Stop strings; the text stops before the string, the token ids include "
@@ -102,6 +103,8 @@ class RolloutRequest(RequestModel):
         for i, p in enumerate(v):
             if isinstance(p, str) and p == "":
                 raise ValueError(f"prompts[{i}] is an empty string")
+            if isinstance(p, str):
+                check_text(p, f"prompts[{i}]")
         return v
 
 

@@ -89,8 +89,15 @@ def _envelope(
     param: str | None,
     headers: Mapping[str, str] | None = None,
 ) -> JSONResponse:
+    message, param = _printable(message), None if param is None else _printable(param)
     body = ErrorResponse(error=ErrorInfo(type=type, message=message, param=param, code=status))
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+def _printable(text: str) -> str:
+    """``text`` with lone surrogates (echoed from a request) written as ``\\udXXX``, so
+    the error body can always be encoded as UTF-8."""
+    return text if text.isascii() else text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def error_response(exc: BaseException) -> JSONResponse:

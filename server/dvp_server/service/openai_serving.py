@@ -36,7 +36,7 @@ joins correctly.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import pydantic
@@ -133,14 +133,16 @@ def chat_to_rollouts(req: ChatCompletionRequest) -> RolloutRequest:
     )
 
 
-def _renamer(prompt_field: str) -> Callable[[str], str]:
-    """Rollout-request param -> OpenAI param: ``sampling.X`` / ``pruning.X`` -> ``X``;
-    ``prompts.<i>[.<j>]`` -> ``prompt_field`` (``{i}`` filled in) ``[.<j>]``."""
+def _renamer(prompt_field: str, sent: Mapping[str, str] | None = None) -> Callable[[str], str]:
+    """Rollout-request param -> OpenAI param: ``sampling.X`` / ``pruning.X`` -> ``X``
+    (or the name the client sent it under, ``sent[X]``); ``prompts.<i>[.<j>]`` ->
+    ``prompt_field`` (``{i}`` filled in) ``[.<j>]``."""
+    aliases = dict(sent or {})
 
     def rename(param: str) -> str:
         head, _, rest = param.partition(".")
         if head in ("sampling", "pruning") and rest:
-            return rest
+            return aliases.get(rest, rest)
         if head == "prompts":
             index, _, tail = rest.partition(".")
             base = prompt_field.format(i=index)
@@ -261,7 +263,9 @@ class OpenAIService:
             ServiceError, EngineError: as ``/v1/rollouts`` (and 501 for top-k log-probs
                 on an engine that cannot score).
         """
-        resp = await self._sample(chat_to_rollouts(req), request_id, _renamer("messages"))
+        sent = {"max_tokens": "max_completion_tokens"} if req.max_completion_tokens else {}
+        rename = _renamer("messages", sent)  # a refused max_tokens is named as the client sent it
+        resp = await self._sample(chat_to_rollouts(req), request_id, rename)
         k = (req.top_logprobs or 0) if req.logprobs else 0
         tops = await self._top(resp, k, "top_logprobs") if k else None
         choices = [
