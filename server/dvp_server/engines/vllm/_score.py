@@ -1,35 +1,36 @@
-"""Teacher-forced scoring with vLLM: prompt log-probs + the shared rule on the top-K.
+"""Teacher-forced scoring with vLLM: the given tokens forced through its own sampler.
 
-A sequence is scored as one vLLM request whose prompt is prompt + completion,
-with ``prompt_logprobs=K`` and one generated token (thrown away). vLLM's
-prompt log-probs are raw ``log_softmax(z)`` (prompt tokens skip the sampling
-processors), one position per prompt token: row 0 is the token itself, the
-last K rows the top-K (``FlatLogprobs``, the layout :func:`read_flat_topk`
-reads). Position ``P + t`` of the joined prompt holds completion token t.
+vLLM's prompt log-probs skip the logits processors and give only a top-K, so
+they cannot give the rule's exact sets. Instead a sequence is scored as one
+generation request whose prompt is the sequence's prompt and whose
+``max_tokens`` is its completion's length, tagged for
+:class:`._processor.DvpRuleProcessor` with the completion as ``force``. At step t
+the processor applies the rule (the request's temperature and rule, exactly as
+for a rollout) to the logits that predict completion token ``y_t``, computes
+``log p(y_t)``, ``log pi_S(y_t)`` (-inf when ``y_t`` is not in S_t), ``|S_t|``,
+``log Z_S``, the ids of S_t and the top-n tokens of the full tempered
+distribution, sends them (``_channel.py``), and then leaves only ``y_t``
+finite, so vLLM (greedy, ``ignore_eos``) emits ``y_t`` and step t + 1 reads
+the given sequence. Every field is exact at any temperature.
 
-From the top-K of each step, exactly as the rollouts' derivation
-(``_vllm_steps.py``): S = the rule on the K raw log-probs (exact since the
-effective rule has ``top_k <= K``); ``masked = r_y / T - logsumexp_S r / T``
-when y is in S, -inf (not in S) otherwise; ``logprob = r_y`` and
-``logmass = logsumexp_S r`` at T in {0, 1} only (NaN otherwise: the full
-normaliser at T != 1 needs all V logits); the top-k alternatives are the
-first k of the top-K (log-probs at T = 1, NaN at other T).
+Cost: one decode step per completion token (vLLM batches concurrent
+sequences), instead of one prefill: scoring is slower than on the torch
+engine's single forward, the price of exact sets from the serving engine.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-import math
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import torch
-from dvp_client.train.rule import GREEDY_EPS, safe_vocab
 
+from ..base import EngineError
 from ..scoring import ScoredSequence, ScoreParams
-from ._steps import TopK, read_flat_topk
+from ._args import rule_tag
+from ._channel import StepChannel
 
 __all__ = ["score_with_vllm"]
 
@@ -38,90 +39,96 @@ _IDS = itertools.count()
 
 async def score_with_vllm(
     llm: Any,
+    channel: StepChannel,
     sequences: Sequence[tuple[list[int], list[int]]],
     params: ScoreParams,
     *,
-    k: int,
     policy_version: int,
 ) -> list[ScoredSequence]:
     """Score every sequence concurrently (one vLLM request each).
 
     Args:
         llm: a running ``AsyncLLM``.
+        channel: the engine's step channel (the processor's records).
         sequences: ``(prompt ids, completion ids)``, checked by the serving layer.
-        params: temperature, the effective rule (``top_k <= k``), what to return.
-        k: K, the prompt log-probs per position (the engine's ``max_logprobs``).
+        params: temperature, the rule as sent, what to return.
         policy_version: reported in every result.
+
+    Raises:
+        EngineError: vLLM did not emit the forced tokens or the records did not come.
     """
-    results = await asyncio.gather(*(_one(llm, p, c, k) for p, c in sequences))
-    return [_derive(top, params, policy_version) for top in results]
+    results = await asyncio.gather(*(_one(llm, channel, p, c, params) for p, c in sequences))
+    return [_assemble(recs, params, policy_version) for recs in results]
 
 
-async def _one(llm: Any, prompt: list[int], completion: list[int], k: int) -> TopK:
+async def _one(
+    llm: Any, channel: StepChannel, prompt: list[int], completion: list[int], params: ScoreParams
+) -> list[tuple[Any, ...]]:
+    """The step records of one forced sequence (empty completion: none)."""
     from vllm import SamplingParams, TokensPrompt
+    from vllm.sampling_params import RequestOutputKind
 
-    sp = SamplingParams(
-        max_tokens=1,
-        temperature=0.0,
-        prompt_logprobs=k,
-        flat_logprobs=True,
-        detokenize=False,
-    )
-    request_id = f"score-{next(_IDS)}"
-    joined = prompt + completion
-    final = None
-    stream = llm.generate(TokensPrompt(prompt_token_ids=joined), sp, request_id=request_id)
-    try:
-        async for out in stream:
-            final = out
-    finally:
-        await stream.aclose()
-    if final is None or final.prompt_logprobs is None:
-        raise RuntimeError(f"vLLM returned no prompt log-probs for {request_id}")
-    p = len(prompt)
-    return read_flat_topk(final.prompt_logprobs, p, p + len(completion), k)
-
-
-def _derive(top: TopK, params: ScoreParams, version: int) -> ScoredSequence:
-    """Per-step fields of one sequence from its top-K (module docstring)."""
-    t_, rule, temp = len(top.sampled), params.rule, params.temperature
-    sv = safe_vocab(
-        torch.from_numpy(top.lps),
-        temperature=temp,
+    if not completion:
+        return []
+    key = f"score-{next(_IDS)}"
+    rule = params.rule
+    tag = rule_tag(
+        key,
+        channel.addr,
+        temperature=params.temperature,
         min_p=rule.min_p,
         top_k=rule.top_k,
         top_p=rule.top_p,
+        with_ids=params.return_safe_token_ids,
+        force=completion,
+        top_n=params.top_logprobs,
     )
-    mask = sv.mask.numpy()  # (T, K)
-    in_s = (mask & (top.ids == top.sampled[:, None])).any(axis=1)  # (T,)
-    greedy = temp < GREEDY_EPS  # the rule's and vLLM's greedy cut
-    scale = 1.0 if greedy else 1.0 / temp
-    log_z_s = sv.log_z_safe.numpy().astype(np.float64)  # logsumexp_S r / T
-    u_y = top.sampled_lp.astype(np.float64) * scale
-    masked = np.where(in_s, u_y - log_z_s, -math.inf).astype(np.float32)
-    exact = greedy or temp == 1.0
-    nan = np.full(t_, math.nan, dtype=np.float32)
-    logprobs = top.sampled_lp.astype(np.float32) if exact else nan
-    logmass = log_z_s.astype(np.float32) if exact else nan.copy()
+    sp = SamplingParams(
+        max_tokens=len(completion),
+        temperature=0.0,  # greedy over one finite logit: the forced token
+        ignore_eos=True,
+        detokenize=False,
+        output_kind=RequestOutputKind.FINAL_ONLY,
+        extra_args=tag,
+    )
+    channel.register(key)
+    final = None
+    stream = llm.generate(TokensPrompt(prompt_token_ids=prompt), sp, request_id=key)
+    try:
+        async for out in stream:
+            final = out
+        emitted = list(final.outputs[0].token_ids) if final is not None else []
+        if emitted != list(completion):
+            raise EngineError(f"{key}: vLLM emitted {len(emitted)} tokens, not the forced ones")
+        return await channel.take(key, 0, len(completion))
+    finally:
+        channel.unregister(key)
+        await stream.aclose()
+
+
+def _assemble(records: list[tuple[Any, ...]], params: ScoreParams, version: int) -> ScoredSequence:
+    """Columns of one sequence from its step records (``_processor.step_records``)."""
+    t = len(records)
+    scores = [r[5] for r in records]
+    in_s = np.fromiter((s[3] for s in scores), dtype=bool, count=t)
+    sizes = np.fromiter((r[2] for r in records), dtype=np.int64, count=t)
     safe_ids = offsets = None
     if params.return_safe_token_ids:
-        rows = [np.sort(top.ids[i][mask[i]]).astype(np.int32) for i in range(t_)]
-        offsets = np.zeros(t_ + 1, dtype=np.int64)
-        np.cumsum([len(r) for r in rows], out=offsets[1:])
-        safe_ids = np.concatenate(rows) if rows else np.zeros(0, np.int32)
+        offsets = np.zeros(t + 1, dtype=np.int64)
+        np.cumsum(sizes, out=offsets[1:])
+        sets = [r[4] for r in records]
+        safe_ids = np.concatenate(sets).astype(np.int32) if t else np.zeros(0, np.int32)
     top_ids = top_lps = None
     if params.top_logprobs:
         n = params.top_logprobs
-        top_ids = top.ids[:, :n].astype(np.int64)
-        top_lps = (
-            top.lps[:, :n].astype(np.float32) if exact else np.full((t_, n), np.nan, np.float32)
-        )
+        top_ids = np.stack([s[4] for s in scores]).astype(np.int64) if t else np.zeros((0, n))
+        top_lps = np.stack([s[5] for s in scores]).astype(np.float32) if t else np.zeros((0, n))
     return ScoredSequence(
-        logprobs=logprobs,
-        masked=masked,
+        logprobs=np.fromiter((s[1] for s in scores), dtype=np.float32, count=t),
+        masked=np.fromiter((s[2] for s in scores), dtype=np.float32, count=t),
         in_safe_set=in_s,
-        logmass=logmass,
-        sizes=mask.sum(axis=1).astype(np.int64),
+        logmass=np.fromiter((r[3] for r in records), dtype=np.float32, count=t),
+        sizes=sizes,
         safe_ids=safe_ids,
         safe_offsets=offsets,
         top_ids=top_ids,

@@ -1,20 +1,15 @@
-"""The vLLM engine: ``AsyncLLM`` with safe-vocabulary (DVP) metadata per step.
+"""The vLLM engine: ``AsyncLLM`` with exact safe-vocabulary (DVP) fields per step.
 
-One ``generate`` call is one rollout: an ``n=1`` request to vLLM with the rule
-mapped onto its sampler (temperature -> min_p -> top_k -> top_p, the order of
-our rule), the rollout's own seed, stop strings / stop token ids / ignore_eos,
-and K raw top-K log-probs per step. Safe sets, masked log-probs, sizes and
-(at T = 1) full log-probs and log Z_S are derived from those log-probs with
-the shared rule (``_vllm_steps.py``), one batched call per chunk.
-
-The rule's top_k bounds K: a rule without top_k is served with ``top_k = K``
-(the serving layer echoes the effective rule), one above K is refused. Steps
-whose sampled token falls outside the derived set are flagged per chunk.
-
-Set source: on CPU (here) always the raw top-K. On GPUs with Model Runner V2,
-vLLM can return the sampler's own mask (``return_sampling_mask``, needs
-``processed_logprobs``); that would replace ``derive_steps`` as the set source
-only. It is not written: it cannot be run here (no GPU with vLLM).
+One ``generate`` call is one rollout: an ``n=1`` request to vLLM with the
+rollout's temperature, seed, stop strings / stop token ids / ignore_eos, and the
+rule as the request sent it in ``extra_args`` (``_args.rule_tag``). vLLM's own
+min_p / top_k / top_p stay off: our logits processor (``_processor.py``) applies
+the rule in vLLM's sampler, on the step's float32 logits, masks everything
+outside S (so vLLM samples from pi_S: the token is in S by construction) and
+sends ``|S|``, ``log Z_S`` and the ids of S per (request, step) to this process
+(``_channel.py``). vLLM returns the token with its processed log-prob,
+``log pi_S(y)``; the chunk's fields follow (``_steps.py``). Every field is exact at
+any temperature and the rule is never capped.
 
 Lifecycle: ``start()`` builds the ``AsyncLLM`` (model load, worker processes;
 ~20 s on CPU) in a worker thread, so the loop keeps answering ``/health``;
@@ -23,7 +18,7 @@ turns ``'dead'`` and running streams raise :class:`EngineError`; the server's
 supervisor (``supervisor.py``) then calls ``shutdown()`` and ``start()`` again:
 same settings, and the last loaded weights re-applied (kept as hard links) so
 ``policy_version`` still names the served weights. vLLM is imported lazily,
-only here and in ``_vllm_args.py``.
+only here and in ``_args.py`` / ``_processor.py``.
 """
 
 from __future__ import annotations
@@ -31,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import itertools
 import logging
 import os
 import shutil
@@ -50,21 +46,29 @@ from ..base import EngineError, EngineInfo, EngineParams, RolloutChunk
 from ..scoring import ScoredSequence, ScoreParams
 from ._args import (
     VllmSettings,
-    effective_top_k,
     engine_args,
     on_cpu,
+    require_v1_model_runner,
+    rule_tag,
     sampling_params,
     setup_cpu_env,
 )
+from ._channel import StepChannel, StepTimeout
 from ._score import score_with_vllm
-from ._steps import StepBuffer, TopK, derive_steps, read_flat_topk
+from ._steps import StepBuffer, Steps, chunk_fields, read_sampled
 
 __all__ = ["VllmEngine", "VllmSettings"]
 
 logger = logging.getLogger(__name__)
 
-EXACT_FIELDS: list[Any] = ["token_ids", "masked_logprobs", "safe_sizes", "safe_token_ids"]
-ALL_FIELDS: list[Any] = [*EXACT_FIELDS, "logprobs", "safe_logmass"]  # the last two: T = 1 only
+ALL_FIELDS: list[Any] = [
+    "token_ids",
+    "logprobs",
+    "masked_logprobs",
+    "safe_logmass",
+    "safe_sizes",
+    "safe_token_ids",
+]
 _FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length", "abort": "abort"}
 
 
@@ -89,8 +93,8 @@ class VllmEngine:
         self._state = "starting"
         self._eos_ids: frozenset[int] = frozenset()
         self.info = self._make_info(vocab_size=0, max_model_len=0)
-        #: Steps whose sampled token was outside the derived set, since start.
-        self.outside_steps = 0
+        self._channel: StepChannel | None = None
+        self._keys = itertools.count()
         self._policy_version = 0
         self._weights_dir: Path | None = None  # links to the last loaded weights
 
@@ -157,7 +161,10 @@ class VllmEngine:
         cpu = on_cpu()
         if cpu:
             setup_cpu_env(self.settings)
+        require_v1_model_runner()
         args = engine_args(self.model_dir, self.settings, cpu=cpu)
+        self._channel = StepChannel()  # bound before vLLM's processes connect to it
+        await self._channel.start()
         t0 = time.perf_counter()
         build = asyncio.ensure_future(asyncio.to_thread(AsyncLLM.from_engine_args, args))
         try:
@@ -177,23 +184,24 @@ class VllmEngine:
             vocab_size=int(model_config.get_vocab_size()),
             max_model_len=int(model_config.max_model_len),
         )
-        # The serving loop only runs the rule on (t, K) chunks: one intra-op thread.
-        # Two threads made each call wait for a core the worker's OpenMP threads hold
-        # (61% of the API process in safe_vocab, BENCHMARKS.md "RL workload").
+        # The serving loop does no tensor work: one intra-op thread, so it never
+        # waits for a core the worker's OpenMP threads hold.
         torch.set_num_threads(1)
         self._state = "running"
         logger.info(
-            "vLLM engine up in %.1f s (%s, %s, K=%d)",
+            "vLLM engine up in %.1f s (%s, %s, safe sets from the sampler)",
             time.perf_counter() - t0,
             "cpu" if cpu else "gpu",
             self.settings.dtype,
-            self.settings.max_logprobs,
         )
 
     async def shutdown(self) -> None:
         """Stop the engine (its processes); unfinished rollouts end with an error."""
         llm, self._llm = self._llm, None
         self._state = "dead"
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            await channel.close()
         if llm is not None:
             # Synchronous (SIGTERM to EngineCore, waits for it; ~1 s once it died): off
             # the loop. vLLM's own liveness monitor calls it from a thread too.
@@ -215,23 +223,38 @@ class VllmEngine:
         from vllm.v1.engine.exceptions import EngineDeadError
 
         llm = self._running()
+        channel = self._channel
+        assert channel is not None  # set while running
         prompt = self._validate(prompt_token_ids, params)
-        k = effective_top_k(params, self.settings.max_logprobs)
-        sp = sampling_params(params, k, self.settings.flush_every)
+        key = f"{request_id}#{next(self._keys)}"  # unique: never reused, even on retries
+        rule = params.rule
+        tag = rule_tag(
+            key,
+            channel.addr,
+            temperature=params.temperature,
+            min_p=rule.min_p,
+            top_k=rule.top_k,
+            top_p=rule.top_p,
+            with_ids=params.return_safe_token_ids,
+        )
+        sp = sampling_params(params, tag, self.settings.flush_every)
+        channel.register(key)
         stream = llm.generate(TokensPrompt(prompt_token_ids=prompt), sp, request_id=request_id)
-        flush, buf, finished = self.settings.flush_every, StepBuffer(), False
+        flush, buf, finished, done = self.settings.flush_every, StepBuffer(), False, 0
         try:
             async for out in stream:  # DELTA outputs: only the new steps
                 comp = out.outputs[0]
-                top = read_flat_topk(comp.logprobs, 0, len(comp.token_ids), k)
-                buf.add(np.asarray(comp.token_ids, dtype=np.int64), top)
-                chunks = [self._chunk(*p, params) for p in buf.ready(flush, out.finished)]
+                tokens = np.asarray(comp.token_ids, dtype=np.int64)
+                steps = await self._steps(channel, key, done, tokens, comp.logprobs)
+                done += len(tokens)
+                buf.add(steps)
+                chunks = [self._chunk(p, params) for p in buf.ready(flush, out.finished)]
                 if not out.finished:
                     for chunk in chunks:
                         yield chunk
                     continue
                 finished = True
-                last = chunks.pop() if chunks else self._chunk(top.sampled, top, params)  # empty
+                last = chunks.pop() if chunks else self._chunk(steps, params)  # empty
                 for chunk in chunks:
                     yield chunk
                 last.finish_reason = _FINISH.get(str(comp.finish_reason), "error")
@@ -246,9 +269,30 @@ class VllmEngine:
         except VLLMValidationError as exc:
             raise ValueError(str(exc)) from exc
         finally:
+            channel.unregister(key)
             await stream.aclose()  # vLLM aborts the request on GeneratorExit
             if not finished and self._llm is llm:
                 await llm.abort(request_id)
+
+    @staticmethod
+    async def _steps(
+        channel: StepChannel, key: str, start: int, tokens: np.ndarray, flat: Any
+    ) -> Steps:
+        """The new steps ``[start, start + t)`` of an output, joined with their records.
+
+        Raises:
+            EngineError: vLLM's log-probs do not line up with its tokens, or the step
+                records did not come.
+        """
+        t = len(tokens)
+        ids, masked = read_sampled(flat, t)
+        if not np.array_equal(ids, tokens):
+            raise EngineError("vLLM log-probs do not line up with the sampled tokens")
+        try:
+            records = await channel.take(key, start, start + t)
+        except StepTimeout as exc:
+            raise EngineError(f"safe sets missing from the vLLM sampler: {exc}") from exc
+        return Steps(tokens, masked, records)
 
     async def abort(self, request_id: str) -> None:
         """Abort a rollout; its stream ends with finish_reason 'abort'."""
@@ -258,11 +302,11 @@ class VllmEngine:
     async def score(
         self, sequences: Sequence[tuple[list[int], list[int]]], params: ScoreParams
     ) -> list[ScoredSequence]:
-        """Teacher-forced scoring from prompt log-probs (``_vllm_score.py``).
+        """Teacher-forced scoring: the completion forced through vLLM's sampler (``_score.py``).
 
         Raises:
-            ValueError: a sequence leaves no room for vLLM's one generated token.
-            EngineError: the engine is not running.
+            ValueError: a sequence is longer than ``max_model_len - 1`` tokens.
+            EngineError: the engine is not running, or vLLM failed the forcing.
         """
         llm = self._running()
         limit = self.info.max_model_len - 1
@@ -272,9 +316,10 @@ class VllmEngine:
                     f"sequences.{i}: the vllm engine scores at most {limit} tokens "
                     f"(max_model_len - 1), got {len(p) + len(c)}"
                 )
-        k = self.settings.max_logprobs
+        channel = self._channel
+        assert channel is not None  # set while running
         return await score_with_vllm(
-            llm, sequences, params, k=k, policy_version=self.policy_version
+            llm, channel, sequences, params, policy_version=self.policy_version
         )
 
     # ---------------------------------------------------------------- helpers
@@ -288,8 +333,8 @@ class VllmEngine:
             max_model_len=max_model_len,
             capabilities=EngineCapabilities(
                 fields=list(ALL_FIELDS),
-                exact_at_any_temperature=list(EXACT_FIELDS),
-                max_top_k=self.settings.max_logprobs,
+                exact_at_any_temperature=list(ALL_FIELDS),
+                max_top_k=None,  # the rule as sent, uncapped: S comes from the sampler
                 score=True,
             ),
             eos_token_ids=tuple(sorted(self._eos_ids)),
@@ -321,29 +366,17 @@ class VllmEngine:
             raise ValueError(f"max_tokens must be >= 1, got {params.max_tokens}")
         return ids
 
-    def _chunk(self, tokens: np.ndarray, top: TopK, params: EngineParams) -> RolloutChunk:
-        """t steps of a completion as a chunk (one rule call): int64 ``tokens`` ``(t,)``."""
-        if not np.array_equal(top.sampled, tokens):
-            raise EngineError("vLLM log-probs do not line up with the sampled tokens")
-        steps = derive_steps(top, params.temperature, params.rule, params.return_safe_token_ids)
-        flagged = int(steps.outside.sum())
-        if flagged:
-            self.outside_steps += flagged
-            logger.warning(
-                "%d step(s) sampled outside the derived safe set (flagged in the response)",
-                flagged,
-            )
-        return RolloutChunk(
-            token_ids=tokens,
-            logprobs=steps.logprobs,
-            masked_logprobs=steps.masked,
-            safe_logmass=steps.logmass,
-            safe_sizes=steps.sizes,
-            safe_ids=steps.safe_ids,
-            safe_offsets=steps.safe_offsets,
-            policy_version=self.policy_version,
-            outside_safe_set=steps.outside,
-        )
+    def _chunk(self, steps: Steps, params: EngineParams) -> RolloutChunk:
+        """t steps of a completion as a chunk (``_steps.chunk_fields``).
+
+        Raises:
+            EngineError: a step's fields are inconsistent (never expected).
+        """
+        try:
+            fields = chunk_fields(steps, params.return_safe_token_ids)
+        except ValueError as exc:
+            raise EngineError(f"vLLM step fields: {exc}") from exc
+        return RolloutChunk(**fields, policy_version=self.policy_version)
 
     def _stop_reason(self, reason: Any, params: EngineParams) -> str | int | None:
         """vLLM's stop reason, with end-of-sequence reported as None (as the torch engine).
