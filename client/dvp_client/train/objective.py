@@ -28,6 +28,7 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -126,8 +127,59 @@ def pruned_logprobs(
             temperature that differs from the rollouts' (messages give batch b, step t).
     """
     b, t, v = _check_shapes(logits, tokens, safe, mask)
+    plan = _plan(
+        lambda i, t0, t1: logits[i, t0:t1],
+        (b, t, v),
+        logits.device,
+        tokens,
+        safe,
+        temperature,
+        mode=mode,
+        rule=rule,
+        mask=mask,
+        chunk_size=chunk_size,
+    )
+    masked, full, log_z = pruned_logprob_function(
+        logits, plan.tokens, plan.sets, plan.inv_t, plan.valid, plan.in_set, plan.chunk, with_full
+    )
+    return _result(plan, masked, full, log_z, with_full, (b, t, v), logits.device)
+
+
+# (b, t0, t1) -> the (t1 - t0, V) logits of steps t0:t1 of batch row b
+ChunkLogits = Callable[[int, int, int], Tensor]
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Checked inputs and the sets to use, shared by the logits and hidden-state paths."""
+
+    tokens: Tensor  # int64 [B, T], 0 outside valid
+    valid: Tensor  # bool [B, T], the steps to compute
+    in_set: Tensor  # bool [B, T], valid minus (recompute) y not in S'
+    sets: ChunkedSets
+    inv_t: float
+    chunk: int
+    disagreement: Tensor | None
+    not_in: Tensor | None
+
+
+def _plan(
+    chunk_logits: ChunkLogits,
+    shape: tuple[int, int, int],
+    device: torch.device,
+    tokens: Tensor,
+    safe: SafeSets | Tensor | None,
+    temperature: float | None,
+    *,
+    mode: Mode,
+    rule: PruningRule | RuleParams | None,
+    mask: Tensor | None,
+    chunk_size: int | None,
+) -> _Plan:
+    """Validate tokens, temperature and sets; build S' in recompute mode (shapes checked)."""
+    b, t, v = shape
     temp = _resolve_temperature(temperature, safe)
-    valid = torch.ones(b, t, dtype=torch.bool, device=logits.device) if mask is None else mask
+    valid = torch.ones(b, t, dtype=torch.bool, device=device) if mask is None else mask
     tokens = _check_tokens(tokens.long(), valid, v)
     chunk = chunk_size if chunk_size is not None else max(1, DEFAULT_CHUNK_ELEMENTS // v)
     if chunk < 1:
@@ -145,22 +197,34 @@ def pruned_logprobs(
         sets, disagreement, not_in = replayed, None, None
     elif mode == "recompute":
         params = _resolve_rule(rule, safe, temp, b * t)
-        sets, disagreement, not_in = _recompute(logits, tokens, valid, params, replayed, chunk)
+        sets, disagreement, not_in = _recompute(
+            chunk_logits, shape, device, tokens, valid, params, replayed, chunk
+        )
     else:
         raise ValueError(f"mode must be 'replay' or 'recompute', got {mode!r}")
     in_set = valid if not_in is None else valid & ~not_in
-    masked, full, log_z = pruned_logprob_function(
-        logits, tokens, sets, inv_t, valid, in_set, chunk, with_full
-    )
-    sizes = _sizes(sets, b, t, v, logits.device)
+    return _Plan(tokens, valid, in_set, sets, inv_t, chunk, disagreement, not_in)
+
+
+def _result(
+    plan: _Plan,
+    masked: Tensor,
+    full: Tensor,
+    log_z: Tensor,
+    with_full: bool,
+    shape: tuple[int, int, int],
+    device: torch.device,
+) -> PrunedLogprobs:
+    """Assemble a :class:`PrunedLogprobs` from the autograd function's outputs."""
+    sizes = _sizes(plan.sets, *shape, device)
     return PrunedLogprobs(
         logprobs=masked,
         full_logprobs=full if with_full else None,
         log_z=log_z if with_full else None,
-        safe_sizes=torch.where(valid, sizes, 0),
-        mask=in_set,
-        set_disagreement=disagreement,
-        y_not_in_set=not_in,
+        safe_sizes=torch.where(plan.valid, sizes, 0),
+        mask=plan.in_set,
+        set_disagreement=plan.disagreement,
+        y_not_in_set=plan.not_in,
     )
 
 
@@ -173,9 +237,22 @@ def _check_shapes(
     if not logits.is_floating_point():
         raise ValueError(f"logits must be a float tensor, got {logits.dtype}")
     b, t, v = logits.shape
+    _check_steps((b, t, v), tokens, safe, mask, "logits")
+    return b, t, v
+
+
+def _check_steps(
+    shape: tuple[int, int, int],
+    tokens: Tensor,
+    safe: SafeSets | Tensor | None,
+    mask: Tensor | None,
+    what: str,
+) -> None:
+    """Validate tokens, mask and sets against ``(B, T, V)`` (``what`` names its source)."""
+    b, t, v = shape
     if tokens.shape != (b, t):
         raise ValueError(
-            f"tokens must be [B, T] = {[b, t]} to match logits {[b, t, v]}, "
+            f"tokens must be [B, T] = {[b, t]} to match {what} {list(shape)}, "
             f"got {list(tokens.shape)}"
         )
     if tokens.is_floating_point() or tokens.dtype == torch.bool:
@@ -183,12 +260,11 @@ def _check_shapes(
     if mask is not None and (mask.shape != (b, t) or mask.dtype != torch.bool):
         raise ValueError(f"mask must be bool {[b, t]}, got {mask.dtype} {list(mask.shape)}")
     if isinstance(safe, SafeSets) and safe.shape != (b, t):
-        raise ValueError(f"safe sets are for steps {list(safe.shape)}, logits have {[b, t]}")
+        raise ValueError(f"safe sets are for steps {list(safe.shape)}, {what} have {[b, t]}")
     if isinstance(safe, Tensor) and (safe.shape != (b, t, v) or safe.dtype != torch.bool):
         raise ValueError(
             f"a safe mask must be bool {[b, t, v]}, got {safe.dtype} {list(safe.shape)}"
         )
-    return b, t, v
 
 
 def _where(flat_index: int, t: int) -> str:
@@ -281,7 +357,9 @@ def _resolve_rule(
 
 
 def _recompute(
-    logits: Tensor,
+    chunk_logits: ChunkLogits,
+    shape: tuple[int, int, int],
+    device: torch.device,
     tokens: Tensor,
     valid: Tensor,
     params: RuleParams,
@@ -289,8 +367,8 @@ def _recompute(
     chunk: int,
 ) -> tuple[ChunkedSets, Tensor | None, Tensor]:
     """S' from the trainer's logits by the rule: CSR sets, ``|S xor S'|``, y-not-in-S'."""
-    b, t, v = logits.shape
-    dev = logits.device
+    b, t, v = shape
+    dev = device
     if not _prunes(params):  # S' = V everywhere: no CSR of B * T * V ids
         xor_full = (
             None if replayed is None else torch.where(valid, v - _sizes(replayed, b, t, v, dev), 0)
@@ -303,7 +381,7 @@ def _recompute(
         for i, t0, t1 in chunk_bounds(b, t, chunk):
             r0, r1 = i * t + t0, i * t + t1
             m = safe_mask(
-                logits[i, t0:t1],
+                chunk_logits(i, t0, t1),
                 temperature=params.temperature[r0:r1],
                 min_p=params.min_p[r0:r1],
                 top_k=params.top_k[r0:r1],

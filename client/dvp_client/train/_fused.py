@@ -1,0 +1,325 @@
+"""Pruned log-probs from hidden states, never building the ``[B, T, V]`` logits (internal).
+
+The public entry point is :func:`dvp_client.train.fused_head.pruned_logprobs_from_hidden`.
+With ``z = h W^T`` (``h`` ``(N, H)`` the hidden states of the N computed steps, ``W``
+``(V, H)`` the LM head), ``u = z / T`` and the formulas of :mod:`dvp_client.train._chunks`,
+the gradient with respect to the logits splits into three parts::
+
+    dL/dz_k = (c_m + c_f) 1[k = y]                      one-hot: the rows W[y]
+            - c_m pi_S(k) 1[k in S]                     CSR sets: the |S| rows W[S]
+            - c_f p(k) - c_m pi_S(k) 1[k in S]          dense: every row (tiles)
+    c_m = g_m / T,  c_f = g_f / T                       (g: incoming gradients)
+
+(the dense line carries ``c_m`` only for full or dense-mask sets; the CSR line only for
+CSR sets), and ``dL/dh = (dL/dz) W``, ``dL/dW = (dL/dz)^T h``. The sparse parts are
+per-(step, token) dot products and ``index_add_`` of weight rows, chunked; the dense
+part runs over tiles of ``n_t`` steps by ``n_v`` vocabulary rows: ``z`` is recomputed by
+one matmul per tile, turned into its gradient in place and folded into ``dL/dh`` and an
+fp32 ``dL/dW`` by two more. Forward needs the dense tiles only for ``log p(y)`` /
+``log Z_S`` (an online logsumexp over the vocabulary tiles) or for full / dense-mask
+sets; ``log pi_S(y)`` over CSR sets reads only the ``|S|`` rows of ``W`` and ``W[y]``.
+
+Extra memory: one ``(n_t, n_v)`` tile (plus one more for dense-mask sets), the fp32
+``(V, H)`` weight gradient, ``(N, H)`` copies of the hidden states and ``(N,)`` vectors.
+Math is float32 (float64 for float64 hidden states), whatever the input dtypes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._chunks import ChunkedSets, compute_dtype
+
+__all__ = ["DEFAULT_TILE_ELEMENTS", "FusedSets", "fused_pruned_logprobs"]
+
+# Elements of one (steps x vocabulary) tile: 16 Mi -> 64 MiB of float32, in 4096 x 4096
+# tiles (n_t = sqrt): the weight gradient is swept once per 4096 steps, not once per row.
+DEFAULT_TILE_ELEMENTS = 1 << 24
+# (step, token) pairs per block of the sparse parts, in elements of their (pairs, H)
+# temporaries: 4 Mi -> 16 MiB each.
+_PAIR_ELEMENTS = 1 << 22
+
+
+@dataclass(frozen=True)
+class FusedSets:
+    """The sets of the N computed steps (rows of the compact ``(N, H)`` hidden states).
+
+    Exactly one of: ``rows``/``ids`` (CSR entries, int64 ``(nnz,)`` each, sorted by
+    row), ``dense`` (bool ``(B * T, V)``, indexed through ``steps``) or neither (full).
+    """
+
+    steps: Tensor  # int64 (N,), flat index b * T + t of each computed step
+    rows: Tensor | None = None
+    ids: Tensor | None = None
+    dense: Tensor | None = None
+
+    @classmethod
+    def make(cls, sets: ChunkedSets, valid: Tensor) -> FusedSets:
+        """Restrict ``sets`` (over ``[B, T]``) to the valid steps."""
+        flat_valid = valid.reshape(-1)
+        steps = flat_valid.nonzero().squeeze(-1)
+        if sets.dense is not None:
+            return cls(steps, dense=sets.dense.reshape(-1, sets.dense.shape[-1]))
+        if sets.csr is None:
+            return cls(steps)
+        assert sets.csr_rows is not None and sets.csr.ids is not None
+        compact = torch.cumsum(flat_valid, 0) - 1  # (B * T,), row of each valid step
+        keep = flat_valid.index_select(0, sets.csr_rows)
+        rows = compact.index_select(0, sets.csr_rows[keep])
+        return cls(steps, rows=rows, ids=sets.csr.ids[keep])
+
+    @property
+    def is_sparse(self) -> bool:
+        return self.rows is not None
+
+    def dense_tile(self, r0: int, r1: int, v0: int, v1: int) -> Tensor:
+        """Bool ``(r1 - r0, v1 - v0)`` of a dense-mask tile."""
+        assert self.dense is not None
+        cols = torch.arange(v0, v1, device=self.dense.device)
+        return self.dense[self.steps[r0:r1, None], cols[None, :]]
+
+
+def _tiles(n: int, v: int, tile: int) -> tuple[int, int]:
+    """``(n_t, n_v)``: steps and vocabulary rows of one tile of ``tile`` elements."""
+    n_t = max(1, min(n, math.isqrt(tile)))
+    return n_t, max(1, min(v, tile // n_t))
+
+
+def _pair_dots(h: Tensor, w: Tensor, rows: Tensor, ids: Tensor, cdt: torch.dtype) -> Tensor:
+    """``h[rows[j]] . w[ids[j]]`` for every pair j, in ``cdt``, ``(nnz,)``."""
+    out = torch.empty(rows.shape[0], dtype=cdt, device=h.device)
+    step = max(1, _PAIR_ELEMENTS // max(1, h.shape[1]))
+    for j in range(0, rows.shape[0], step):
+        hr = h.index_select(0, rows[j : j + step]).to(cdt)
+        wr = w.index_select(0, ids[j : j + step]).to(cdt)
+        out[j : j + step] = hr.mul_(wr).sum(-1)
+    return out
+
+
+def _pair_scatter(
+    grad_h: Tensor | None,
+    grad_w: Tensor | None,
+    h: Tensor,
+    w: Tensor,
+    pairs: tuple[Tensor, Tensor, Tensor],
+) -> None:
+    """``grad_h[r] += c w[k]`` and ``grad_w[k] += c h[r]`` for every pair ``(r, k, c)``."""
+    rows, ids, coef = pairs
+    cdt = coef.dtype
+    step = max(1, _PAIR_ELEMENTS // max(1, h.shape[1]))
+    for j in range(0, rows.shape[0], step):
+        r, k, c = rows[j : j + step], ids[j : j + step], coef[j : j + step, None]
+        if grad_h is not None:
+            grad_h.index_add_(0, r, w.index_select(0, k).to(cdt).mul_(c))
+        if grad_w is not None:
+            grad_w.index_add_(0, k, h.index_select(0, r).to(cdt).mul_(c))
+
+
+def _segment_lse(vals: Tensor, rows: Tensor, n: int) -> Tensor:
+    """logsumexp of ``vals`` grouped by ``rows`` into ``(n,)`` (empty group: -inf)."""
+    m = torch.full((n,), -math.inf, dtype=vals.dtype, device=vals.device)
+    m = m.scatter_reduce(0, rows, vals, reduce="amax", include_self=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    s = torch.zeros_like(m).index_add_(0, rows, torch.exp(vals - m.index_select(0, rows)))
+    return m + torch.log(s)
+
+
+def _fold(m: Tensor, s: Tensor, z: Tensor) -> None:
+    """Online logsumexp: fold the rows of tile ``z`` into ``(m, s)``; ``z`` is destroyed."""
+    new_m = torch.maximum(m, z.amax(-1))
+    safe = torch.where(torch.isfinite(new_m), new_m, torch.zeros_like(new_m))
+    s.mul_(torch.exp(m - safe))
+    s.add_(z.sub_(safe.unsqueeze(-1)).exp_().sum(-1))
+    m.copy_(safe)
+
+
+def _project(buf: Tensor, hb: Tensor, w: Tensor, v0: int, v1: int, inv_t: float) -> Tensor:
+    """``u = hb W[v0:v1]^T / T`` into the flat buffer, as a contiguous ``(n, v1 - v0)``."""
+    z = buf[: hb.shape[0] * (v1 - v0)].view(hb.shape[0], v1 - v0)
+    torch.mm(hb, w[v0:v1].to(hb.dtype).t(), out=z)
+    return z if inv_t == 1.0 else z.mul_(inv_t)
+
+
+def _dense_lse(
+    h: Tensor, w: Tensor, sets: FusedSets, inv_t: float, tile: int, cdt: torch.dtype
+) -> tuple[Tensor, Tensor | None]:
+    """``logsumexp_V u`` and, for dense-mask sets, ``logsumexp_S u``; ``(N,)`` each."""
+    n, v = h.shape[0], w.shape[0]
+    n_t, n_v = _tiles(n, v, tile)
+    buf = torch.empty(n_t * n_v, dtype=cdt, device=h.device)
+    lse_f = torch.empty(n, dtype=cdt, device=h.device)
+    lse_s = torch.empty_like(lse_f) if sets.dense is not None else None
+    for r0 in range(0, n, n_t):
+        r1 = min(r0 + n_t, n)
+        hb = h[r0:r1].to(cdt)
+        m, s = torch.full((r1 - r0,), -math.inf, dtype=cdt, device=h.device), hb.new_zeros(r1 - r0)
+        ms, ss = m.clone(), s.clone()
+        for v0 in range(0, v, n_v):
+            v1 = min(v0 + n_v, v)
+            z = _project(buf, hb, w, v0, v1, inv_t)
+            if lse_s is not None:
+                _fold(ms, ss, z.masked_fill(~sets.dense_tile(r0, r1, v0, v1), -math.inf))
+            _fold(m, s, z)
+        lse_f[r0:r1] = m + torch.log(s)
+        if lse_s is not None:
+            lse_s[r0:r1] = ms + torch.log(ss)
+    return lse_f, lse_s
+
+
+def _dense_grad(
+    grads: tuple[Tensor | None, Tensor | None],
+    h: Tensor,
+    w: Tensor,
+    sets: FusedSets,
+    coefs: tuple[Tensor | None, Tensor | None],
+    lses: tuple[Tensor, Tensor],
+    inv_t: float,
+    tile: int,
+) -> None:
+    """Add the dense part ``G = -c_p p - c_m pi_S 1[S]`` (dense masks) of ``dL/dz``, tile
+    by tile: ``grad_h += G W``, ``grad_w += G^T h``."""
+    grad_h, grad_w = grads
+    c_p, c_s = coefs  # (N,) each or None: coefficient of p, of pi_S on a dense mask
+    lse_f, lse_s = lses
+    n, v = h.shape[0], w.shape[0]
+    cdt = lse_f.dtype
+    n_t, n_v = _tiles(n, v, tile)
+    buf = torch.empty(n_t * n_v, dtype=cdt, device=h.device)
+    for r0 in range(0, n, n_t):
+        r1 = min(r0 + n_t, n)
+        hb = h[r0:r1].to(cdt)
+        for v0 in range(0, v, n_v):
+            v1 = min(v0 + n_v, v)
+            z = _project(buf, hb, w, v0, v1, inv_t)
+            pi_s = None
+            if c_s is not None:  # before z is overwritten
+                pi_s = (z - lse_s[r0:r1, None]).exp_().mul_(-c_s[r0:r1, None])
+                pi_s.masked_fill_(~sets.dense_tile(r0, r1, v0, v1), 0.0)
+            if c_p is not None:
+                z.sub_(lse_f[r0:r1, None]).exp_().mul_(-c_p[r0:r1, None])
+            else:
+                z.zero_()
+            if pi_s is not None:
+                z.add_(pi_s)
+            if grad_h is not None:
+                grad_h[r0:r1].addmm_(z, w[v0:v1].to(cdt))
+            if grad_w is not None:
+                grad_w[v0:v1].addmm_(z.t(), hb)
+
+
+def _to_steps(x: Tensor, steps: Tensor, shape: tuple[int, int]) -> Tensor:
+    """Scatter the ``(N,)`` values of the computed steps into a zero ``[B, T]``."""
+    out = torch.zeros(shape[0] * shape[1], dtype=x.dtype, device=x.device)
+    return out.index_copy_(0, steps, x).view(shape)
+
+
+def _compact(hidden: Tensor, steps: Tensor) -> Tensor:
+    """The hidden states of the computed steps, ``(N, H)`` in their own dtype."""
+    return hidden.detach().reshape(-1, hidden.shape[-1]).index_select(0, steps)
+
+
+class _FusedPrunedLogprob(torch.autograd.Function):
+    """``(log pi_S(y), log p(y), log Z_S)``, each ``[B, T]``, from ``hidden`` ``[B, T, H]``
+    and ``weight`` ``(V, H)``; logits recomputed tile by tile in backward."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        hidden: Tensor,
+        weight: Tensor,
+        tokens: Tensor,
+        sets: FusedSets,
+        inv_t: float,
+        ok_m: Tensor,
+        with_full: bool,
+        tile: int,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        shape = (hidden.shape[0], hidden.shape[1])
+        cdt = compute_dtype(hidden.dtype)
+        steps, n = sets.steps, sets.steps.shape[0]
+        w = weight.detach()
+        with torch.no_grad():
+            h = _compact(hidden, steps)
+            y = tokens.reshape(-1).index_select(0, steps)
+            u_y = _pair_dots(h, w, torch.arange(n, device=h.device), y, cdt) * inv_t
+            lse_f = torch.full((n,), math.nan, dtype=cdt, device=h.device)
+            lse_s: Tensor | None = None
+            u_s = None
+            if with_full or not sets.is_sparse:
+                lse_f, lse_s = _dense_lse(h, w, sets, inv_t, tile, cdt)
+            if sets.rows is not None and sets.ids is not None:
+                u_s = _pair_dots(h, w, sets.rows, sets.ids, cdt) * inv_t  # (nnz,)
+                lse_s = _segment_lse(u_s, sets.rows, n)
+            elif lse_s is None:  # full sets: S = V
+                lse_s = lse_f
+        ok = ok_m.reshape(-1).index_select(0, steps)
+        zero = torch.zeros_like(u_y)
+        masked = _to_steps(torch.where(ok, u_y - lse_s, zero), steps, shape)
+        full = _to_steps(u_y - lse_f, steps, shape)
+        log_z = _to_steps(torch.where(ok, lse_s - lse_f, zero), steps, shape)
+        ctx.save_for_backward(hidden, weight, y, ok, lse_s, lse_f, u_s)
+        ctx.sets, ctx.inv_t, ctx.tile = sets, inv_t, tile
+        ctx.mark_non_differentiable(log_z)
+        ctx.set_materialize_grads(False)
+        return masked, full, log_z
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, g_masked: Tensor | None, g_full: Tensor | None, _g_logz: Tensor | None
+    ) -> tuple[Tensor | None, ...]:
+        hidden, weight, y, ok, lse_s, lse_f, u_s = ctx.saved_tensors
+        sets: FusedSets = ctx.sets
+        inv_t: float = ctx.inv_t
+        steps, n, cdt = sets.steps, sets.steps.shape[0], lse_s.dtype
+        need_h, need_w = ctx.needs_input_grad[:2]
+        h, w = _compact(hidden, steps), weight.detach()
+        c_m = c_f = None  # per-step coefficients, 1/T folded in
+        if g_masked is not None:
+            c_m = torch.where(ok, g_masked.reshape(-1).index_select(0, steps).to(cdt), 0.0) * inv_t
+        if g_full is not None:
+            c_f = g_full.reshape(-1).index_select(0, steps).to(cdt) * inv_t
+        grad_h = torch.zeros(n, h.shape[1], dtype=cdt, device=h.device) if need_h else None
+        grad_w = torch.zeros(w.shape, dtype=cdt, device=w.device) if need_w else None
+        zero = torch.zeros(n, dtype=cdt, device=h.device)
+        c_y = (zero if c_m is None else c_m) + (zero if c_f is None else c_f)
+        _pair_scatter(grad_h, grad_w, h, w, (torch.arange(n, device=h.device), y, c_y))
+        if sets.rows is not None and sets.ids is not None and c_m is not None:
+            rows = sets.rows
+            pi_s = torch.exp(u_s - lse_s.index_select(0, rows))  # (nnz,)
+            _pair_scatter(grad_h, grad_w, h, w, (rows, sets.ids, -c_m.index_select(0, rows) * pi_s))
+        full_sets = not sets.is_sparse and sets.dense is None
+        c_p = c_f if not (full_sets and c_m is not None) else c_m + (zero if c_f is None else c_f)
+        c_s = c_m if sets.dense is not None else None
+        if c_p is not None or c_s is not None:
+            coefs = (c_p, c_s)
+            _dense_grad((grad_h, grad_w), h, w, sets, coefs, (lse_f, lse_s), inv_t, ctx.tile)
+        grad_hidden = grad_weight = None
+        if grad_h is not None:
+            flat = hidden.new_zeros(hidden.shape[0] * hidden.shape[1], h.shape[1])
+            grad_hidden = flat.index_copy_(0, steps, grad_h.to(hidden.dtype)).view(hidden.shape)
+        if grad_w is not None:
+            grad_weight = grad_w.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None, None, None, None, None
+
+
+def fused_pruned_logprobs(
+    hidden: Tensor,
+    weight: Tensor,
+    tokens: Tensor,
+    sets: FusedSets,
+    inv_t: float,
+    ok_m: Tensor,
+    with_full: bool,
+    tile: int = DEFAULT_TILE_ELEMENTS,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Apply the autograd function: ``(log pi_S(y), log p(y), log Z_S)``, each ``[B, T]``.
+
+    ``log p(y)`` is NaN without ``with_full`` for CSR sets (the dense tiles are skipped).
+    """
+    out = _FusedPrunedLogprob.apply(hidden, weight, tokens, sets, inv_t, ok_m, with_full, tile)
+    return out[0], out[1], out[2]
