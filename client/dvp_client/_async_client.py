@@ -205,6 +205,7 @@ class AsyncClient(BaseClient[httpx.AsyncClient]):
         *,
         on_inflight: InflightPolicy | None = None,
         drain_timeout_s: float | None = None,
+        policy_version: int | None = None,
         timeout: NotGivenOr[TimeoutTypes] = NOT_GIVEN,
         extra_headers: Headers | None = None,
     ) -> list[WeightsUpdateResponse]:
@@ -213,6 +214,7 @@ class AsyncClient(BaseClient[httpx.AsyncClient]):
             path,
             on_inflight=on_inflight,
             drain_timeout_s=drain_timeout_s,
+            policy_version=policy_version,
             timeout=timeout,
             extra_headers=extra_headers,
         )

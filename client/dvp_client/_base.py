@@ -221,6 +221,7 @@ class BaseClient(Generic[_HttpxT]):
         *,
         on_inflight: str | None,
         drain_timeout_s: float | None,
+        policy_version: int | None,
         timeout: NotGivenOr[TimeoutTypes],
         extra_headers: Headers | None,
     ) -> list[RequestOptions]:
@@ -237,6 +238,8 @@ class BaseClient(Generic[_HttpxT]):
             body["on_inflight"] = on_inflight
         if drain_timeout_s is not None:
             body["drain_timeout_s"] = drain_timeout_s
+        if policy_version is not None:
+            body["policy_version"] = policy_version
         request = WeightsUpdateRequest.model_validate(body)
         payload = request.model_dump(mode="json", exclude_unset=True)
         return [

@@ -311,6 +311,7 @@ class Client(BaseClient[httpx.Client]):
         *,
         on_inflight: InflightPolicy | None = None,
         drain_timeout_s: float | None = None,
+        policy_version: int | None = None,
         timeout: NotGivenOr[TimeoutTypes] = NOT_GIVEN,
         extra_headers: Headers | None = None,
     ) -> list[WeightsUpdateResponse]:
@@ -328,6 +329,11 @@ class Client(BaseClient[httpx.Client]):
             on_inflight: ``"drain"`` waits for in-flight rollouts, ``"abort"`` ends
                 them; None: the server's policy.
             drain_timeout_s: Longest wait for in-flight rollouts (409 past it).
+            policy_version: The version the new weights are served as (above the
+                served one); None: the served one plus one. Against a Ray Serve
+                proxy (one URL) the call is a fleet update: it returns once every
+                replica serves this version (``replicas`` in the response), else
+                raises with the replicas that did not (``dvp_server.deploy``).
             timeout: This call's timeout; NOT_GIVEN uses the client's.
             extra_headers: Headers added to (and overriding) the client's.
 
@@ -344,6 +350,7 @@ class Client(BaseClient[httpx.Client]):
             path,
             on_inflight=on_inflight,
             drain_timeout_s=drain_timeout_s,
+            policy_version=policy_version,
             timeout=timeout,
             extra_headers=extra_headers,
         )
