@@ -250,7 +250,7 @@ class DvpChoice(ResponseModel):
     safe_logmass: list[float | None] | None = Field(None, description="log Z_S per step.")
     safe_sizes: list[int] = Field(description="|S_t| per step.")
     safe_token_ids: SafeTokenIds | None = Field(None, description="S_t ids, when asked.")
-    outside_safe_set: list[int] | None = Field(None, description="Flagged steps (vLLM).")
+    outside_safe_set: list[int] | None = Field(None, description="Deprecated, always null.")
     stop_reason: str | int | None = Field(None, description="The stop string or id, if any.")
     policy_version: int = Field(description="Weights version every token was sampled with.")
     seed: int | None = Field(None, description="The seed of this choice's generator.")

@@ -160,9 +160,8 @@ class Rollout(ResponseModel):
     seed: int | None = Field(None, description="The seed of this sample's generator.")
     outside_safe_set: list[int] | None = Field(
         None,
-        description="Steps t whose sampled token was outside the safe set the engine derived "
-        "(vLLM's sampler and the rule disagreed at a threshold); S_t then includes y_t. "
-        "Empty: none; null: the engine samples from S exactly (torch engine).",
+        description="Deprecated, always null: both engines sample from S exactly (the token "
+        "is in S_t at every step). Kept so older clients still parse responses.",
     )
 
     @property

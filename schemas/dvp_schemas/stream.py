@@ -53,7 +53,7 @@ class RolloutStreamChunk(ResponseModel):
         None, description="S_t ids of these steps (CSR; offsets start at 0 in every chunk)."
     )
     outside_safe_set: list[int] | None = Field(
-        None, description="Steps t (absolute, as in Rollout) flagged outside the safe set."
+        None, description="Deprecated, always null (see Rollout.outside_safe_set)."
     )
     policy_version: int = Field(description="Weights version these tokens were sampled with.")
     finish_reason: FinishReason | None = Field(None, description="Set on the rollout's last chunk.")
