@@ -47,6 +47,7 @@ from .stats import (
     fit_eps,
     prob_edges,
     quantiles,
+    seq_spread_by_length,
     spearman,
     spearman_bins,
 )
@@ -123,6 +124,12 @@ def _ccdf(abs_d: torch.Tensor) -> dict[str, list[float]]:
     return {"x": xs.tolist(), "y": ys.tolist()}
 
 
+def _length_points(max_len: int) -> list[int]:
+    """Prefix lengths for the spread-vs-length table: 1, 2, 4, ... and ``max_len``."""
+    points = [2**i for i in range(max_len.bit_length()) if 2**i < max_len]
+    return [*points, max_len]
+
+
 def setting_summary(name: str, rho: float, scored: Scored) -> dict[str, Any]:
     """One row of the with/without-DVP table from a setting's scored tokens.
 
@@ -167,6 +174,7 @@ def setting_summary(name: str, rho: float, scored: Scored) -> dict[str, Any]:
             "max_abs": float(seq.abs().max()),
         },
         "tail_token_frac": float(tail.double().mean()) if tail.numel() else math.nan,
+        "seq_by_length": seq_spread_by_length(d, scored.mask, _length_points(d.shape[-1])),
         "ccdf": _ccdf(abs_d),
     }
 
@@ -248,7 +256,7 @@ def run_diagnose(cfg: DiagnoseConfig) -> dict[str, Any]:
         card = _server_card(client, cfg)
         sampled = _sample_all(client, cfg, settings)
     model_dir = resolve_model(cfg.model, cfg.cache_dir)
-    ref = Reference(model_dir, cfg.engine_dtype or card.dtype)
+    ref = Reference(model_dir, cfg.engine_dtype or card.dtype, card.capabilities.quantization)
     if ref.vocab_size != card.vocab_size:
         raise ValueError(
             f"--model {cfg.model!r} has vocabulary {ref.vocab_size}, the server's model "
@@ -288,6 +296,7 @@ def run_diagnose(cfg: DiagnoseConfig) -> dict[str, Any]:
             "engine": card.engine,
             "engine_dtype": ref.engine_dtype,
             "server_dtype": card.dtype,
+            "quantization": card.capabilities.quantization,
             "trainer_dtype": "float32",
             "policy_version": card.policy_version,
             "rollouts_per_setting": int(base.mask.shape[0]),

@@ -103,7 +103,31 @@ def render_text(result: dict[str, Any]) -> str:
         "  pruned = mean engine 1 - Z_S (TV(pi, pi_S) per step); seq = per-rollout sum of d; "
         "p(y)<1e-3 = fraction of sampled tokens with trainer p below 1e-3.",
     ]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _length_table(result["settings"])) + "\n"
+
+
+def _length_table(settings: Sequence[dict[str, Any]]) -> list[str]:
+    """Per setting: sd of the prefix log ratio ``sum_{t<L} d_t`` at each L, and sd(d)*sqrt(L)."""
+    rows = [st for st in settings if st.get("seq_by_length")]
+    if not rows:
+        return []
+    lengths = [int(r["length"]) for r in rows[0]["seq_by_length"]]
+    lines = [
+        "",
+        "Sequence log ratio vs length (sd over rollouts of sum_{t<L} d_t; in brackets "
+        "sd(d_t)*sqrt(L), independent tokens):",
+        f"  {'setting':>12} " + " ".join(f"{'L=' + str(n):>16}" for n in lengths),
+    ]
+    for st in rows:
+        by_len = {int(r["length"]): r for r in st["seq_by_length"]}
+        cells = [
+            f"{_f(by_len[n]['std'], 7)} [{_f(by_len[n]['sqrt_l_ref'], 6)}]"
+            if n in by_len
+            else " " * 16
+            for n in lengths
+        ]
+        lines.append(f"  {st['name']:>12} " + " ".join(cells))
+    return lines
 
 
 def _bin_x(bins: Sequence[dict[str, Any]]) -> list[float]:
@@ -111,7 +135,8 @@ def _bin_x(bins: Sequence[dict[str, Any]]) -> list[float]:
 
 
 def write_plot(result: dict[str, Any], path: Path) -> None:
-    """Two panels: ``|dlogp|`` vs p with the fitted bound; ``|log ratio|`` tails per setting.
+    """Three panels: ``|dlogp|`` vs p with the fitted bound; ``|log ratio|`` tails per
+    setting; the sequence log ratio's spread vs length per setting.
 
     matplotlib with the Agg backend (no display needed).
     """
@@ -121,7 +146,7 @@ def write_plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 4.2))
     for key, color, label in (("sampled", "C0", "sampled tokens"), ("vocab", "C2", "whole vocab")):
         part = result[key]
         bins = [b for b in part["bins"] if b["count"] > 0 and b["mean"] > 0]  # log axis
@@ -150,6 +175,22 @@ def write_plot(result: dict[str, Any], path: Path) -> None:
     ax2.set_ylabel("fraction of tokens above")
     ax2.set_title("ratio tails, with vs without DVP", fontsize=10)
     ax2.legend(fontsize=8)
+    _length_panel(ax3, result["settings"])
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
+
+
+def _length_panel(ax: Any, settings: Sequence[dict[str, Any]]) -> None:
+    """sd of the prefix log ratio vs L per setting, dashed: sd(d_t) sqrt(L)."""
+    for i, st in enumerate(settings):
+        rows = st.get("seq_by_length") or []
+        x = [r["length"] for r in rows]
+        ax.plot(x, [r["std"] for r in rows], "o-", color=f"C{i}", ms=3, label=st["name"])
+        ax.plot(x, [r["sqrt_l_ref"] for r in rows], "--", color=f"C{i}", lw=0.8, alpha=0.6)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("prefix length L (tokens)")
+    ax.set_ylabel("sd over rollouts of sum_{t<L} log ratio")
+    ax.set_title("errors accumulate over the sequence (dashed: sd(d) sqrt(L))", fontsize=10)
+    ax.legend(fontsize=8)

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -126,10 +127,14 @@ class Reference:
     Args:
         model_dir: a transformers directory (from ``resolve_model``).
         engine_dtype: the engine's dtype name (``"bfloat16"``, ``"float16"``, ``"float32"``).
+        quantization: the engine's weight quantization as ``/v1/models`` reports it
+            (``"fp8-e4m3-block128"``, ``"fp8-e4m3-channel"``) or None; the engine-dtype
+            copy rounds its linears the same way (``engines/torch/_fp8.py``).
     """
 
     model_dir: Path
     engine_dtype: str
+    quantization: str | None = None
     model: Any = field(init=False)
     _engine_copy: Any = field(init=False, default=None)
 
@@ -144,15 +149,26 @@ class Reference:
         return int(self.model.config.vocab_size)
 
     def engine_copy(self) -> Any:
-        """The same weights loaded in the engine's dtype, as the torch engine loads them."""
+        """The same weights loaded in the engine's dtype, as the torch engine loads them.
+
+        Raises:
+            ValueError: a quantization this copy cannot reproduce.
+        """
         if self._engine_copy is None:
             from transformers import AutoModelForCausalLM
 
+            from ..engines.torch import _fp8
+
             dtype = getattr(torch, self.engine_dtype)
-            self._engine_copy = AutoModelForCausalLM.from_pretrained(
-                str(self.model_dir), dtype=dtype
-            )
-            self._engine_copy.eval()
+            if self.quantization is None:
+                model = AutoModelForCausalLM.from_pretrained(str(self.model_dir), dtype=dtype)
+            else:
+                model = copy.deepcopy(self.model)  # float32, rounded from float32 as served
+                linears = _fp8.fp8_linears(model)
+                source = {n: lin.weight.detach() for n, lin in linears.items()}
+                model.to(dtype)
+                _fp8.requantize(linears, source, _fp8.reported_mode(self.quantization))
+            self._engine_copy = model.eval()
         return self._engine_copy
 
 

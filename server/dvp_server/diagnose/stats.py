@@ -38,6 +38,7 @@ __all__ = [
     "logit_eps",
     "prob_edges",
     "quantiles",
+    "seq_spread_by_length",
     "spearman",
 ]
 
@@ -248,3 +249,45 @@ def bound_violation_fraction(
         "first_order": float((d > bound).double().mean()),
         "with_second_order": float((d > bound + e * e / 2.0).double().mean()),
     }
+
+
+def seq_spread_by_length(d: Tensor, mask: Tensor, lengths: Sequence[int]) -> list[dict[str, float]]:
+    """How the sequence log ratio spreads as a rollout grows (errors accumulate).
+
+    For each ``L``, over the rollouts with at least ``L`` tokens, the prefix sum
+    ``D_L = sum_{t < L} d_t`` (the log of the importance ratio of the first ``L``
+    tokens): its standard deviation, mean ``|D_L|`` and max ``|D_L|``; and
+    ``sqrt_l_ref = sd(d_t) * sqrt(L)``, the spread that independent per-token
+    errors with the pooled per-token standard deviation would give.
+
+    Args:
+        d: ``(N, T)`` per-token log ratios (any float dtype; padding ignored).
+        mask: ``(N, T)`` bool, True on real tokens (a prefix of each row).
+        lengths: the ``L`` to report, increasing.
+
+    Returns:
+        One dict per ``L`` with at least two such rollouts: ``length``, ``rollouts``,
+        ``std``, ``mean_abs``, ``max_abs``, ``sqrt_l_ref``.
+    """
+    dd = torch.where(mask, d.double(), torch.zeros((), dtype=torch.float64))
+    cum = dd.cumsum(-1)  # (N, T)
+    n_tok = mask.sum(-1)  # (N,)
+    per_token = d.double()[mask]
+    sd_tok = float(per_token.std()) if per_token.numel() > 1 else math.nan
+    rows: list[dict[str, float]] = []
+    for length in lengths:
+        keep = n_tok >= length
+        if length < 1 or length > d.shape[-1] or int(keep.sum()) < 2:
+            continue
+        prefix = cum[keep, length - 1]
+        rows.append(
+            {
+                "length": float(length),
+                "rollouts": float(keep.sum()),
+                "std": float(prefix.std()),
+                "mean_abs": float(prefix.abs().mean()),
+                "max_abs": float(prefix.abs().max()),
+                "sqrt_l_ref": sd_tok * math.sqrt(length),
+            }
+        )
+    return rows

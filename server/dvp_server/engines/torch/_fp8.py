@@ -30,12 +30,37 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-__all__ = ["BLOCK", "E4M3_MAX", "MODES", "dequantize", "fp8_linears", "quantize", "round_weight"]
+__all__ = [
+    "BLOCK",
+    "E4M3_MAX",
+    "MODES",
+    "REPORTED",
+    "dequantize",
+    "fp8_linears",
+    "quantize",
+    "reported_mode",
+    "requantize",
+    "round_weight",
+]
 
 BLOCK = 128
 E4M3_MAX = 448.0
 #: ``--quantize`` value -> scale layout.
 MODES: dict[str, str] = {"fp8": "block", "fp8-channel": "channel"}
+#: ``--quantize`` value -> the name ``/v1/models`` reports (``capabilities.quantization``).
+REPORTED: dict[str, str] = {"fp8": "fp8-e4m3-block128", "fp8-channel": "fp8-e4m3-channel"}
+
+
+def reported_mode(reported: str) -> str:
+    """The scale layout of a reported quantization name (:data:`REPORTED`'s values).
+
+    Raises:
+        ValueError: a name this module does not produce.
+    """
+    for flag, name in REPORTED.items():
+        if name == reported:
+            return MODES[flag]
+    raise ValueError(f"unknown quantization {reported!r}; known: {sorted(REPORTED.values())}")
 
 
 def quantize(weight: Tensor, mode: str = "block", block: int = BLOCK) -> tuple[Tensor, Tensor]:
@@ -95,7 +120,8 @@ def fp8_linears(model: nn.Module) -> dict[str, nn.Linear]:
     Every ``nn.Linear`` (subclasses included) except the output head and any
     linear whose weight is shared with another module (a tied embedding).
     """
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
     owners: dict[int, int] = {}
     for mod in model.modules():
         for p in mod.parameters(recurse=False):

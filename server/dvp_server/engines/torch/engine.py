@@ -52,8 +52,6 @@ DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
 }
-#: ``quantize`` -> what ``/v1/models`` reports (``EngineCapabilities.quantization``).
-_QUANT_NAMES = {"fp8": "fp8-e4m3-block128", "fp8-channel": "fp8-e4m3-channel"}
 _ALL_FIELDS: list[Any] = [
     "token_ids",
     "logprobs",
@@ -161,7 +159,7 @@ class TorchEngine(SchedulerMixin):
                 exact_at_any_temperature=list(_ALL_FIELDS),
                 max_top_k=None,
                 score=True,
-                quantization=_QUANT_NAMES.get(quantize or ""),
+                quantization=_fp8.REPORTED.get(quantize or ""),
             ),
             eos_token_ids=tuple(sorted(self.eos_ids)),
         )
