@@ -23,12 +23,13 @@ import httpx
 import pytest
 import torch
 from conftest import free_port
-from dvp_client import Client
+from dvp_client import APIStatusError, Client
 from safetensors.torch import load_file, save_file
 
 pytest.importorskip("ray.serve")
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+pytestmark = pytest.mark.ray
+CONFIG_FILE = Path(__file__).parent.parent / "deploy" / "ray" / "serve.yaml"
 
 APP, DEPLOYMENT = "dvp", "DvpServe"
 TOKEN = 7  # certain at every step under the new weights
@@ -113,6 +114,9 @@ def serve_url(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
     root = tmp_path_factory.mktemp("fleet-weights")
     (root / "certain").mkdir()
     save_file(certain_weights(tiny_dir, TOKEN), str(root / "certain" / "model.safetensors"))
+    bad = load_file(str(tiny_dir / "model.safetensors"))
+    bad["model.norm.weight"] = torch.ones(3)  # a shape the replicas refuse (422 each)
+    save_file(bad, str(root / "bad-shape.safetensors"))
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         port = free_port()
@@ -171,8 +175,28 @@ class Traffic:
                     self.seen[r.headers["x-dvp-replica"]].append(versions.pop())
 
 
+def test_config_file() -> None:
+    """deploy/ray/serve.yaml is a valid Serve config whose args make a ServerConfig."""
+    import yaml
+    from dvp_server.deploy.ray_serve import DEPLOYMENT, server_config
+    from ray.serve.schema import ServeDeploySchema
+
+    config = ServeDeploySchema.model_validate(yaml.safe_load(CONFIG_FILE.read_text()))
+    [app] = config.applications
+    assert app.import_path == "dvp_server.deploy.ray_serve:build_app"
+    assert server_config(app.args).engine == "vllm"
+    [deployment] = app.deployments
+    assert deployment.name == DEPLOYMENT and deployment.user_config == {"weights": None}
+    assert deployment.max_ongoing_requests == 64
+    with pytest.raises(ValueError, match="max_batchh"):
+        server_config({"max_batchh": 3})
+    assert server_config({"threads": "2", "weights_root": "/ckpt"}).threads == 2
+
+
+@pytest.mark.slow
 def test_fleet_on_ray_serve(serve_url: str) -> None:
-    """Spread, fleet update in flight, a killed replica back at N, 503s retried."""
+    """Spread, fleet update in flight, a failed one rolled back, a killed replica back at
+    N, Serve's 503s retried."""
     url = serve_url
     client = Client(url, max_retries=8)
     start = _fleet(url)
@@ -208,8 +232,16 @@ def test_fleet_on_ray_serve(serve_url: str) -> None:
         client.update_weights("certain", policy_version=5)  # not above the fleet's: 422
     assert _fleet(url)["policy_version"] == 5
 
+    # 2b. an update every replica refuses: reported, the fleet's config put back at 5
+    with pytest.raises(APIStatusError) as failed:
+        client.update_weights("bad-shape.safetensors", policy_version=6)
+    assert failed.value.status_code == 502
+    assert "model.norm.weight" in str(failed.value) and "back at the previous" in str(failed.value)
+    back = _wait_converged(url, 5, START_TIMEOUT_S)
+    assert {r["policy_version"] for r in back["replicas"]} == {5}
+
     # 3. a replica killed: Serve starts another, which loads version 5 before serving
-    victim = update.replicas[0].replica
+    victim = back["replicas"][0]["replica"]
     os.kill(_replica_pid(victim), signal.SIGKILL)
     ok = 0
     while True:  # seeded rollouts, retried by dvp_client through the replica's death
@@ -222,7 +254,9 @@ def test_fleet_on_ray_serve(serve_url: str) -> None:
             break
         assert ok < 2000, fleet
     assert {r["policy_version"] for r in fleet["replicas"]} == {5}
-    (newcomer,) = {r["replica"] for r in fleet["replicas"]} - {r.replica for r in update.replicas}
+    (newcomer,) = {r["replica"] for r in fleet["replicas"]} - {
+        r["replica"] for r in back["replicas"]
+    }
     with httpx.Client(timeout=60) as http:
         for _ in range(40):
             r = http.post(f"{url}/v1/rollouts", json=ROLLOUT)
