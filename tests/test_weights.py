@@ -11,7 +11,9 @@ tiny model's random weights, A is all but impossible.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import struct
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -29,12 +31,8 @@ from dvp_server.engines.base import EngineParams, RolloutChunk
 from dvp_server.engines.torch.engine import TorchEngine
 from dvp_server.errors import ServiceError
 from dvp_server.service.admission import Admission, AdmittedEngine
-from dvp_server.service.weights import (
-    check_spec,
-    read_safetensors_header,
-    resolve_under_root,
-    weight_files,
-)
+from dvp_server.service.checkpoint import CheckpointError, ModelManifest, check_checkpoint
+from dvp_server.service.weights import resolve_under_root, weight_files
 from safetensors.torch import load_file, save, save_file
 
 TOKEN_A, TOKEN_B = 4242, 777
@@ -54,6 +52,48 @@ def certain_weights(model_dir: Path, token: int) -> dict[str, torch.Tensor]:
     return sd
 
 
+def _split(blob: bytes) -> tuple[dict[str, Any], bytes]:
+    (n,) = struct.unpack("<Q", blob[:8])
+    return json.loads(blob[8 : 8 + n]), blob[8 + n :]
+
+
+def _join(header: dict[str, Any], data: bytes, extra_len: int = 0) -> bytes:
+    text = json.dumps(header).encode()
+    return struct.pack("<Q", len(text) + extra_len) + text + data
+
+
+def bad_checkpoints(model_dir: Path) -> dict[str, tuple[bytes, str]]:
+    """Broken updates of the model at ``model_dir``: name -> (file bytes, the 422's text).
+
+    Each would reach the engine without the checks: the header is valid JSON.
+    """
+    sd = load_file(str(model_dir / "model.safetensors"))
+    good = save(sd)
+    header, data = _split(good)
+    q, o = "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.o_proj.weight"
+    overlap = {**header, q: {**header[q], "data_offsets": header[o]["data_offsets"]}}  # o < q
+    norm = "model.norm.weight"
+    begin, end = header[norm]["data_offsets"]
+    longer = {**header, norm: {**header[norm], "data_offsets": [begin, end + 4]}}
+    nan = {k: v.clone() for k, v in sd.items()}
+    nan["model.layers.1.mlp.down_proj.weight"][3, 5] = float("nan")
+    up = "model.layers.1.mlp.up_proj.weight"
+    return {
+        "truncated": (good[:-1000], "truncated: tensor"),
+        "shape": (save({**sd, norm: torch.ones(65)}), f"'{norm}' has shape [65]"),
+        "dtype": (save({**sd, norm: torch.ones(64, dtype=torch.int32)}), f"'{norm}' has dtype I32"),
+        "unknown": (
+            save({**sd, "model.extra.weight": torch.ones(3)}),
+            "'model.extra.weight' is not",
+        ),
+        "missing": (save({k: v for k, v in sd.items() if k != up}), f"'{up}' is missing"),
+        "overlap": (_join(overlap, data), "overlaps tensor"),
+        "offsets-lie": (_join(longer, data), f"'{norm}': data_offsets"),
+        "header-size-lie": (_join(header, data, extra_len=64), "not JSON"),
+        "nan": (save(nan), "'model.layers.1.mlp.down_proj.weight' holds NaN"),
+    }
+
+
 @pytest.fixture(scope="module")
 def weights_root(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
     """A weights root: certain-A (a file), certain-B (a directory) and bad checkpoints."""
@@ -71,6 +111,9 @@ def weights_root(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path)
     save_file(int_norm, str(root / "int.safetensors"))
     outside = tmp_path_factory.mktemp("outside")
     save_file(good, str(outside / "secret.safetensors"))
+    (root / "bad").mkdir()
+    for name, (blob, _) in bad_checkpoints(tiny_model_dir).items():
+        (root / "bad" / f"{name}.safetensors").write_bytes(blob)
     os.symlink(outside / "secret.safetensors", root / "link-out.safetensors")
     os.symlink(outside, root / "dir-out")
     (root / "mixed").mkdir()
@@ -126,26 +169,21 @@ def test_a_directory_holding_a_link_out_is_refused(weights_root: Path) -> None:
     ]
 
 
-def test_header_checks_name_the_tensor(tmp_path: Path, weights_root: Path) -> None:
-    expected = read_safetensors_header(weights_root / "certain-a.safetensors")
-    assert expected["model.norm.weight"] == ("F32", (64,))
-    cases = {
-        "bad-shape": "model.norm.weight' has shape [65]",
-        "missing": "model.layers.1.mlp.up_proj.weight' is missing",
-        "extra": "model.extra.weight' is not a tensor of the served model",
-        "int": "model.norm.weight' has dtype I32",
-    }
-    for name, text in cases.items():
-        got = read_safetensors_header(weights_root / f"{name}.safetensors")
-        with pytest.raises(ServiceError) as err:
-            check_spec(expected, got, "path")
-        assert err.value.status == 422 and text in err.value.message, err.value.message
-    junk = tmp_path / "junk.safetensors"
-    huge_header = (10**9).to_bytes(8, "little") + b"{}"
-    for data in (b"", b"\x00" * 7, huge_header, b"\x02" + b"\x00" * 7 + b"[]"):
-        junk.write_bytes(data)
-        with pytest.raises(ValueError, match="not a safetensors file"):
-            read_safetensors_header(junk)
+def test_bad_checkpoints_are_refused_before_any_engine(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """The served model's manifest refuses each broken update with the named problem."""
+    manifest = ModelManifest.from_model_dir(tiny_model_dir)
+    assert manifest.tensors["model.norm.weight"] == ("F32", (64,)) and not manifest.tied_head
+    assert check_checkpoint([tiny_model_dir / "model.safetensors"], manifest) == 21
+    for name, (blob, text) in bad_checkpoints(tiny_model_dir).items():
+        path = tmp_path / f"{name}.safetensors"
+        path.write_bytes(blob)
+        with pytest.raises(CheckpointError) as err:
+            check_checkpoint([path], manifest)
+        prefix = "" if name == "missing" else f"{name}.safetensors: "  # no one file's fault
+        assert str(err.value).startswith(prefix), str(err.value)
+        assert text in str(err.value), (name, str(err.value))
 
 
 # --- the torch engine, in process --------------------------------------------------

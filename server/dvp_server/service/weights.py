@@ -6,15 +6,22 @@ An update, in order:
    ``--weights-root`` (:func:`resolve_under_root`: the path is resolved with
    symlinks followed and must stay inside the root, else 403 naming ``path``), or
    the uploaded bytes, saved to a private staging file;
-2. check them without loading: every file's header against the served
-   checkpoint's (:func:`checkpoint_spec`): the same tensor names, the same
-   shapes, floating dtypes; 422 naming the first tensor that differs. Nothing
-   has been held or changed yet;
+2. check them completely, off the event loop, before any engine sees them
+   (:func:`.checkpoint.check_checkpoint`: each header's structure and byte
+   ranges, every tensor's name, shape and dtype against the served model's
+   :class:`.checkpoint.ModelManifest`, no tensor missing, every value finite);
+   422 naming ``path`` (or ``body``) with the first problem. Nothing has been
+   held or changed yet, and rollouts keep running meanwhile;
 3. close the admission gate (:meth:`Admission.exclusive`): new rollouts wait;
    in-flight ones drain, or are aborted (``on_inflight="abort"``), with a
    timeout (409, nothing changed);
 4. ``engine.load_weights(files)`` swaps them between two engine steps and
-   returns the new ``policy_version``; the gate reopens.
+   returns the new ``policy_version``; the gate reopens. If the engine fails
+   the load anyway (the file changed after the check, an I/O error), it keeps
+   or restores the previous weights and raises ``ValueError``: 422 naming
+   ``path`` / ``body``, ``policy_version`` unchanged. An engine that could not
+   restore them raises :class:`~.engines.base.EngineError`: 500
+   ``weights_load_error`` (the supervisor restarts it with the previous weights).
 
 Engines without ``load_weights`` answer 501.
 """
@@ -23,14 +30,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
 import os
 import shutil
-import struct
 import tempfile
 import time
-from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -39,23 +43,14 @@ from dvp_schemas import ErrorResponse, WeightsInfo, WeightsUpdateRequest, Weight
 from fastapi import APIRouter, Query, Request
 
 from ..config import ServerConfig
-from ..engines.base import Engine
+from ..engines.base import Engine, EngineError
 from ..errors import ServiceError, validation_error
 from .admission import Admission
+from .checkpoint import CheckpointError, ModelManifest, check_checkpoint
 
-__all__ = [
-    "WeightManager",
-    "checkpoint_spec",
-    "read_safetensors_header",
-    "resolve_under_root",
-    "router",
-]
+__all__ = ["WeightManager", "resolve_under_root", "router", "weight_files"]
 
 logger = logging.getLogger(__name__)
-
-TensorSpec = dict[str, tuple[str, tuple[int, ...]]]  # name -> (safetensors dtype, shape)
-FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
-_MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit on the JSON header
 
 
 # --- files ---------------------------------------------------------------------------
@@ -120,88 +115,6 @@ def weight_files(target: Path, root: Path) -> list[Path]:
     return real
 
 
-def read_safetensors_header(path: Path) -> TensorSpec:
-    """Tensor names, dtypes and shapes from a safetensors file's header (no tensor data).
-
-    Format: 8 bytes little-endian u64 ``N``, then ``N`` bytes of JSON
-    ``{name: {"dtype", "shape", "data_offsets"}, "__metadata__": {...}}``.
-
-    Raises:
-        ValueError: not a safetensors file (the message says what is wrong).
-    """
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise ValueError("not a safetensors file (shorter than its 8-byte header size)")
-        (n,) = struct.unpack("<Q", head)
-        if n > min(_MAX_HEADER_BYTES, size - 8):
-            raise ValueError(f"not a safetensors file (header size {n} for a {size}-byte file)")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"not a safetensors file (header is not JSON: {exc})") from None
-    if not isinstance(header, dict):
-        raise ValueError("not a safetensors file (header is not a JSON object)")
-    spec: TensorSpec = {}
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            spec[name] = (str(entry["dtype"]), tuple(int(d) for d in entry["shape"]))
-        except (TypeError, KeyError, ValueError):
-            raise ValueError(f"not a safetensors file (bad entry for {name!r})") from None
-    return spec
-
-
-def _read_all(files: Sequence[Path], param: str) -> TensorSpec:
-    """The union of the files' headers; a name in two files is refused."""
-    spec: TensorSpec = {}
-    for f in files:
-        try:
-            header = read_safetensors_header(f)
-        except (OSError, ValueError) as exc:
-            raise validation_error(param, f"{f.name}: {exc}") from None
-        for name in header:
-            if name in spec:
-                raise validation_error(param, f"tensor {name!r} appears in two files")
-        spec.update(header)
-    return spec
-
-
-def checkpoint_spec(model_dir: Path) -> TensorSpec:
-    """Names, dtypes and shapes of the served checkpoint (``model_dir/*.safetensors``).
-
-    Raises:
-        ValueError: the model directory holds no safetensors file.
-    """
-    files = sorted(Path(model_dir).glob("*.safetensors"))
-    if not files:
-        raise ValueError(f"{model_dir} holds no .safetensors file to check updates against")
-    spec: TensorSpec = {}
-    for f in files:
-        spec.update(read_safetensors_header(f))
-    return spec
-
-
-def check_spec(expected: TensorSpec, got: TensorSpec, param: str) -> None:
-    """Same names, same shapes, floating dtypes; 422 naming the first tensor that differs."""
-    for name, (dtype, shape) in got.items():
-        if name not in expected:
-            raise validation_error(param, f"tensor {name!r} is not a tensor of the served model")
-        want = expected[name][1]
-        if shape != want:
-            raise validation_error(
-                param, f"tensor {name!r} has shape {list(shape)}, the model's is {list(want)}"
-            )
-        if dtype not in FLOAT_DTYPES:
-            raise validation_error(param, f"tensor {name!r} has dtype {dtype}, not a float")
-    missing = sorted(set(expected) - set(got))
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise validation_error(param, f"tensor {missing[0]!r} is missing{more}")
-
-
 # --- the manager -----------------------------------------------------------------------
 
 
@@ -224,13 +137,13 @@ class WeightManager:
         self.config = config
         self.source = f"model:{engine.info.model_id}"
         self.loaded_at = _now()
-        self._spec: TensorSpec | None = None
+        self._manifest: ModelManifest | None = None
         model_dir = getattr(engine, "model_dir", None)
         try:
-            self._spec = checkpoint_spec(Path(model_dir)) if model_dir else None
-        except (OSError, ValueError) as exc:
+            self._manifest = ModelManifest.from_model_dir(Path(model_dir)) if model_dir else None
+        except (OSError, CheckpointError) as exc:
             logger.warning("weight updates disabled: %s", exc)
-        self.num_tensors = len(self._spec or {})
+        self.num_tensors = len(self._manifest.tensors) if self._manifest else 0
         self._staging = Path(tempfile.mkdtemp(prefix="dvp-weights-"))
 
     def close(self) -> None:
@@ -246,14 +159,14 @@ class WeightManager:
             on_inflight=self.config.weights_update_policy,  # type: ignore[arg-type]
         )
 
-    def _expected(self) -> TensorSpec:
-        if self._spec is None:
+    def _expected(self) -> ModelManifest:
+        if self._manifest is None:
             raise ServiceError(
                 501,
                 "not_implemented_error",
                 "weights: the served model has no safetensors checkpoint to check updates against",
             )
-        return self._spec
+        return self._manifest
 
     def _loader(self) -> Any:
         load = getattr(self.engine, "load_weights", None)
@@ -273,7 +186,12 @@ class WeightManager:
         files = await asyncio.to_thread(weight_files, target, root)
         rel = target.relative_to(root.resolve())
         return await self._apply(
-            files, f"path:{rel}", "path", request.on_inflight, request.drain_timeout_s
+            files,
+            f"path:{rel}",
+            "path",
+            request.on_inflight,
+            request.drain_timeout_s,
+            version=request.policy_version,
         )
 
     async def update_from_bytes(
@@ -287,7 +205,12 @@ class WeightManager:
             with os.fdopen(fd, "wb") as f:
                 await asyncio.to_thread(f.write, body)
             return await self._apply(
-                [path], f"upload:sha256:{digest}", "body", on_inflight, drain_timeout_s
+                [path],
+                f"upload:sha256:{digest}",
+                "body",
+                on_inflight,
+                drain_timeout_s,
+                names=["upload"],
             )
         finally:
             path.unlink(missing_ok=True)
@@ -299,11 +222,23 @@ class WeightManager:
         param: str,
         on_inflight: str | None,
         drain_timeout_s: float | None,
+        version: int | None = None,
+        names: list[str] | None = None,
     ) -> WeightsUpdateResponse:
-        """Check, then swap inside the closed gate."""
+        """Check, then swap inside the closed gate; ``version``: the new policy_version
+        (above the served one; None: the served one plus one); ``names``: the files'
+        names in messages (default their own)."""
         load = self._loader()
-        got = await asyncio.to_thread(_read_all, files, param)
-        check_spec(self._expected(), got, param)
+        if version is not None and version <= self.engine.policy_version:
+            raise validation_error(
+                "policy_version",
+                f"must be above the served policy_version {self.engine.policy_version}, "
+                f"got {version}",
+            )
+        try:
+            count = await asyncio.to_thread(check_checkpoint, files, self._expected(), names)
+        except CheckpointError as exc:
+            raise validation_error(param, str(exc)) from None
         policy = on_inflight or self.config.weights_update_policy
         previous = self.engine.policy_version
         reason = None
@@ -317,9 +252,9 @@ class WeightManager:
             abort_reason=reason, abort=self.engine.abort, timeout_s=timeout
         ) as report:
             t0 = time.perf_counter()
-            version = int(await load(files))
+            version = await self._load(load, files, param, version)
             load_s = time.perf_counter() - t0
-            self.source, self.loaded_at, self.num_tensors = source, _now(), len(got)
+            self.source, self.loaded_at, self.num_tensors = source, _now(), count
         logger.info(
             "weights: policy_version %d -> %d from %s (%s: %d drained, %d aborted; held %.2f s, "
             "swap %.2f s)",
@@ -335,6 +270,34 @@ class WeightManager:
             load_s=load_s,
         )
 
+    async def _load(self, load: Any, files: list[Path], param: str, version: int | None) -> int:
+        """``engine.load_weights(files)``; a failure says what still serves.
+
+        Raises:
+            ServiceError: 422 (``param``) when the engine refused the files and kept
+                or restored the previous weights; 500 when it could not restore them.
+        """
+        previous, name = self.engine.policy_version, self.engine.info.name
+        try:
+            return int(await (load(files) if version is None else load(files, version=version)))
+        except ValueError as exc:
+            logger.warning("weights: the %s engine failed the load: %s", name, exc)
+            raise validation_error(
+                param,
+                f"the {name} engine could not load this checkpoint ({exc}); nothing "
+                f"changed: policy_version {previous} keeps serving",
+            ) from None
+        except EngineError as exc:
+            logger.error("weights: the %s engine failed the load: %s", name, exc)
+            raise ServiceError(
+                500,
+                "weights_load_error",
+                f"{param}: the {name} engine failed to load this checkpoint and could not "
+                f"restore the previous weights ({exc}); it restarts with policy_version "
+                f"{previous}; do not resend this checkpoint unchanged",
+                param,
+            ) from None
+
 
 # --- routes ----------------------------------------------------------------------------
 
@@ -346,7 +309,9 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         403: "The path leaves the weights root, or path loads are disabled.",
         409: "In-flight rollouts did not drain in time; nothing changed.",
         413: "Upload over the body limit.",
-        422: "Bad path, file or tensor; the message names it.",
+        422: "Bad path, file or tensor (checked before the engine sees it), or the engine "
+        "failed the load and kept the previous weights; the message names it.",
+        500: "The engine failed the load and restarts with the previous weights.",
         501: "The engine cannot load weights.",
     }.items()
 }

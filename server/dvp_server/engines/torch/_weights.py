@@ -1,8 +1,11 @@
 """Weight loading for the torch engine: read safetensors, check, copy in place.
 
-Checking happens before anything is copied, so a bad tensor leaves the model as
-it was. Copies go into the existing parameters (``param.copy_``): no new
-allocation, tied weights stay tied, and the dtype is converted to the model's.
+Everything is read and checked before anything is copied, so a file that cannot
+be read or a bad tensor leaves the model as it was (the previous weights keep
+serving). The server checks files completely before this (``service/checkpoint.py``);
+these checks hold for tensors given in process too. Copies go into the existing
+parameters (``param.copy_``): no new allocation, tied weights stay tied, and the
+dtype is converted to the model's.
 """
 
 from __future__ import annotations
@@ -41,6 +44,22 @@ def read_weights(weights: WeightsInput) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def _check(name: str, t: torch.Tensor, target: torch.Tensor | None) -> None:
+    """One tensor against the model's tensor of that name (see :func:`copy_weights`)."""
+    if target is None:
+        raise ValueError(f"tensor {name!r} is not a tensor of the model")
+    if tuple(t.shape) != tuple(target.shape):
+        raise ValueError(
+            f"tensor {name!r} has shape {list(t.shape)}, the model's is {list(target.shape)}"
+        )
+    if target.is_floating_point() != t.is_floating_point() or (
+        not t.is_floating_point() and t.dtype != target.dtype
+    ):
+        raise ValueError(f"tensor {name!r} has dtype {t.dtype}, the model's is {target.dtype}")
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"tensor {name!r} holds NaN or infinite values")
+
+
 def copy_weights(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor]) -> int:
     """Copy ``tensors`` into the model's parameters / persistent buffers of the same name.
 
@@ -51,21 +70,14 @@ def copy_weights(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor]) ->
         The number of tensors copied.
 
     Raises:
-        ValueError: an unknown name, a shape that differs, or a non-float tensor;
-            the message names the tensor. Nothing is copied then.
+        ValueError: an unknown name, a shape that differs, a non-float tensor for a
+            float one (else a dtype that differs), or a NaN / infinite value; the
+            message names the tensor. Nothing is copied then.
     """
     targets: dict[str, torch.Tensor] = dict(model.named_parameters())
     targets.update(model.named_buffers())
     for name, t in tensors.items():
-        if name not in targets:
-            raise ValueError(f"tensor {name!r} is not a tensor of the model")
-        if tuple(t.shape) != tuple(targets[name].shape):
-            raise ValueError(
-                f"tensor {name!r} has shape {list(t.shape)}, the model's is "
-                f"{list(targets[name].shape)}"
-            )
-        if not t.is_floating_point():
-            raise ValueError(f"tensor {name!r} has dtype {t.dtype}, not a float")
+        _check(name, t, targets.get(name))
     with torch.no_grad():
         for name, t in tensors.items():
             targets[name].copy_(t)
