@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from dvp_client.safe_ids import decode_packed, expand_full
 from dvp_server.engines.base import EngineError, RolloutChunk
 from dvp_server.service.assembly import assemble_rollout
 
@@ -40,6 +41,7 @@ def _assemble(chunks: list[RolloutChunk], **kw: Any) -> Any:
         "with_logprobs": True,
         "with_logmass": True,
         "with_safe_ids": True,
+        "vocab_size": 100,
         **kw,
     }
     return assemble_rollout("r-2-1", chunks, **args)
@@ -127,3 +129,38 @@ def test_flagged_steps_are_listed_across_chunks() -> None:
     c = _chunk(rng, 2, finish_reason="length", outside_safe_set=np.array([True, False]))
     assert _assemble([a, b]).outside_safe_set == [1]
     assert _assemble([a, c]).outside_safe_set == [1, 3]
+
+
+@pytest.mark.parametrize("listed", [True, False])
+def test_whole_vocabulary_steps_become_the_marker(listed: bool) -> None:
+    """A step whose set is all V ids (listed by the engine, or an empty row) is sent as
+    an empty row ("list") or no bytes ("packed"), and reads back as the full set."""
+    rng = np.random.default_rng(5)
+    c = _chunk(rng, 4, finish_reason="length")
+    sets = [c.safe_ids[c.safe_offsets[t] : c.safe_offsets[t + 1]] for t in range(4)]  # type: ignore[index]
+    sets[1] = np.arange(100) if listed else np.zeros(0, np.int64)
+    sets[3] = np.arange(100) if listed else np.zeros(0, np.int64)
+    c.safe_sizes[[1, 3]] = 100
+    c.safe_ids = np.concatenate(sets).astype(np.int32)
+    c.safe_offsets = np.concatenate([[0], np.cumsum([len(s) for s in sets])]).astype(np.int64)
+    want = [s.tolist() if len(s) else list(range(100)) for s in sets]
+    r = _assemble([c])
+    assert r.safe_token_ids.vocab_size == 100
+    assert len(r.safe_token_ids.ids) == sum(len(w) for w in want) - 200  # no V ids sent
+    assert [r.safe_token_ids.step(t) for t in range(4)] == want
+    p = _assemble([c], safe_format="packed")
+    assert p.safe_token_ids.format == "packed" and p.safe_token_ids.vocab_size == 100
+    offsets, ids = expand_full(
+        *decode_packed(p.safe_token_ids.data, p.safe_sizes, 100), p.safe_sizes, 100
+    )
+    assert [ids[offsets[t] : offsets[t + 1]].tolist() for t in range(4)] == want
+
+
+def test_packed_round_trips_the_joined_chunks() -> None:
+    rng = np.random.default_rng(6)
+    chunks = [_chunk(rng, t) for t in (2, 0, 3)]
+    chunks[-1].finish_reason = "length"
+    listed, packed = _assemble(chunks), _assemble(chunks, safe_format="packed")
+    offsets, ids = decode_packed(packed.safe_token_ids.data, packed.safe_sizes, 100)
+    assert offsets.tolist() == listed.safe_token_ids.offsets
+    assert ids.tolist() == listed.safe_token_ids.ids

@@ -220,6 +220,7 @@ def test_every_argument_reaches_the_body(kind: str) -> None:
         },
         "pruning": {"min_p": 0.01, "top_k": 20},
         "return_safe_token_ids": True,
+        "safe_token_ids_format": "packed",  # the client asks for packed sets
         "return_text": False,
         "model": "smollm2",
     }

@@ -66,8 +66,10 @@ def to_result(chunks: list[RolloutChunk]) -> Result:
     cat = lambda name: np.concatenate([getattr(c, name) for c in chunks])  # noqa: E731
     sets = None
     if chunks[0].safe_ids is not None:
-        sets = [
+        sets = [  # an empty row is the whole vocabulary (then safe_sizes is V)
             c.safe_ids[c.safe_offsets[t] : c.safe_offsets[t + 1]]
+            if c.safe_offsets[t + 1] > c.safe_offsets[t]
+            else np.arange(c.safe_sizes[t], dtype=np.int32)
             for c in chunks
             if c.safe_ids is not None and c.safe_offsets is not None
             for t in range(len(c.token_ids))

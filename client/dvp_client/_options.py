@@ -96,7 +96,7 @@ def build_rollout_request(
         n: Samples per prompt.
         sampling: SamplingOptions fields; NOT_GIVEN values are left out (server default).
         pruning: The rule; None leaves it to the server's default.
-        return_safe_token_ids: Ask for the safe sets (CSR).
+        return_safe_token_ids: Ask for the safe sets (sent packed, decoded into CSR).
         return_text: Ask for decoded text.
         model: Model id to check against the served one; None skips the check.
 
@@ -113,6 +113,8 @@ def build_rollout_request(
         "return_safe_token_ids": return_safe_token_ids,
         "return_text": return_text,
     }
+    if return_safe_token_ids:  # a few bytes per id on the wire; decoded on receipt
+        body["safe_token_ids_format"] = "packed"
     if pruning is not None:
         body["pruning"] = pruning
     if model is not None:

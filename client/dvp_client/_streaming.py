@@ -28,6 +28,7 @@ from dvp_schemas import (
 
 from ._exceptions import APIResponseValidationError, APIStreamError
 from .batch import RolloutBatch
+from .safe_ids import as_list_form
 
 __all__ = ["EventDecoder", "StreamEvent", "join_rollout_stream"]
 
@@ -100,6 +101,13 @@ class EventDecoder:
             ) from err
         if isinstance(event, RolloutStreamError):
             raise APIStreamError(self.response, event.error)
+        if isinstance(event, RolloutStreamChunk) and event.safe_token_ids is not None:
+            try:  # packed sets decoded here, so chunks and the joined batch hold CSR
+                event.safe_token_ids = as_list_form(event.safe_token_ids, event.safe_sizes)
+            except ValueError as err:
+                raise APIResponseValidationError(
+                    self.response, raw, f"rollout stream: bad safe sets: {err}"
+                ) from err
         self.summary_seen = self.summary_seen or isinstance(event, RolloutStreamSummary)
         return event  # type: ignore[no-any-return]
 
@@ -159,11 +167,13 @@ def _join_rollout(end: Any, chunks: list[RolloutStreamChunk]) -> Rollout:
     if chunks and all(c.safe_token_ids is not None for c in chunks):
         ids: list[int] = []
         offsets = [0]
+        vocab_size = None
         for c in chunks:
-            assert c.safe_token_ids is not None
-            offsets += [len(ids) + o for o in c.safe_token_ids.offsets[1:]]
-            ids += c.safe_token_ids.ids
-        safe = SafeTokenIds(ids=ids, offsets=offsets)
+            st = as_list_form(c.safe_token_ids, c.safe_sizes)  # type: ignore[arg-type]
+            offsets += [len(ids) + o for o in st.offsets[1:]]
+            ids += st.ids
+            vocab_size = st.vocab_size if st.vocab_size is not None else vocab_size
+        safe = SafeTokenIds(ids=ids, offsets=offsets, vocab_size=vocab_size)
     return Rollout(
         prompt_index=end.prompt_index,
         sample_index=end.sample_index,

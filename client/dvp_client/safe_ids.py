@@ -22,9 +22,13 @@ than V. Encode and decode are vectorised (no Python loop per id or per step).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
+from dvp_schemas import PackedSafeTokenIds, SafeTokenIds
 
 __all__ = [
+    "as_list_form",
     "decode_packed",
     "encode_packed",
     "expand_full",
@@ -240,3 +244,19 @@ def _varint_decode(buf: np.ndarray, count: int) -> np.ndarray:
     k = np.arange(buf.size) - np.repeat(starts, lengths)
     groups = (buf & 0x7F).astype(np.int64) << (7 * k)
     return np.add.reduceat(groups, starts)
+
+
+def as_list_form(sets: SafeTokenIds | PackedSafeTokenIds, sizes: Sequence[int]) -> SafeTokenIds:
+    """Safe sets in the ``"list"`` form (packed ones decoded; full steps stay empty rows).
+
+    Args:
+        sets: a rollout's (or stream chunk's) ``safe_token_ids``.
+        sizes: its ``safe_sizes``.
+
+    Raises:
+        ValueError: packed bytes that do not match ``sizes`` (see :func:`decode_packed`).
+    """
+    if isinstance(sets, SafeTokenIds):
+        return sets
+    offsets, ids = decode_packed(sets.data, np.asarray(sizes, dtype=np.int64), sets.vocab_size)
+    return SafeTokenIds(ids=ids.tolist(), offsets=offsets.tolist(), vocab_size=sets.vocab_size)

@@ -11,13 +11,16 @@ from .openai import (
     DvpInfo,
 )
 from .rollouts import (
+    AnySafeTokenIds,
     ChatMessage,
     FinishReason,
+    PackedSafeTokenIds,
     Prompt,
     Rollout,
     RolloutRequest,
     RolloutResponse,
     SafeTokenIds,
+    SafeTokenIdsFormat,
     SamplingOptions,
     Usage,
 )
@@ -42,6 +45,7 @@ from .weights import (
 
 __all__ = [
     "NDJSON_MEDIA_TYPE",
+    "AnySafeTokenIds",
     "ChatCompletionRequest",
     "ChatCompletionResponse",
     "ChatMessage",
@@ -58,6 +62,7 @@ __all__ = [
     "InflightPolicy",
     "ModelCard",
     "ModelList",
+    "PackedSafeTokenIds",
     "Prompt",
     "PruningRule",
     "ReplicaWeights",
@@ -71,6 +76,7 @@ __all__ = [
     "RolloutStreamEvent",
     "RolloutStreamSummary",
     "SafeTokenIds",
+    "SafeTokenIdsFormat",
     "SamplingOptions",
     "ScoreRequest",
     "ScoreResponse",

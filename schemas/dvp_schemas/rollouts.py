@@ -2,20 +2,36 @@
 
 A response holds one :class:`Rollout` per (prompt, sample); every per-step
 quantity is an array indexed by generated-token position t (columnar: arrays,
-not one object per token). Safe sets travel in CSR form.
+not one object per token). Safe sets travel in CSR form (:class:`SafeTokenIds`,
+``"list"``) or packed (:class:`PackedSafeTokenIds`, ``"packed"``, as the
+request's ``safe_token_ids_format`` asks); in both, a step whose set is the
+whole vocabulary is a marker, not V ids.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import (
+    BeforeValidator,
+    Discriminator,
+    Field,
+    PlainSerializer,
+    Tag,
+    field_validator,
+    model_validator,
+)
 
 from ._base import RequestModel, ResponseModel
 from ._text import Text, check_text
 from .rule import PruningRule
 
 MAX_STOP_STRINGS = 16
+
+SafeTokenIdsFormat = Literal["list", "packed"]
+"""How safe sets travel: ``"list"`` (CSR of plain ids) or ``"packed"`` (bytes)."""
 
 
 class ChatMessage(RequestModel):
@@ -89,6 +105,12 @@ class RolloutRequest(RequestModel):
     return_safe_token_ids: bool = Field(
         False, description="Return the ids of every step's safe set (CSR)."
     )
+    safe_token_ids_format: SafeTokenIdsFormat = Field(
+        "list",
+        description='How the safe sets travel: "list" (CSR of plain ids) or "packed" (bitmaps '
+        "and delta varints as bytes: base64 in JSON, bin in msgpack; docs/protocol.md). In "
+        "both, a set that is the whole vocabulary is a marker, not V ids.",
+    )
     return_text: bool = Field(True, description="Return the decoded completion text.")
     model: str | None = Field(None, description="Model id; checked against the served model.")
     stream: bool = Field(
@@ -110,10 +132,19 @@ class RolloutRequest(RequestModel):
 
 class SafeTokenIds(ResponseModel):
     """Safe sets of every step in CSR form: the set of step t is
-    ``ids[offsets[t]:offsets[t+1]]`` (sorted ascending); ``len(offsets) == T + 1``."""
+    ``ids[offsets[t]:offsets[t+1]]`` (sorted ascending); ``len(offsets) == T + 1``.
 
+    An empty row is the whole vocabulary ``0 .. vocab_size - 1`` (the rule pruned
+    nothing at that step; ``safe_sizes[t] == vocab_size``): a real set is never
+    empty, since it holds the sampled token.
+    """
+
+    format: Literal["list"] = Field("list", description='Always "list".')
     ids: list[int] = Field(description="Flat token ids of all steps' safe sets.")
     offsets: list[int] = Field(description="Row offsets into ids; length T + 1.")
+    vocab_size: int | None = Field(
+        None, description="V: an empty row is the set 0 .. V - 1 (the whole vocabulary)."
+    )
 
     @model_validator(mode="after")
     def _check_csr(self) -> SafeTokenIds:
@@ -124,8 +155,62 @@ class SafeTokenIds(ResponseModel):
         return self
 
     def step(self, t: int) -> list[int]:
-        """The safe set of step t."""
-        return self.ids[self.offsets[t] : self.offsets[t + 1]]
+        """The safe set of step t (the whole vocabulary for an empty row)."""
+        row = self.ids[self.offsets[t] : self.offsets[t + 1]]
+        if not row and self.vocab_size is not None:
+            return list(range(self.vocab_size))
+        return row
+
+
+def _base64_in(value: object) -> object:
+    """Bytes from a JSON string (standard or URL-safe base64); bytes pass through."""
+    if isinstance(value, str):
+        try:
+            return base64.b64decode(value.replace("-", "+").replace("_", "/"), validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise ValueError(f"not base64: {exc}") from exc
+    return value
+
+
+Base64Bytes = Annotated[
+    bytes,
+    BeforeValidator(_base64_in),
+    PlainSerializer(
+        lambda b: base64.b64encode(b).decode("ascii"), return_type=str, when_used="json"
+    ),
+]
+"""Bytes on the wire: a standard base64 string in JSON, raw (msgpack bin) otherwise."""
+
+
+class PackedSafeTokenIds(ResponseModel):
+    """Safe sets of every step, packed (docs/protocol.md, section 1).
+
+    With ``s_t = safe_sizes[t]`` and ``B = ceil(vocab_size / 8)``: a step with
+    ``s_t == vocab_size`` is the whole vocabulary and takes no bytes; a step with
+    ``B <= s_t < vocab_size`` is a bitmap of B bytes (bit v % 8 of byte v // 8,
+    least significant first); any other step is s_t unsigned LEB128 varints, the
+    first id and then each id minus the previous one. ``data`` holds every bitmap
+    in step order, then every varint in step order. ``dvp_client.safe_ids`` encodes
+    and decodes it (numpy).
+    """
+
+    format: Literal["packed"] = Field("packed", description='Always "packed".')
+    vocab_size: int = Field(ge=1, description="V, which decides each step's kind with |S_t|.")
+    data: Base64Bytes = Field(description="Bitmaps, then varints (base64 in JSON).")
+
+
+def _format_of(value: object) -> str:
+    """The ``format`` tag of safe sets; absent (servers before "packed") means "list"."""
+    if isinstance(value, dict):
+        return str(value.get("format", "list"))
+    return str(getattr(value, "format", "list"))
+
+
+AnySafeTokenIds = Annotated[
+    Annotated[SafeTokenIds, Tag("list")] | Annotated[PackedSafeTokenIds, Tag("packed")],
+    Discriminator(_format_of),
+]
+"""The safe sets of a rollout or a stream chunk, in either format (tagged by ``format``)."""
 
 
 FinishReason = Literal["stop", "length", "abort", "error"]
@@ -151,7 +236,7 @@ class Rollout(ResponseModel):
         None, description="log Z_S = logsumexp over S of the tempered log-probs (<= 0)."
     )
     safe_sizes: list[int] = Field(description="|S_t| per step.")
-    safe_token_ids: SafeTokenIds | None = Field(None, description="S_t ids, when asked.")
+    safe_token_ids: AnySafeTokenIds | None = Field(None, description="S_t ids, when asked.")
     finish_reason: FinishReason = Field(description="Why the rollout ended.")
     stop_reason: str | int | None = Field(
         None, description="The stop string or token id that ended it, if any."

@@ -29,7 +29,7 @@ from pydantic import Field
 
 from ._base import ResponseModel
 from .errors import ErrorInfo
-from .rollouts import FinishReason, SafeTokenIds, Usage
+from .rollouts import AnySafeTokenIds, FinishReason, Usage
 from .rule import PruningRule
 
 NDJSON_MEDIA_TYPE = "application/x-ndjson"
@@ -49,8 +49,10 @@ class RolloutStreamChunk(ResponseModel):
     masked_logprobs: list[float] = Field(description="log pi_S(y_t).")
     safe_logmass: list[float | None] | None = Field(None, description="log Z_S per step.")
     safe_sizes: list[int] = Field(description="|S_t| per step.")
-    safe_token_ids: SafeTokenIds | None = Field(
-        None, description="S_t ids of these steps (CSR; offsets start at 0 in every chunk)."
+    safe_token_ids: AnySafeTokenIds | None = Field(
+        None,
+        description="S_t ids of these steps, in the request's format (offsets / data start afresh "
+        "in every chunk).",
     )
     outside_safe_set: list[int] | None = Field(
         None, description="Deprecated, always null (see Rollout.outside_safe_set)."

@@ -28,6 +28,8 @@ import torch
 from dvp_schemas import PruningRule, Rollout, RolloutResponse
 from torch import Tensor
 
+from ..safe_ids import as_list_form, expand_full
+
 __all__ = ["RolloutTensors", "SafeSets", "rollouts_to_tensors"]
 
 
@@ -224,31 +226,47 @@ def _float_field(r: Rollout, i: int, name: str, n: int) -> np.ndarray:
     return np.asarray(values, dtype=np.float64).astype(np.float32)
 
 
-def _csr(response: RolloutResponse, t_max: int, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Global CSR (offsets over B * T steps, ids) from each rollout's own CSR."""
-    ids = []
+def _csr(
+    response: RolloutResponse, t_max: int, sizes: np.ndarray
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Global CSR (offsets over B * T steps, ids) from each rollout's own CSR.
+
+    A step sent as the whole-vocabulary marker (an empty row, ``safe_sizes == V``)
+    gets the ids ``0 .. V - 1``, unless every step is such a step: then None (the
+    caller uses :meth:`SafeSets.full`, which needs no ids at all).
+    """
+    rows: list[tuple[np.ndarray, np.ndarray, int | None]] = []
+    all_full = True
     for i, r in enumerate(response.rollouts):
-        st = r.safe_token_ids
-        assert st is not None
+        st = as_list_form(r.safe_token_ids, r.safe_sizes)  # type: ignore[arg-type]
         n = len(r.token_ids)
         if len(st.offsets) != n + 1:
             raise ValueError(
                 f"rollouts[{i}].safe_token_ids.offsets has {len(st.offsets)} entries, "
                 f"expected {n + 1}"
             )
-        got = np.diff(np.asarray(st.offsets, dtype=np.int64))
-        bad = np.nonzero(got != sizes[i, :n])[0]
+        offsets = np.asarray(st.offsets, dtype=np.int64)
+        got = np.diff(offsets)
+        full = (got == 0) & (sizes[i, :n] == (st.vocab_size or -1))  # marker rows
+        bad = np.nonzero((got != sizes[i, :n]) & ~full)[0]
         if bad.size:
             t = int(bad[0])
             raise ValueError(
                 f"rollouts[{i}] step {t}: safe_token_ids has {got[t]} ids, "
                 f"safe_sizes says {sizes[i, t]}"
             )
-        ids.append(np.asarray(st.ids, dtype=np.int64))
+        all_full = all_full and bool(full.all())
+        rows.append((offsets, np.asarray(st.ids, dtype=np.int64), st.vocab_size))
+    if all_full:
+        return None
+    ids = []
+    for i, (offsets, flat, vocab) in enumerate(rows):
+        if vocab:
+            flat = expand_full(offsets, flat, sizes[i, : len(offsets) - 1], vocab)[1]
+        ids.append(flat)
     offsets = np.zeros(len(response.rollouts) * t_max + 1, dtype=np.int64)
     np.cumsum(sizes.reshape(-1), out=offsets[1:])
-    flat = np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
-    return offsets, flat
+    return offsets, (np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64))
 
 
 def rollouts_to_tensors(
@@ -336,7 +354,10 @@ def _safe_sets(
     """The replayed sets: CSR when every rollout has ids, full when nothing is pruned."""
     shape = (len(has_ids), t_max)
     if all(has_ids):
-        offsets, ids = _csr(response, t_max, sizes)
+        csr = _csr(response, t_max, sizes)
+        if csr is None:  # every step is the whole vocabulary
+            return SafeSets.full(shape, temperature=response.temperature, rule=response.pruning)
+        offsets, ids = csr
         return SafeSets(
             shape=shape,
             offsets=torch.from_numpy(offsets),

@@ -34,7 +34,7 @@ from dvp_schemas import (
     RolloutStreamChunk,
     RolloutStreamError,
     RolloutStreamSummary,
-    SafeTokenIds,
+    SafeTokenIdsFormat,
 )
 from fastapi import Request
 from pydantic import BaseModel
@@ -43,6 +43,7 @@ from starlette.types import Receive, Scope, Send
 
 from ..engines.base import EngineError, RolloutChunk
 from ..errors import ServiceError
+from ..service.assembly import wire_safe_ids
 from ..service.serving import PreparedRequest, RolloutService, rollout_id
 from .codecs import MSGPACK_MEDIA_TYPE, pack, wants_msgpack
 
@@ -87,19 +88,36 @@ async def _close_all(streams: list[AsyncIterator[RolloutChunk]]) -> None:
 
 
 def chunk_event(
-    job_prompt: int, job_sample: int, start: int, chunk: RolloutChunk, fields: set[str]
+    job_prompt: int,
+    job_sample: int,
+    start: int,
+    chunk: RolloutChunk,
+    fields: set[str],
+    vocab_size: int,
+    safe_format: SafeTokenIdsFormat = "list",
 ) -> RolloutStreamChunk:
-    """One engine chunk as a ``rollout.chunk`` line (NaN -> null, CSR as the engine's)."""
+    """One engine chunk as a ``rollout.chunk`` line (NaN -> null, safe sets in
+    ``safe_format`` with the whole-vocabulary marker, as ``assembly.wire_safe_ids``).
+
+    Raises:
+        EngineError: the chunk's safe sets break the engine contract.
+    """
 
     def floats(a: np.ndarray) -> list[float | None]:
         return [None if math.isnan(x) else x for x in a.astype(np.float64).tolist()]
 
     safe_ids = None
     if chunk.safe_ids is not None and chunk.safe_offsets is not None:
-        safe_ids = SafeTokenIds(
-            ids=chunk.safe_ids.astype(np.int64).tolist(),
-            offsets=chunk.safe_offsets.astype(np.int64).tolist(),
-        )
+        try:
+            safe_ids = wire_safe_ids(
+                chunk.safe_offsets.astype(np.int64),
+                chunk.safe_ids.astype(np.int64),
+                chunk.safe_sizes.astype(np.int64),
+                vocab_size,
+                safe_format,
+            )
+        except ValueError as exc:
+            raise EngineError(f"rollout chunk ({job_prompt}, {job_sample}): {exc}") from exc
     outside = None
     if chunk.outside_safe_set is not None:
         outside = (np.flatnonzero(chunk.outside_safe_set) + start).tolist()
@@ -157,7 +175,15 @@ async def stream_events(
             kind, i, payload = await queue.get()
             if kind == "chunk":
                 job = jobs[i]
-                yield chunk_event(job.prompt_index, job.sample_index, starts[i], payload, fields)
+                yield chunk_event(
+                    job.prompt_index,
+                    job.sample_index,
+                    starts[i],
+                    payload,
+                    fields,
+                    service.engine.info.vocab_size,
+                    prepared.request.safe_token_ids_format,
+                )
                 starts[i] += len(payload.token_ids)
             elif kind == "done":
                 results[i], remaining = payload, remaining - 1

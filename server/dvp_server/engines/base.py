@@ -41,7 +41,9 @@ class RolloutChunk:
     """Tokens decoded for one rollout since its previous chunk (arrays of length t).
 
     ``safe_ids`` / ``safe_offsets`` are CSR over these t steps (offsets length
-    t + 1, starting at 0) when safe ids were asked for, else None. ``logprobs`` and
+    t + 1, starting at 0) when safe ids were asked for, else None; a step whose set is
+    the whole vocabulary (``safe_sizes == V``) may list its V ids or leave its row
+    empty (cheaper; the wire sends a marker either way). ``logprobs`` and
     ``safe_logmass`` hold NaN where the engine cannot give them exactly.
     The last chunk of a rollout has ``finish_reason`` set.
     """

@@ -4,7 +4,10 @@ An engine streams a rollout as :class:`~dvp_server.engines.base.RolloutChunk` s
 (numpy arrays over the steps since the previous chunk); the response holds one
 array per field over all steps. Joining checks the engine contract on the way:
 one policy version per rollout, equal-length columns, consistent CSR safe sets.
-NaN (a value the engine cannot give exactly) becomes JSON null.
+NaN (a value the engine cannot give exactly) becomes JSON null. Safe sets go out
+in the request's format (:func:`wire_safe_ids`): a step whose set is the whole
+vocabulary becomes the marker (an empty row, or no bytes when packed) whether the
+engine listed its V ids or left its row empty.
 """
 
 from __future__ import annotations
@@ -13,11 +16,12 @@ import math
 from typing import Any
 
 import numpy as np
-from dvp_schemas import Rollout, SafeTokenIds
+from dvp_client.safe_ids import encode_packed, step_kinds
+from dvp_schemas import PackedSafeTokenIds, Rollout, SafeTokenIds, SafeTokenIdsFormat
 
 from ..engines.base import EngineError, RolloutChunk
 
-__all__ = ["assemble_rollout"]
+__all__ = ["assemble_rollout", "wire_safe_ids"]
 
 
 def _nan_to_none(values: np.ndarray) -> list[float | None]:
@@ -25,7 +29,40 @@ def _nan_to_none(values: np.ndarray) -> list[float | None]:
     return [None if math.isnan(x) else x for x in values.astype(np.float64).tolist()]
 
 
-def _join_csr(rollout: str, chunks: list[RolloutChunk]) -> SafeTokenIds:
+def wire_safe_ids(
+    offsets: np.ndarray,
+    ids: np.ndarray,
+    sizes: np.ndarray,
+    vocab_size: int,
+    fmt: SafeTokenIdsFormat,
+) -> SafeTokenIds | PackedSafeTokenIds:
+    """CSR safe sets (``offsets`` ``(t + 1,)``, ``ids``, ``sizes`` ``(t,)``) in wire format.
+
+    Full steps (``sizes == vocab_size``) lose their ids: an empty row (``"list"``)
+    or no bytes (``"packed"``).
+
+    Raises:
+        ValueError: rows that disagree with ``sizes`` or ids outside the vocabulary.
+    """
+    full, _ = step_kinds(sizes, vocab_size)
+    lengths = np.diff(offsets)
+    if full.any():  # drop the listed ids of full steps
+        keep = ~np.repeat(full, lengths)
+        ids = ids[keep]
+        offsets = np.concatenate([[0], np.cumsum(np.where(full, 0, lengths))])
+    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        raise ValueError(f"safe-set ids outside the vocabulary [0, {vocab_size})")
+    if fmt == "packed":
+        data = encode_packed(offsets, ids, sizes, vocab_size)
+        return PackedSafeTokenIds(vocab_size=vocab_size, data=data)
+    if not np.array_equal(np.diff(offsets), np.where(full, 0, sizes)):
+        raise ValueError("CSR rows disagree with safe_sizes")
+    return SafeTokenIds(ids=ids.tolist(), offsets=offsets.tolist(), vocab_size=vocab_size)
+
+
+def _join_csr(
+    rollout: str, chunks: list[RolloutChunk], vocab_size: int, fmt: SafeTokenIdsFormat
+) -> SafeTokenIds | PackedSafeTokenIds:
     """Concatenate the chunks' CSR safe sets (each chunk's offsets start at 0)."""
     ids: list[np.ndarray] = []
     offsets: list[np.ndarray] = [np.zeros(1, dtype=np.int64)]
@@ -40,8 +77,12 @@ def _join_csr(rollout: str, chunks: list[RolloutChunk]) -> SafeTokenIds:
         ids.append(c.safe_ids)
         offsets.append(np.asarray(c.safe_offsets[1:], dtype=np.int64) + base)
         base += len(c.safe_ids)
-    flat = np.concatenate(ids) if ids else np.zeros(0, dtype=np.int32)
-    return SafeTokenIds(ids=flat.tolist(), offsets=np.concatenate(offsets).tolist())
+    flat = np.concatenate(ids).astype(np.int64) if ids else np.zeros(0, dtype=np.int64)
+    sizes = np.concatenate([c.safe_sizes for c in chunks]).astype(np.int64)
+    try:
+        return wire_safe_ids(np.concatenate(offsets), flat, sizes, vocab_size, fmt)
+    except ValueError as exc:
+        raise EngineError(f"rollout {rollout}: {exc}") from exc
 
 
 def _strip_stop(text: str, stop_reason: str | int | None) -> str:
@@ -63,6 +104,8 @@ def assemble_rollout(
     with_logprobs: bool,
     with_logmass: bool,
     with_safe_ids: bool,
+    vocab_size: int,
+    safe_format: SafeTokenIdsFormat = "list",
 ) -> Rollout:
     """Join one rollout's chunks into the columnar :class:`Rollout`.
 
@@ -75,11 +118,13 @@ def assemble_rollout(
         tokenizer: decodes the text (special tokens skipped); None: no text.
         with_logprobs, with_logmass: the engine returns these fields (its
             capabilities); else they are null.
-        with_safe_ids: the request asked for the safe sets (CSR).
+        with_safe_ids: the request asked for the safe sets.
+        vocab_size: V (a step with V ids is sent as the whole-vocabulary marker).
+        safe_format: the request's ``safe_token_ids_format``.
 
     Raises:
         EngineError: the chunks break the engine contract (mixed policy versions,
-            ragged arrays, missing safe ids).
+            ragged arrays, missing or inconsistent safe ids).
     """
     versions = {c.policy_version for c in chunks}
     if len(versions) != 1:  # the engine must never mix weights inside a rollout
@@ -108,7 +153,9 @@ def assemble_rollout(
         masked_logprobs=cat("masked_logprobs").astype(np.float64).tolist(),
         safe_logmass=_nan_to_none(cat("safe_logmass")) if with_logmass else None,
         safe_sizes=cat("safe_sizes").astype(np.int64).tolist(),
-        safe_token_ids=_join_csr(rollout_id, chunks) if with_safe_ids else None,
+        safe_token_ids=(
+            _join_csr(rollout_id, chunks, vocab_size, safe_format) if with_safe_ids else None
+        ),
         finish_reason=last.finish_reason or "error",
         stop_reason=last.stop_reason,
         policy_version=versions.pop(),

@@ -177,6 +177,8 @@ class RolloutService:
             with_logprobs="logprobs" in fields,
             with_logmass="safe_logmass" in fields,
             with_safe_ids=job.params.return_safe_token_ids,
+            vocab_size=self.engine.info.vocab_size,
+            safe_format=prepared.request.safe_token_ids_format,
         )
 
     def response(self, prepared: PreparedRequest, rollouts: list[Rollout]) -> RolloutResponse:

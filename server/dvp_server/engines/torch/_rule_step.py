@@ -18,6 +18,8 @@ from torch import Tensor
 
 from ._rows import Row
 
+_EMPTY = np.zeros(0, dtype=np.int32)  # the row of a whole-vocabulary set
+
 
 @dataclass
 class StepOutput:
@@ -29,7 +31,8 @@ class StepOutput:
         masked: float32 ``(B,)`` log pi_S(y).
         logmass: float32 ``(B,)`` log Z_S.
         sizes: int64 ``(B,)`` |S|.
-        safe_ids: per row, int32 ids of S (ascending) or None when not asked.
+        safe_ids: per row, int32 ids of S (ascending; empty when S is the whole
+            vocabulary) or None when not asked.
     """
 
     tokens: np.ndarray
@@ -105,6 +108,11 @@ def rule_step(logits: Tensor, rows: Sequence[Row], rule: BatchRule | None = None
         full, masked = sv.logprobs(tokens)
         logmass, sizes = sv.safe_logmass, sv.safe_sizes.numpy()
         safe_ids = _safe_ids(sv.mask, sizes, rule.asked)
+    vocab = logits.shape[-1]  # a whole-vocabulary set travels as an empty row (the marker)
+    safe_ids = [
+        None if ids is None else _EMPTY if s == vocab else ids
+        for ids, s in zip(safe_ids, sizes, strict=True)
+    ]
     return StepOutput(
         tokens=tokens.numpy(),
         logprobs=full.numpy(),
