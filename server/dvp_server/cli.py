@@ -118,8 +118,8 @@ def serve(
     max_logprobs: Annotated[
         int,
         typer.Option(
-            help="vLLM: K, top-K log-probs per step that safe sets are derived from; also the "
-            "largest pruning.top_k served (a rule without top_k gets top_k = K)."
+            help="vLLM: its max_logprobs (log-probs a request may ask vLLM for). It does not "
+            "bound the rule: safe sets come from vLLM's sampler, uncapped."
         ),
     ] = _DEFAULTS.max_logprobs,
     api_key: Annotated[
