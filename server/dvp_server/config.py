@@ -75,9 +75,8 @@ class ServerConfig:
         share_prefixes: torch engine: rollouts prefilled together run their common
             prompt prefix once and keep it for the next group (``engines/_prefix.py``);
             off: every prompt prefilled whole (a baseline for benchmarks).
-        max_logprobs: vLLM only: K, the top-K raw log-probs per step that the safe
-            sets are derived from; also the largest ``pruning.top_k`` served (a rule
-            without ``top_k`` gets ``top_k = K``).
+        max_logprobs: vLLM only: its ``max_logprobs``; it does not bound the rule (safe
+            sets come from vLLM's sampler, uncapped: ``engines/vllm/_processor.py``).
         api_key: bearer key every route but ``/health`` requires (401 otherwise); None:
             no auth. Kept out of ``repr``.
         max_queue: rollouts admitted beyond the ``max_batch`` the engine decodes at
