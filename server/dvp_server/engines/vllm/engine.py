@@ -105,13 +105,18 @@ class VllmEngine:
         """Weights version: 0 at start, +1 per :meth:`load_weights`."""
         return self._policy_version
 
-    async def load_weights(self, weights: Sequence[Path]) -> int:
+    async def load_weights(self, weights: Sequence[Path], version: int | None = None) -> int:
         """Reload the model's weights in place from safetensors files; the new version.
 
         vLLM's workers read the files themselves (``collective_rpc("reload_weights")``
         with a folder of links to them: vLLM loads folders), then the prefix cache
         is reset (its KV entries were computed with the old weights). The server
         calls this only with no rollout running (``admission.py``).
+
+        Args:
+            weights: the checked ``.safetensors`` files.
+            version: the ``policy_version`` to serve them as (a fleet's number); None:
+                the current one plus one.
 
         Raises:
             EngineError: the engine is not running, or vLLM failed the reload.
@@ -127,7 +132,7 @@ class VllmEngine:
         weakref.finalize(self, shutil.rmtree, folder, True)  # at the latest at exit
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-        self._policy_version += 1
+        self._policy_version = self._policy_version + 1 if version is None else version
         return self._policy_version
 
     @property
