@@ -141,8 +141,9 @@ class DvpRuleProcessor(LogitsProcessor):
         if not rows:
             return logits
         reqs = [self._rows[i] for i in rows]
+        whole = len(rows) == logits.shape[0]  # every row tagged (the usual case): no copies
         index = torch.tensor(rows, dtype=torch.int64, device=logits.device)
-        picked = logits.index_select(0, index)  # (R, V)
+        picked = logits if whole else logits.index_select(0, index)  # (R, V)
         sv = safe_vocab(
             picked,
             temperature=torch.tensor([r.temperature for r in reqs], dtype=torch.float64),
@@ -158,7 +159,9 @@ class DvpRuleProcessor(LogitsProcessor):
             keep = torch.zeros_like(keep)
             keep[list(forced), list(forced.values())] = True
             keep |= sv.mask & ~_rows_mask(len(reqs), list(forced), keep.device)
-        logits.index_copy_(0, index, picked.masked_fill_(~keep, -math.inf))
+        picked.masked_fill_(~keep, -math.inf)  # after the records: sv.scaled may alias it
+        if not whole:
+            logits.index_copy_(0, index, picked)
         if self._sender:
             for addr in sorted({r.addr for r in reqs}):
                 self._send(
@@ -201,11 +204,16 @@ def step_records(sv: Any, reqs: list[_Row], steps: list[int]) -> list[tuple[Any,
     """
     sizes = sv.safe_sizes.tolist()
     logmass = sv.safe_logmass.tolist()
+    asked = [j for j, r in enumerate(reqs) if r.with_ids]
+    sets: dict[int, np.ndarray] = {}
+    if asked:  # one nonzero over the rows that asked (row-major: ascending ids per row)
+        rows = sv.mask if len(asked) == len(reqs) else sv.mask[asked]
+        flat = rows.nonzero()[:, 1].to(torch.int32).cpu().numpy()
+        bounds = np.cumsum([sizes[j] for j in asked])[:-1]
+        sets = dict(zip(asked, np.split(flat, bounds), strict=True))
     records: list[tuple[Any, ...]] = []
     for j, (r, step) in enumerate(zip(reqs, steps, strict=True)):
-        ids = None
-        if r.with_ids:
-            ids = sv.mask[j].nonzero().squeeze(-1).to(torch.int32).cpu().numpy()
+        ids = sets.get(j)
         score = None
         if r.force is not None:
             score = _forced(sv, j, int(r.force[min(step, len(r.force) - 1)]), r.top_n)
