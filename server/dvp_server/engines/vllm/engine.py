@@ -341,6 +341,8 @@ class VllmEngine:
                 exact_at_any_temperature=list(ALL_FIELDS),
                 max_top_k=None,  # the rule as sent, uncapped: S comes from the sampler
                 score=True,
+                # vLLM's "fp8_per_block": e4m3 weights with 128 x 128 block scales
+                quantization="fp8-e4m3-block128" if self.settings.quantization else None,
             ),
             eos_token_ids=tuple(sorted(self._eos_ids)),
         )
