@@ -1,0 +1,66 @@
+"""Quick FP8 vs bf16 check on SmolLM2 (the numbers in README "FP8 rollouts").
+
+One chat prompt, 40 greedy tokens from the fp32 model; teacher-forced, the mean and max
+|dlogp| of those tokens and the mean KL(fp32 || engine) per position, for the torch
+engine with --quantize fp8 / fp8-channel in fp32 and bf16, and a plain bf16 engine.
+Run: .venv/bin/python docs/diagnose-fp8/quick_check.py
+"""
+
+import torch
+from dvp_server.model_store import resolve_model, load_tokenizer
+from dvp_server.engines.torch.engine import TorchEngine
+from transformers import AutoModelForCausalLM
+
+d = resolve_model("smollm2", None)
+tok = load_tokenizer(d)
+ids = tok.apply_chat_template(
+    [{"role": "user", "content": "Write a short poem about the sea and the wind."}],
+    add_generation_prompt=True,
+    return_tensors="pt",
+)
+ids = ids if isinstance(ids, torch.Tensor) else ids["input_ids"]
+ref = AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32)
+with torch.no_grad():
+    out = ref.generate(ids, max_new_tokens=40, do_sample=False)
+    a = ref(out).logits.log_softmax(-1)
+for q in ["fp8", "fp8-channel"]:
+    for dt in ["float32", "bfloat16"]:
+        e = TorchEngine(d, dtype=dt, quantize=q, threads=2)
+        with torch.no_grad():
+            b = e.model(out).logits.float().log_softmax(-1)
+        n = ids.shape[1]
+        pa = a[0, n - 1 : -1]
+        pb = b[0, n - 1 : -1]
+        y = out[0, n:]
+        dl = (pa.gather(-1, y[:, None]) - pb.gather(-1, y[:, None])).abs()
+        kl = (pa.exp() * (pa - pb)).sum(-1)
+        print(
+            q,
+            dt,
+            "sampled |dlogp| mean",
+            dl.mean().item(),
+            "max",
+            dl.max().item(),
+            "KL mean",
+            kl.mean().item(),
+            "vocab mean",
+            (pa - pb).abs().mean().item(),
+        )
+e = TorchEngine(d, dtype="bfloat16", threads=2)
+with torch.no_grad():
+    b = e.model(out).logits.float().log_softmax(-1)
+pb = b[0, n - 1 : -1]
+dl = (pa.gather(-1, y[:, None]) - pb.gather(-1, y[:, None])).abs()
+kl = (pa.exp() * (pa - pb)).sum(-1)
+print(
+    "bf16",
+    "sampled |dlogp| mean",
+    dl.mean().item(),
+    "max",
+    dl.max().item(),
+    "KL mean",
+    kl.mean().item(),
+    "vocab mean",
+    (pa - pb).abs().mean().item(),
+)
+print(tok.decode(out[0, n:]))
