@@ -7,8 +7,8 @@ Run: .venv/bin/python docs/diagnose-fp8/quick_check.py
 """
 
 import torch
-from dvp_server.model_store import resolve_model, load_tokenizer
 from dvp_server.engines.torch.engine import TorchEngine
+from dvp_server.model_store import load_tokenizer, resolve_model
 from transformers import AutoModelForCausalLM
 
 d = resolve_model("smollm2", None)
