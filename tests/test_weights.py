@@ -335,6 +335,78 @@ def test_bad_updates_over_http_change_nothing(wserver: ServerProcess) -> None:
     assert _version(base) == v0
 
 
+def _seeded_tokens(base: str) -> list[list[int]]:
+    r = _rollouts(base, 5, 2, 12)
+    assert r.status_code == 200, r.text
+    return [ro["token_ids"] for ro in r.json()["rollouts"]]
+
+
+def _assert_unchanged(base: str, version: int, tokens: list[list[int]], what: str) -> None:
+    """The engine serves, at ``version``, and samples ``tokens`` again (same seeds)."""
+    health = httpx.get(f"{base}/health", timeout=30).json()
+    assert health["engine_state"] == "running", (what, health)
+    assert _version(base) == version, what
+    assert _seeded_tokens(base) == tokens, what
+
+
+def check_bad_updates(base: str, model_dir: Path) -> None:
+    """Every :func:`bad_checkpoints` case, by path (under ``bad/``) and by upload: a 422
+    naming the field and the problem; nothing changes."""
+    v0, tokens = _version(base), _seeded_tokens(base)
+    for name, (blob, text) in bad_checkpoints(model_dir).items():
+        by_path = httpx.post(
+            f"{base}/v1/weights", json={"path": f"bad/{name}.safetensors"}, timeout=300
+        )
+        upload = httpx.post(
+            f"{base}/v1/weights/upload",
+            content=blob,
+            headers={"content-type": "application/octet-stream"},
+            timeout=300,
+        )
+        for r, param in ((by_path, "path"), (upload, "body")):
+            assert r.status_code == 422, (name, param, r.text)
+            err = r.json()["error"]
+            assert err["param"] == param and text in err["message"], (name, err)
+            assert "retryable" not in err["message"], err
+        _assert_unchanged(base, v0, tokens, name)
+
+
+def check_engine_failure_keeps_weights(base: str, root: Path, good: Path, max_tokens: int) -> None:
+    """The engine's own load fails (the file is truncated after the check, while the
+    update waits for a rollout to drain): 422 saying so, the previous weights serve."""
+    v0, tokens = _version(base), _seeded_tokens(base)
+    race = root / "race.safetensors"
+    race.write_bytes(good.read_bytes())
+    with ThreadPoolExecutor(2) as pool:
+        long = pool.submit(_rollouts, base, 3, 1, max_tokens)
+        _wait_for(lambda: metrics(base)["dvp_rollouts_running"] >= 1, "a running rollout")
+        body = {"path": race.name}
+        update = pool.submit(httpx.post, f"{base}/v1/weights", json=body, timeout=600)
+        _wait_for(lambda: metrics(base)["dvp_admission_gate_open"] == 0, "the checked update")
+        os.truncate(race, race.stat().st_size - 1000)
+        assert not long.done(), "the rollout ended before the file was cut"
+        r, rollout = update.result(), long.result()
+    assert rollout.status_code == 200, rollout.text
+    assert r.status_code == 422, r.text
+    err = r.json()["error"]
+    assert err["param"] == "path" and "could not load this checkpoint" in err["message"], err
+    assert f"policy_version {v0} keeps serving" in err["message"], err
+    _assert_unchanged(base, v0, tokens, "engine load failure")
+
+
+def test_bad_checkpoints_over_http_leave_the_engine_serving(
+    wserver: ServerProcess, tiny_model_dir: Path
+) -> None:
+    check_bad_updates(wserver.base_url, tiny_model_dir)
+
+
+def test_a_failed_engine_load_keeps_the_previous_weights(
+    wserver: ServerProcess, weights_root: Path
+) -> None:
+    good = weights_root / "certain-a.safetensors"
+    check_engine_failure_keeps_weights(wserver.base_url, weights_root, good, 400)
+
+
 @pytest.mark.slow
 def test_update_during_concurrent_rollouts_drains_then_swaps(wserver: ServerProcess) -> None:
     """Rollouts in flight finish on the old weights; rollouts sent during the update wait
@@ -424,7 +496,10 @@ def test_upload_bumps_the_version(wserver: ServerProcess, tiny_model_dir: Path) 
 def test_vllm_engine_reloads_weights(
     vllm_tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    """vLLM reloads checked weights in place: version 1, every token from the new weights.
+    """Bad checkpoints (by path and upload) are refused before vLLM sees them, and a load
+    vLLM fails itself restores the previous weights: the engine keeps serving them,
+    version 0, same seeded tokens. Then vLLM reloads checked weights in place: version
+    1, every token from the new weights.
 
     (Not checked here: that the prefix cache is reset; the certain weights ignore the
     KV cache, so stale cached KV would not show.)"""
@@ -433,12 +508,20 @@ def test_vllm_engine_reloads_weights(
 
     root = tmp_path_factory.mktemp("vllm-weights")
     save_file(certain_weights(vllm_tiny_model_dir, TOKEN_A), str(root / "a.safetensors"))
+    (root / "bad").mkdir()
+    for name, (blob, _) in bad_checkpoints(vllm_tiny_model_dir).items():
+        (root / "bad" / f"{name}.safetensors").write_bytes(blob)
     log = tmp_path_factory.mktemp("vllm-weights-server") / "server.log"
     flags = ["--engine", "vllm", "--max-batch", "16", "--max-logprobs", "20"]
+    flags += ["--max-tokens-cap", "480", "--max-request-bytes", str(64 << 20)]
     flags += ["--kv-cache-bytes", str(VLLM_KV_CACHE_BYTES), "--weights-root", str(root)]
     server = start_server(str(vllm_tiny_model_dir), log, flags, VLLM_STARTUP_TIMEOUT_S)
     try:
         base = server.base_url
+        check_bad_updates(base, vllm_tiny_model_dir)
+        good = vllm_tiny_model_dir / "model.safetensors"
+        check_engine_failure_keeps_weights(base, root, good, 480)
+        assert "previous weights restored" in server.log()
         before = _rollouts(base, 1, 2, 8).json()["rollouts"]
         assert all(ro["policy_version"] == 0 and ro["token_ids"] != [TOKEN_A] * 8 for ro in before)
         r = httpx.post(f"{base}/v1/weights", json={"path": "a.safetensors"}, timeout=300)

@@ -56,13 +56,7 @@ DTYPE_BYTES = {
     "I64": 8, "U64": 8, "F64": 8,
 }  # fmt: skip
 FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
-#: Per float dtype: the unsigned view and the exponent mask (all ones: inf or NaN).
-_EXPONENT = {
-    "F16": (np.uint16, 0x7C00),
-    "BF16": (np.uint16, 0x7F80),
-    "F32": (np.uint32, 0x7F800000),
-    "F64": (np.uint64, 0x7FF0000000000000),
-}
+_NUMPY_FLOATS = {"F16": "<f2", "F32": "<f4", "F64": "<f8"}  # safetensors is little-endian
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit on the JSON header
 _BLOCK_BYTES = 16 << 20  # data read per step of the finiteness scan
 _TIED_HEAD = "lm_head.weight"
@@ -255,20 +249,26 @@ def _blocks(f: BinaryIO, name: str, e: TensorEntry) -> Iterator[bytes]:
         yield block
 
 
-def first_non_finite(path: Path, entries: dict[str, TensorEntry]) -> str | None:
-    """The first float tensor (in file order) holding a NaN or an infinity, else None.
+def _all_finite(block: bytes, dtype: str) -> bool:
+    """Whether every value of a block of ``dtype`` (F16, BF16, F32, F64) is finite.
 
-    A value is not finite when its exponent bits are all ones (IEEE 754), so the
-    scan needs no float conversion (bf16 included): ``(bits & mask) == mask``.
+    numpy's ``isfinite`` for its own float types; bf16 has none, and a bf16 value
+    is not finite when its 8 exponent bits are all ones: ``bits & 0x7F80 == 0x7F80``.
     """
+    if dtype == "BF16":
+        bits = np.frombuffer(block, dtype="<u2")
+        return not bool((np.bitwise_and(bits, 0x7F80) == 0x7F80).any())
+    return bool(np.isfinite(np.frombuffer(block, dtype=_NUMPY_FLOATS[dtype])).all())
+
+
+def first_non_finite(path: Path, entries: dict[str, TensorEntry]) -> str | None:
+    """The first float tensor (in file order) holding a NaN or an infinity, else None."""
     with Path(path).open("rb", buffering=0) as f:
         for name, e in sorted(entries.items(), key=lambda kv: kv[1].begin):
-            if e.dtype not in _EXPONENT:
+            if e.dtype not in FLOAT_DTYPES:
                 continue
-            view, mask = _EXPONENT[e.dtype]
-            for block in _blocks(f, name, e):
-                if (np.bitwise_and(np.frombuffer(block, dtype=view), mask) == mask).any():
-                    return name
+            if not all(_all_finite(block, e.dtype) for block in _blocks(f, name, e)):
+                return name
     return None
 
 
