@@ -75,6 +75,13 @@ def serve(
     max_request_bytes: Annotated[
         int, typer.Option(help="Largest request body in bytes (else 413).")
     ] = _DEFAULTS.max_request_bytes,
+    max_response_bytes: Annotated[
+        int,
+        typer.Option(
+            help="Largest worst-case response of one rollout request in bytes, computed "
+            "before it runs (else 422 naming return_safe_token_ids or sampling.max_tokens)."
+        ),
+    ] = _DEFAULTS.max_response_bytes,
     engine: Annotated[
         str,
         typer.Option(
@@ -218,6 +225,7 @@ def serve(
             max_rollouts_per_request=max_rollouts,
             max_prompt_tokens=max_prompt_tokens,
             max_request_bytes=max_request_bytes,
+            max_response_bytes=max_response_bytes,
             engine=engine,
             cache_dir=cache_dir,
             log_level=log_level.lower(),

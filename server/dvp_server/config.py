@@ -51,6 +51,11 @@ class ServerConfig:
         max_request_bytes: largest request body (413 above it). 64 MiB holds a
             request at the default limits: 512 prompts of 2048 token ids is ~7 MB
             of JSON.
+        max_response_bytes: largest worst-case response of one rollout request
+            (``service/response_size.py``; 422 naming the field above it, before any
+            rollout starts; streams included). 512 MiB holds 256 rollouts x 128 tokens
+            of SmolLM2 with min-p sets packed (worst case ~8.4 KB per step in JSON), and
+            any request at the default limits that does not ask for safe sets.
         engine: ``"vllm"`` (vLLM's ``AsyncLLM``), ``"torch"`` (the reference engine)
             or ``"auto"`` (vLLM when it is importable, else torch).
         cache_dir: where a GGUF model is converted to safetensors once; None: the
@@ -120,6 +125,7 @@ class ServerConfig:
     max_rollouts_per_request: int = 512
     max_prompt_tokens: int | None = None
     max_request_bytes: int = 64 << 20
+    max_response_bytes: int = 512 << 20
     engine: str = "auto"
     cache_dir: Path | None = None
     log_level: str = "info"
@@ -166,6 +172,7 @@ class ServerConfig:
             "max_n": self.max_n,
             "max_rollouts_per_request": self.max_rollouts_per_request,
             "max_request_bytes": self.max_request_bytes,
+            "max_response_bytes": self.max_response_bytes,
             "tensor_parallel_size": self.tensor_parallel_size,
             "data_parallel_size": self.data_parallel_size,
             "max_logprobs": self.max_logprobs,
