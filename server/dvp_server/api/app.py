@@ -36,6 +36,7 @@ from ..engines.base import Engine
 from ..errors import error_response, install_error_handlers
 from ..service.serving import RolloutService, run_until_disconnect
 from ..service.supervisor import EngineGateMiddleware, EngineSupervisor
+from .bodies import install_body_decoding
 from .codecs import MsgpackBodyMiddleware, model_response
 from .openai_routes import router as openai_router
 from .ops import install_ops
@@ -212,6 +213,7 @@ def create_app(
     app.add_middleware(BodyLimitMiddleware, limit=config.max_request_bytes)
     app.add_middleware(EngineGateMiddleware)  # 503 + Retry-After while the engine is down
     install_ops(app, config)  # weights + /metrics routes; auth, draining, metrics middleware
+    install_body_decoding(app)  # JSON bodies decoded + validated off the loop (bodies.py)
     app.add_middleware(RequestIdMiddleware)  # outermost: stamps errors from inside too
     return app
 
@@ -264,38 +266,70 @@ class RequestIdMiddleware:
         await self.app(scope, receive, send_with_id)
 
 
+class _BodyTooLarge(HTTPException):
+    """A body over the limit (FastAPI passes HTTPExceptions from body reading through)."""
+
+
 class BodyLimitMiddleware:
     """Refuse a request body over ``limit`` bytes with a 413 error body.
 
-    A ``Content-Length`` over the limit is refused before anything is read; a
+    A ``Content-Length`` over the limit is refused before the body is used; a
     body without one (chunked) is counted as it arrives and refused once it
-    passes the limit, so no request can make the server buffer more.
+    passes the limit, so no request can make the server buffer more. Either way
+    the rest of the body is first read and dropped (up to :attr:`drain_bytes`
+    more, and not when the client waits for ``100 Continue``), so a client that
+    is still sending reads the 413 instead of a connection reset; a body longer
+    still gets the 413 and the connection closed.
     """
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app = app
         self.limit = limit
+        self.drain_bytes = max(limit, 16 << 20)
 
     def _too_large(self) -> HTTPException:
-        return HTTPException(413, f"request body is over the limit of {self.limit} bytes")
+        return _BodyTooLarge(413, f"request body is over the limit of {self.limit} bytes")
+
+    async def _drain(self, receive: Receive, budget: int) -> None:
+        """Read and drop the rest of the body, at most ``budget`` bytes."""
+        while budget >= 0:
+            message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                return
+            budget -= len(message.get("body", b""))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        length = next((v for k, v in scope["headers"] if k == b"content-length"), b"")
+        headers = dict(scope["headers"])
+        length = headers.get(b"content-length", b"")
         if length.isdigit() and int(length) > self.limit:
+            if int(length) <= self.limit + self.drain_bytes and not headers.get(b"expect"):
+                await self._drain(receive, self.limit + self.drain_bytes)
             await error_response(self._too_large())(scope, receive, send)
             return
         seen = 0
+        started = False
 
         async def counted_receive() -> Message:
             nonlocal seen
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.limit:  # FastAPI re-raises an HTTPException from body reading
+                if seen > self.limit:
+                    if message.get("more_body", False):
+                        await self._drain(receive, self.drain_bytes)
                     raise self._too_large()
             return message
 
-        await self.app(scope, counted_receive, send)
+        async def send_tracking(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, send_tracking)
+        except _BodyTooLarge as exc:  # raised outside the routes (the msgpack decoder)
+            if not started:
+                await error_response(exc)(scope, receive, send)

@@ -21,6 +21,7 @@ Everything else (the echoed temperature and rule) is packed as float64.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -32,6 +33,7 @@ from pydantic import BaseModel
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import ServiceError, error_response
+from .bodies import DECODED_BODY, INLINE_BYTES, body_value_cap, unpack_msgpack
 
 __all__ = [
     "FLOAT32_KEYS",
@@ -116,8 +118,23 @@ def msgpack_to_json(body: bytes) -> bytes:
         raise _bad_body(f"malformed msgpack body ({detail})") from exc
     try:
         return json.dumps(value, allow_nan=True).encode()
+    except RecursionError as exc:
+        raise _bad_body("malformed msgpack body (nested too deeply)") from exc
     except (TypeError, ValueError) as exc:  # bytes, ExtType, ...
         raise _bad_body(f"msgpack body holds a value JSON cannot carry: {exc}") from exc
+
+
+def _unpack_large(body: bytes, cap: int) -> Any:
+    """A large msgpack body's value (:func:`bodies.unpack_msgpack`), JSON types only.
+
+    Raises:
+        ServiceError: 422 as :func:`msgpack_to_json`; 413 over ``cap`` values.
+    """
+    try:
+        return unpack_msgpack(body, cap)
+    except (ValueError, msgpack.UnpackException, TypeError) as exc:  # bin/ext: max len 0
+        detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        raise _bad_body(f"malformed msgpack body, or a value JSON cannot carry ({detail})") from exc
 
 
 def _bad_body(message: str) -> ServiceError:
@@ -151,8 +168,14 @@ class MsgpackBodyMiddleware:
             chunks.append(message.get("body", b""))
             if not message.get("more_body", False):
                 break
+        raw = b"".join(chunks)
         try:
-            body = msgpack_to_json(b"".join(chunks))
+            if len(raw) <= INLINE_BYTES:
+                body = msgpack_to_json(raw)
+            else:  # decoded off the loop in steps; the route validates it (bodies.py)
+                value = await asyncio.to_thread(_unpack_large, raw, body_value_cap(scope["app"]))
+                scope = {**scope, DECODED_BODY: value}
+                body = b"{}"
         except ServiceError as exc:
             await error_response(exc)(scope, receive, send)
             return

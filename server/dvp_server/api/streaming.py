@@ -63,7 +63,7 @@ async def stream_response(
     Raises:
         ServiceError, EngineError: the request is refused before streaming starts.
     """
-    prepared = service.prepare(body, request.state.request_id)
+    prepared = await service.prepare(body, request.state.request_id)
     streams: list[AsyncIterator[RolloutChunk]] = []
     try:
         for job in prepared.jobs:

@@ -8,9 +8,6 @@
    the model's chat template (``add_generation_prompt=True``), token ids are
    checked against the vocabulary (422 ``prompts.i.j``); prompts too long for
    the context get a 422 naming ``prompts.i``;
-   a request whose worst-case response is over ``--max-response-bytes`` gets a
-   422 naming ``return_safe_token_ids`` or ``sampling.max_tokens``
-   (``response_size.py``);
 3. build each sample's :class:`EngineParams` (``params.py``) and fan the
    ``prompts x n`` rollouts out as concurrent ``engine.generate`` calls; if one
    fails, or the HTTP client goes away, all of them are cancelled and aborted;
@@ -43,7 +40,7 @@ from ..engines.base import Engine, EngineError, EngineParams, RolloutChunk
 from ..errors import ServiceError, validation_error
 from .assembly import assemble_rollout
 from .params import draw_request_seed, effective_rule, request_seed_of, to_engine_params
-from .response_size import check_response_size, token_bytes
+from .prompts import INLINE_CHARS, check_text_bound, prompt_chars, text_bound
 
 __all__ = [
     "ClientDisconnected",
@@ -117,6 +114,7 @@ class RolloutService:
         self.engine = engine
         self.tokenizer = tokenizer
         self.config = config
+        self._text_bound: int | None = None  # prompts.text_bound, on first use
 
     @property
     def model_id(self) -> str:
@@ -137,7 +135,7 @@ class RolloutService:
             ServiceError: the request does not fit the model or the server limits.
             EngineError: the engine failed a rollout (all others were aborted).
         """
-        prepared = self.prepare(request, request_id)
+        prepared = await self.prepare(request, request_id)
         results = await self._run_all(prepared.jobs, prepared.key)
         rollouts = [
             self.assemble(prepared, job, chunks)
@@ -145,7 +143,7 @@ class RolloutService:
         ]
         return self.response(prepared, rollouts)
 
-    def prepare(self, request: RolloutRequest, request_id: str) -> PreparedRequest:
+    async def prepare(self, request: RolloutRequest, request_id: str) -> PreparedRequest:
         """Steps 1-3 of the module docstring up to the fan-out: checks, prompt ids, jobs.
 
         Raises:
@@ -156,7 +154,7 @@ class RolloutService:
             raise EngineError(f"the {self.engine.info.name} engine is {self.engine.state}")
         self._check_request(request)
         request = self._with_effective_rule(request)
-        prompts = [self._prompt_ids(i, p) for i, p in enumerate(request.prompts)]
+        prompts = await self.prompt_ids(request.prompts)
         seed = request_seed_of(request, draw_request_seed())
         max_len = self.engine.info.max_model_len
         jobs = [
@@ -164,13 +162,6 @@ class RolloutService:
             for i, ids in enumerate(prompts)
             for j in range(request.n)
         ]
-        check_response_size(
-            request,
-            [(len(job.prompt_ids), job.params.max_tokens) for job in jobs],
-            vocab_size=self.engine.info.vocab_size,
-            token_bytes=token_bytes(self.tokenizer),
-            limit=self.config.max_response_bytes,
-        )
         key = f"{request_id}.{next(_REQUEST_SEQ)}"
         return PreparedRequest(request, request_id, key, seed, prompts, jobs)
 
@@ -257,6 +248,25 @@ class RolloutService:
         if rule == request.pruning:
             return request
         return request.model_copy(update={"pruning": rule})
+
+    async def prompt_ids(self, prompts: list[Prompt]) -> list[list[int]]:
+        """Step 2 for every prompt, without stalling the event loop (``prompts.py``): a
+        text over the cheap bound is refused untokenized; long texts are tokenized (and
+        chat-templated) in a worker thread.
+
+        Raises:
+            ServiceError: 422 naming the first prompt that does not fit.
+        """
+        if self._text_bound is None:
+            self._text_bound = text_bound(self.tokenizer, self.max_prompt_tokens)
+        check_text_bound(prompts, self._text_bound, self.max_prompt_tokens)
+
+        def encode() -> list[list[int]]:
+            return [self._prompt_ids(i, p) for i, p in enumerate(prompts)]
+
+        if prompt_chars(prompts) <= INLINE_CHARS:
+            return encode()
+        return await asyncio.to_thread(encode)
 
     def _prompt_ids(self, index: int, prompt: Prompt) -> list[int]:
         """Token ids of prompt ``index``, checked against the vocabulary and context."""
