@@ -129,3 +129,30 @@ def test_malformed_packed_is_refused(data: bytes, sizes: list[int], match: str) 
 def test_rows_disagreeing_with_sizes_are_refused() -> None:
     with pytest.raises(ValueError, match="safe_sizes says"):
         encode_packed(np.array([0, 2]), np.array([1, 2]), np.array([3]), 10)
+
+
+def test_protocol_md_packed_vectors() -> None:
+    """The table in docs/protocol.md (vectors:packed) is what the encoder writes."""
+    import base64
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).parents[1] / "docs" / "protocol.md").read_text()
+    block = doc.split("<!-- vectors:packed -->")[1].split("<!-- /vectors:packed -->")[0]
+    rows = [r for r in block.strip().splitlines()[2:] if r.startswith("|")]
+    assert len(rows) == 2
+    for row in rows:
+        vocab, sets_text, sizes_text, hex_text, b64_text = (c.strip() for c in row.split("|")[1:6])
+        v = int(vocab)
+        sets = []
+        for part in re.findall(r"\{([^}]*)\}", sets_text):
+            if ".." in part:
+                lo, hi = (int(x) for x in part.split(".."))
+                sets.append(np.arange(lo, hi + 1))
+            else:
+                sets.append(np.array([int(x) for x in part.split(",")]))
+        offsets, ids, sizes = _csr(sets)
+        assert sizes.tolist() == [int(x) for x in sizes_text.strip("[]").split(",")]
+        data = encode_packed(offsets, ids, sizes, v)
+        assert data.hex() == hex_text.strip("`").replace(" ", "")
+        assert base64.b64encode(data).decode() == b64_text.strip("`")
