@@ -28,11 +28,13 @@ Usage::
 
     .venv/bin/python bench/objective.py            # [4, 512, 49152], fp32 and bf16
     .venv/bin/python bench/objective.py --quick    # [2, 128, 49152]
+    .venv/bin/python bench/objective.py --head     # from hidden states: bench/_head.py
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import statistics
 import time
@@ -107,26 +109,26 @@ def step(fn: Fn, c: Case) -> tuple[Tensor, Tensor]:
     return logp.detach(), x.grad
 
 
-def time_rounds(fns: list[Fn], c: Case, repeat: int) -> list[list[float]]:
-    """Seconds per forward+backward: ``repeat`` rounds, each running every fn once.
+def time_rounds(runs: list[Callable[[], object]], repeat: int) -> list[list[float]]:
+    """Seconds per forward+backward: ``repeat`` rounds, each running every method once.
 
     Round-robin, so that load from other processes on a shared machine falls on
     every method alike; one warm-up round first.
     """
-    times: list[list[float]] = [[] for _ in fns]
+    times: list[list[float]] = [[] for _ in runs]
     for r in range(repeat + 1):
-        for i, fn in enumerate(fns):
+        for i, run_once in enumerate(runs):
             t0 = time.perf_counter()
-            step(fn, c)
+            run_once()
             if r > 0:
                 times[i].append(time.perf_counter() - t0)
     return times
 
 
-def extra_peak_bytes(fn: Fn, c: Case) -> int:
+def extra_peak_bytes(run_once: Callable[[], object]) -> int:
     """Peak of (allocated - freed) bytes during one forward+backward (profiler events)."""
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step(fn, c)
+        run_once()
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     events.sort(key=lambda e: e.start_ns())
     live = peak = 0
@@ -152,10 +154,10 @@ def run(shape: tuple[int, int, int], dtype: torch.dtype, repeat: int) -> None:
         ("  same, with_full=False", ours_csr_masked_only),
         ("pruned_logprobs, dense bool mask", ours_dense),
     ]
-    times = time_rounds([fn for _, fn in rows], c, repeat)
-    base_m = extra_peak_bytes(naive, c)
+    times = time_rounds([functools.partial(step, fn, c) for _, fn in rows], repeat)
+    base_m = extra_peak_bytes(functools.partial(step, naive, c))
     for (name, fn), ts in zip(rows, times, strict=True):
-        m = extra_peak_bytes(fn, c)
+        m = extra_peak_bytes(functools.partial(step, fn, c))
         logp, grad = step(fn, c)
         dv = (logp - ref_logp).abs().max().item()
         dg = (grad.float() - ref_grad.float()).abs().max().item()
@@ -174,9 +176,24 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--dtype", choices=["fp32", "bf16", "both"], default="both")
+    ap.add_argument(
+        "--head",
+        type=int,
+        nargs="*",
+        metavar="V",
+        help="LM-head comparison from hidden states [4, 1024, 576] instead "
+        "(bench/_head.py); V values, default 49152 151936",
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.head is not None:
+        from _head import run_head
+
+        shape = tuple(args.shape[:2]) if args.shape else (4, 1024)
+        for v in args.head or [49152, 151936]:
+            run_head((*shape, 576, v), args.repeat)  # type: ignore[arg-type]
+        return
     default = (2, 128, 49152) if args.quick else (4, 512, 49152)
     shape = tuple(args.shape) if args.shape else default
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
