@@ -12,14 +12,15 @@ checks and error messages), without a ``[B, T, V]`` tensor in forward or backwar
 The logits are computed in tiles of at most ``tile_elements`` (steps x vocabulary
 rows) with an online logsumexp, and recomputed tile by tile in backward (see
 :mod:`dvp_client.train._fused` for the gradient). Extra memory is one tile, the fp32
-``(V, H)`` weight gradient and ``(N, H)`` / ``(N,)`` per-step vectors, not
+``(V, H)`` weight gradient, ``(N, H)`` / ``(N,)`` per-step vectors and the sets, not
 ``B * T * V``. With CSR sets and ``with_full=False`` nothing dense runs at all: the
 forward and backward read only the rows ``W[S]`` and ``W[y]`` of each step (exact:
 ``log pi_S(y)`` needs no other row). When only ``logprobs`` gets a gradient (the usual
 loss; ``full_logprobs`` and ``log_z`` for metrics), backward is sparse too.
 
-Math is float32 (float64 for float64 hidden states) for any input dtype; each tile
-of the weight is upcast as it is used. Gradients go to ``hidden`` and to the weight
+Math is float32 (float64 for float64 hidden states) for any input dtype; a bf16 /
+fp16 weight is upcast once per forward and once per backward (a transient ``(V, H)``
+float32 copy, the size of its gradient). Gradients go to ``hidden`` and to the weight
 (returned in their dtypes). Not handled: an LM-head bias, logit soft-capping or
 scaling (Gemma 2, Granite, ...): compute the logits and use ``pruned_logprobs``.
 
