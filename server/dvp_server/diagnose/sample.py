@@ -164,10 +164,7 @@ class Reference:
                 model = AutoModelForCausalLM.from_pretrained(str(self.model_dir), dtype=dtype)
             else:
                 model = copy.deepcopy(self.model)  # float32, rounded from float32 as served
-                linears = _fp8.fp8_linears(model)
-                source = {n: lin.weight.detach() for n, lin in linears.items()}
-                model.to(dtype)
-                _fp8.requantize(linears, source, _fp8.reported_mode(self.quantization))
+                _fp8.round_model(model, dtype, _fp8.reported_mode(self.quantization))
             self._engine_copy = model.eval()
         return self._engine_copy
 

@@ -40,6 +40,7 @@ __all__ = [
     "quantize",
     "reported_mode",
     "requantize",
+    "round_model",
     "round_weight",
 ]
 
@@ -153,6 +154,24 @@ def requantize(linears: Mapping[str, nn.Linear], tensors: Mapping[str, Tensor], 
                 lin.weight.copy_(round_weight(t, mode, dtype=lin.weight.dtype))
                 done += 1
     return done
+
+
+def round_model(model: nn.Module, dtype: torch.dtype, mode: str) -> dict[str, nn.Linear]:
+    """Cast a float32 model to ``dtype`` with its linears rounded from float32, in place.
+
+    Args:
+        model: loaded in float32 (the precision the rounding starts from).
+        dtype: the compute dtype.
+        mode: ``"block"`` or ``"channel"``.
+
+    Returns:
+        The rounded linears (:func:`fp8_linears`), for :func:`requantize` on updates.
+    """
+    linears = fp8_linears(model)
+    source = {name: lin.weight.detach() for name, lin in linears.items()}
+    model.to(dtype)  # a new tensor per parameter unless dtype is float32
+    requantize(linears, source, mode)
+    return linears
 
 
 def _block_amax(w: Tensor, block: int) -> Tensor:

@@ -217,11 +217,8 @@ class TorchEngine(SchedulerMixin):
         if self.quantize is None:
             return auto_cls.from_pretrained(str(model_dir), dtype=dtype)
         model = auto_cls.from_pretrained(str(model_dir), dtype=torch.float32)
-        self._fp8_linears = _fp8.fp8_linears(model)
-        source = {name: lin.weight.detach() for name, lin in self._fp8_linears.items()}
-        model.to(dtype)  # a new tensor per parameter unless dtype is float32
-        _fp8.requantize(self._fp8_linears, source, _fp8.MODES[self.quantize])
-        logger.info("torch engine: %d linears rounded to %s", len(source), self.quantize)
+        self._fp8_linears = _fp8.round_model(model, dtype, _fp8.MODES[self.quantize])
+        logger.info("torch engine: %d linears rounded to %s", len(self._fp8_linears), self.quantize)
         return model
 
     def _swap_weights(self, tensors: dict[str, torch.Tensor], version: int | None) -> int:
