@@ -22,7 +22,7 @@ import pytest
 import torch
 from dvp_schemas import PruningRule
 from dvp_server.engines.base import Engine, EngineError, EngineParams, RolloutChunk
-from dvp_server.engines.torch.engine import TorchEngine
+from dvp_server.engines.torch.engine import TorchEngine, default_threads
 from transformers import AutoModelForCausalLM
 
 LOGPROB_ATOL = 2e-4
@@ -430,6 +430,18 @@ def test_chunks_flush_every_16_steps(engine: TorchEngine) -> None:
     res = asyncio.run(collect(engine, "flush", encode(engine, "x"), params(max_tokens=40)))
     assert [len(c.token_ids) for c in res.chunks] == [16, 16, 8]
     assert [c.finish_reason for c in res.chunks] == [None, None, "length"]
+
+
+def test_default_threads_leave_one_core(tiny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No --threads: every usable core but one (the event loop's), at least one."""
+    for cores, want in (({0, 1}, 1), ({0}, 1), (set(range(16)), 15)):
+        monkeypatch.setattr("os.sched_getaffinity", lambda _pid, c=cores: c)
+        assert default_threads() == want
+    before = torch.get_num_threads()
+    try:
+        assert TorchEngine(tiny_dir, max_batch=2).threads == 15  # the patched 16 cores
+    finally:
+        torch.set_num_threads(before)  # the engine set it for this thread too
 
 
 def test_duplicate_request_id_is_refused(engine: TorchEngine) -> None:

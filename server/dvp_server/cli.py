@@ -163,7 +163,7 @@ def serve(
     ] = _DEFAULTS.weights_drain_timeout_s,
     threads: Annotated[
         int | None,
-        typer.Option(help="Torch engine: intra-op threads (default: all cores)."),
+        typer.Option(help="Torch engine: intra-op threads (default: all cores but one)."),
     ] = None,
     continuous_batching: Annotated[
         bool,

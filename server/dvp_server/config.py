@@ -96,9 +96,9 @@ class ServerConfig:
             (409, nothing changed).
         shutdown_timeout_s: after SIGTERM, how long in-flight requests may take to
             finish before they are cancelled.
-        threads: torch engine: intra-op threads; None: all cores. On a machine shared
-            with other jobs, 1 thread was 8-25x faster than 2 for the tiny test model
-            (a descheduled OpenMP peer stalls every op).
+        threads: torch engine: intra-op threads; None: every usable core but one
+            (``engines.torch.engine.default_threads``), so that the OpenMP team never
+            waits for a member descheduled by the event loop or a local client.
         quantize: None, or one of :data:`QUANTIZE`: the engine's linear weights rounded
             to float8 e4m3 (``fp8``: 128 x 128 block scales; ``fp8-channel``: one scale
             per output row), computed in ``dtype``; the trainer's weights stay full

@@ -43,7 +43,7 @@ from ._rows import Row, StopStringMatcher
 from ._scheduler import EngineStats, KvBudget, KvBudgetError, SchedulerMixin, StepHook
 from ._weights import WeightsInput, copy_weights, read_weights
 
-__all__ = ["DTYPES", "EngineStats", "TorchEngine"]
+__all__ = ["DTYPES", "EngineStats", "TorchEngine", "default_threads"]
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +62,22 @@ _ALL_FIELDS: list[Any] = [
 ]
 
 
+def default_threads() -> int:
+    """Intra-op threads when none are given: every core this process may use, but one.
+
+    The scheduler thread's OpenMP team then leaves a core to the event loop (HTTP,
+    JSON, tokenizing) and to a client on the same machine. A team spread over every
+    core shares one with them, and each parallel region (hundreds per decode step)
+    waits at its barrier for the member that was descheduled (BENCHMARKS.md, "Torch
+    engine through HTTP").
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores - 1)
+
+
 class TorchEngine(SchedulerMixin):
     """Batched decoding with a KV cache and the safe-vocabulary rule at every step.
 
@@ -72,7 +88,8 @@ class TorchEngine(SchedulerMixin):
         max_batch: most rollouts decoded together.
         max_model_len: cap on prompt + completion tokens; default and upper bound
             the config's ``max_position_embeddings``.
-        threads: ``torch.set_num_threads`` (process-wide); default all cores.
+        threads: intra-op threads of the scheduler thread; default
+            :func:`default_threads` (every usable core but one).
         model_id: the name reported in ``info``; default the model's own name.
         flush_every: steps between chunks of a running rollout (and at finish).
         continuous_batching: admit pending rollouts into a running batch (True),
@@ -121,7 +138,7 @@ class TorchEngine(SchedulerMixin):
             raise ValueError(f"kv_slack must be >= 0, got {kv_slack}")
         if threads is not None and threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
-        self.threads = threads or os.cpu_count() or 1
+        self.threads = threads or default_threads()
         torch.set_num_threads(self.threads)
         self.model_dir = Path(model_dir)
         self.max_batch = max_batch
