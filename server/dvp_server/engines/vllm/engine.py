@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import itertools
 import logging
 import os
@@ -211,8 +210,9 @@ class VllmEngine:
             # Synchronous (SIGTERM to EngineCore, waits for it; ~1 s once it died): off
             # the loop. vLLM's own liveness monitor calls it from a thread too.
             await asyncio.to_thread(llm.shutdown)
-            del llm
-            gc.collect()  # else AsyncLLM.__del__ shuts down again at interpreter exit
+            # AsyncLLM.__del__ calls shutdown() again, maybe at interpreter exit when
+            # vLLM's module globals are None already (a TypeError traceback): no-op it.
+            llm.shutdown = lambda timeout=None: None
 
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], params: EngineParams
