@@ -94,11 +94,14 @@ def test_both_servers_get_the_same_engine_args(tmp_path: Path) -> None:
     ours_settings = VllmSettings(dtype="float32", max_num_seqs=48, max_logprobs=20)
     ours = engine_args(tmp_path, ours_settings, cpu=True)
     for name in (
-        "model", "dtype", "max_model_len", "max_num_seqs", "max_logprobs", "logprobs_mode",
+        "model", "dtype", "max_model_len", "max_num_seqs", "max_logprobs",
         "enforce_eager", "kv_cache_memory_bytes", "enable_chunked_prefill",
         "max_num_batched_tokens", "seed",
     ):  # fmt: skip
         assert getattr(theirs, name) == getattr(ours, name), name
+    # Only the log-prob mode differs, by design: ours returns log pi_S(y) from vLLM's
+    # processed log-probs; vllm serve returns its raw top-K, as a trainer asks it today.
+    assert (theirs.logprobs_mode, ours.logprobs_mode) == ("raw_logprobs", "processed_logprobs")
     ours_cmd = servers["ours"].cmd
     assert ours_cmd[ours_cmd.index("--max-batch") + 1] == "48"
     assert ours_cmd[ours_cmd.index("--engine") + 1] == "vllm"
