@@ -1,0 +1,195 @@
+"""DVPGRPOTrainer (TRL's GRPOTrainer on dvp-serve) against a real server on the tiny model.
+
+A torch-engine server with ``--weights-root`` serves the tiny model; TRL trains for
+three steps, pushing weights before each generation. Checked: the trainer's pruned
+log-prob (fused head over the engine's replayed sets) matches the engine's masked
+log-prob on every token; ``policy_version`` goes up by one per step; the same run
+without pushes does not match after its first update; and each step's loss equals
+``policy_loss`` recomputed from the rollouts with a plain model, its full logits and
+``pruned_logprobs`` (an independent path from the trainer's fused head).
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+
+from _ops import own_server
+from conftest import ServerProcess
+from dvp_client import Client
+from dvp_client.integrations._weights import WeightPusher
+from dvp_client.integrations.trl import DVPGRPOTrainer
+from dvp_client.train.losses import policy_loss
+from dvp_client.train.objective import pruned_logprobs
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+STEPS = 3
+TOL = 2e-4  # trainer vs engine masked log-prob, every token
+
+
+@pytest.fixture(scope="module")
+def weights_server(
+    tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[ServerProcess, Path]]:
+    root = tmp_path_factory.mktemp("trl-weights")
+    with own_server(
+        tiny_model_dir, tmp_path_factory.mktemp("trl-srv"), "--weights-root", str(root)
+    ) as s:
+        yield s, root
+
+
+def hash_reward(completions: list[str], **_: Any) -> list[float]:
+    """A reward that varies within a group (the tiny random model solves nothing)."""
+    return [float(zlib.crc32(c.encode()) % 2) for c in completions]
+
+
+class Recording(DVPGRPOTrainer):
+    """Keeps, per loss call, the weights it ran with, its rows, advantages and loss."""
+
+    records: list[dict[str, Any]]
+
+    def _compute_loss(self, model: Any, inputs: dict[str, Any]) -> torch.Tensor:
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        loss = super()._compute_loss(model, inputs)
+        assert self.last_dvp_step is not None
+        self.records.append(
+            {
+                "state": state,
+                "rows": inputs["dvp_rollouts"],
+                "advantages": inputs["advantages"].detach().clone(),
+                "returned": loss.detach(),
+                **self.last_dvp_step,
+            }
+        )
+        return loss
+
+
+def train(tiny: Path, url: str, root: Path, out: Path, push: bool) -> Recording:
+    from datasets import Dataset
+    from trl import GRPOConfig
+
+    prompts = [f"{a}+{b}=" for a, b in ((1, 2), (3, 4), (5, 1), (2, 2), (7, 1), (4, 4))]
+    args = GRPOConfig(
+        output_dir=str(out),
+        per_device_train_batch_size=8,
+        num_generations=4,
+        max_completion_length=4,
+        max_steps=STEPS,
+        learning_rate=1e-2,
+        temperature=1.0,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+        beta=0.0,
+    )
+    model = AutoModelForCausalLM.from_pretrained(str(tiny), dtype=torch.float32)
+    client = Client(url, timeout=600)
+    if not push:  # start from the trainer's weights, then never push again
+        WeightPusher(client, root / "no-push-start").push(model, "init")
+    trainer = Recording(
+        model,
+        hash_reward,
+        client=client,
+        pruning={"min_p": 0.05},
+        weights_dir=root / ("push" if push else "no-push"),
+        push_weights=push,
+        args=args,
+        train_dataset=Dataset.from_dict({"prompt": prompts}),
+        processing_class=AutoTokenizer.from_pretrained(str(tiny)),
+    )
+    trainer.records = []
+    trainer.train()
+    return trainer
+
+
+def gaps(trainer: Recording) -> list[float]:
+    """Per step, max |trainer - engine| masked log-prob over the counted tokens."""
+    out = []
+    for r in trainer.records:
+        t, mask = r["tensors"], r["mask"]
+        assert bool(mask.any())
+        out.append(float((r["logprobs"] - t.engine_masked_logprobs)[mask].abs().max()))
+    return out
+
+
+@pytest.mark.slow  # a server and two 3-step TRL runs on the busy 2-core machine
+def test_trl_grpo_steps_match_the_engine(
+    weights_server: tuple[ServerProcess, Path], tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    server, root = weights_server
+    v0 = int(Client(server.base_url).request("GET", "/v1/weights")["policy_version"])
+    pushed = train(tiny_model_dir, server.base_url, root, tmp_path / "push", push=True)
+    assert len(pushed.records) == STEPS
+    assert pushed.policy_versions == [v0 + 1 + k for k in range(STEPS)]
+    assert max(gaps(pushed)) < TOL, gaps(pushed)
+    logged = [h for h in pushed.state.log_history if "dvp/policy_version" in h]
+    assert [h["dvp/policy_version"] for h in logged] == pushed.policy_versions
+    assert all("mismatch/k3_pruned" in h and "dvp/safe_size_mean" in h for h in logged)
+    assert any(r["advantages"].abs().sum() > 0 for r in pushed.records)
+
+    ref = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    for r in pushed.records:  # the loss, recomputed from the rollouts by another path
+        ref.load_state_dict(r["state"])
+        t = r["tensors"]
+        logits = ref(t.input_ids, attention_mask=t.attention_mask, position_ids=t.position_ids)
+        lp = pruned_logprobs(t.completion_logits(logits.logits), t.tokens, t.safe, mask=t.loss_mask)
+        want = policy_loss(
+            lp.logprobs,
+            r["advantages"],
+            lp.mask,
+            engine_logprobs=t.engine_masked_logprobs,
+            config=pushed.dvp_loss_config,
+        ).loss
+        torch.testing.assert_close(r["loss"], want.detach(), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(r["returned"], r["loss"], atol=0, rtol=0)
+        assert [x.token_ids for x in r["rows"]] == [
+            row[m].tolist() for row, m in zip(t.tokens, t.loss_mask, strict=True)
+        ]
+
+    stale = train(tiny_model_dir, server.base_url, root, tmp_path / "stale", push=False)
+    g = gaps(stale)
+    assert g[0] < TOL  # same weights on both sides before the first update
+    assert min(g[1:]) > TOL, g  # the server still samples from the initial weights
+
+
+def _llama(tied: bool) -> Any:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=tied,
+    )
+    return LlamaForCausalLM(cfg)
+
+
+def test_tied_embeddings_are_written_once_under_the_input_name() -> None:
+    from dvp_client.integrations._weights import checkpoint_tensors
+
+    tied, untied = checkpoint_tensors(_llama(True)), checkpoint_tensors(_llama(False))
+    assert "model.embed_tokens.weight" in tied and "lm_head.weight" not in tied
+    assert {"model.embed_tokens.weight", "lm_head.weight"} <= set(untied)
+    assert len(untied) == len(tied) + 1
+
+
+def test_models_with_adapters_are_refused() -> None:
+    from dvp_client.integrations._weights import check_pushable
+
+    model = _llama(False)
+    check_pushable(model)
+    model._hf_peft_config_loaded = True  # what transformers sets after load_adapter()
+    with pytest.raises(ValueError, match="PEFT adapters are not supported"):
+        check_pushable(model)
