@@ -64,6 +64,7 @@ class Recording(DVPGRPOTrainer):
                 "state": state,
                 "rows": inputs["dvp_rollouts"],
                 "advantages": inputs["advantages"].detach().clone(),
+                "old": inputs.get("dvp_old_logprobs"),
                 "returned": loss.detach(),
                 **self.last_dvp_step,
             }
@@ -71,7 +72,9 @@ class Recording(DVPGRPOTrainer):
         return loss
 
 
-def train(tiny: Path, url: str, root: Path, out: Path, push: bool) -> Recording:
+def train(
+    tiny: Path, url: str, root: Path, out: Path, push: bool, steps: int = STEPS, iterations: int = 1
+) -> Recording:
     from datasets import Dataset
     from trl import GRPOConfig
 
@@ -81,7 +84,8 @@ def train(tiny: Path, url: str, root: Path, out: Path, push: bool) -> Recording:
         per_device_train_batch_size=8,
         num_generations=4,
         max_completion_length=4,
-        max_steps=STEPS,
+        max_steps=steps,
+        num_iterations=iterations,
         learning_rate=1e-2,
         temperature=1.0,
         logging_steps=1,
@@ -100,7 +104,7 @@ def train(tiny: Path, url: str, root: Path, out: Path, push: bool) -> Recording:
         hash_reward,
         client=client,
         pruning={"min_p": 0.05},
-        weights_dir=root / ("push" if push else "no-push"),
+        weights_dir=root / f"{'push' if push else 'no-push'}-{iterations}",
         push_weights=push,
         args=args,
         train_dataset=Dataset.from_dict({"prompt": prompts}),
@@ -109,6 +113,40 @@ def train(tiny: Path, url: str, root: Path, out: Path, push: bool) -> Recording:
     trainer.records = []
     trainer.train()
     return trainer
+
+
+def plain_logprobs(tiny: Path, state: dict[str, torch.Tensor], t: Any) -> Any:
+    """Pruned log-probs from a plain model's full logits (not the trainer's fused head)."""
+    ref = AutoModelForCausalLM.from_pretrained(str(tiny), dtype=torch.float32)
+    ref.load_state_dict(state)
+    with torch.no_grad():
+        logits = ref(t.input_ids, attention_mask=t.attention_mask, position_ids=t.position_ids)
+    return pruned_logprobs(t.completion_logits(logits.logits), t.tokens, t.safe, mask=t.loss_mask)
+
+
+def recomputed_loss(
+    tiny: Path,
+    r: dict[str, Any],
+    state: dict[str, torch.Tensor],
+    trainer: Recording,
+    old_state: dict[str, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """policy_loss from a record's rollouts and advantages, log-probs by the plain path."""
+    t = r["tensors"]
+    lp = plain_logprobs(tiny, state, t)
+    old = None
+    if old_state is not None:
+        old = plain_logprobs(tiny, old_state, t).logprobs
+        n = old.shape[1]
+        torch.testing.assert_close(r["old"][:, :n], old, atol=2e-5, rtol=0)
+    return policy_loss(
+        lp.logprobs,
+        r["advantages"],
+        lp.mask,
+        old_logprobs=old,
+        engine_logprobs=t.engine_masked_logprobs,
+        config=trainer.dvp_loss_config,
+    ).loss
 
 
 def gaps(trainer: Recording) -> list[float]:
@@ -136,26 +174,26 @@ def test_trl_grpo_steps_match_the_engine(
     assert all("mismatch/k3_pruned" in h and "dvp/safe_size_mean" in h for h in logged)
     assert any(r["advantages"].abs().sum() > 0 for r in pushed.records)
 
-    ref = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
     for r in pushed.records:  # the loss, recomputed from the rollouts by another path
-        ref.load_state_dict(r["state"])
-        t = r["tensors"]
-        logits = ref(t.input_ids, attention_mask=t.attention_mask, position_ids=t.position_ids)
-        lp = pruned_logprobs(t.completion_logits(logits.logits), t.tokens, t.safe, mask=t.loss_mask)
-        want = policy_loss(
-            lp.logprobs,
-            r["advantages"],
-            lp.mask,
-            engine_logprobs=t.engine_masked_logprobs,
-            config=pushed.dvp_loss_config,
-        ).loss
-        torch.testing.assert_close(r["loss"], want.detach(), atol=1e-6, rtol=1e-5)
+        want = recomputed_loss(tiny_model_dir, r, r["state"], pushed)
+        torch.testing.assert_close(r["loss"], want, atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(r["returned"], r["loss"], atol=0, rtol=0)
+        t = r["tensors"]
         assert [x.token_ids for x in r["rows"]] == [
             row[m].tolist() for row, m in zip(t.tokens, t.loss_mask, strict=True)
         ]
 
-    stale = train(tiny_model_dir, server.base_url, root, tmp_path / "stale", push=False)
+    # num_iterations = 2: the second step reuses the batch against pruned old log-probs
+    # taken before the first update, so its ratio (and loss) depends on the log-probs.
+    twice = train(tiny_model_dir, server.base_url, root, tmp_path / "twice", True, 2, 2)
+    first, second = twice.records
+    assert twice.policy_versions == [twice.policy_versions[0]]  # one generation
+    assert first["old"] is not None and second["old"] is not None
+    want = recomputed_loss(tiny_model_dir, second, second["state"], twice, old_state=first["state"])
+    torch.testing.assert_close(second["loss"], want, atol=1e-6, rtol=1e-5)
+    assert abs(float(second["loss"])) > 1e-4  # ratios away from 1: a real check
+
+    stale = train(tiny_model_dir, server.base_url, root, tmp_path / "stale", False, 2)
     g = gaps(stale)
     assert g[0] < TOL  # same weights on both sides before the first update
     assert min(g[1:]) > TOL, g  # the server still samples from the initial weights
