@@ -85,6 +85,7 @@ async def main_async(args: argparse.Namespace) -> None:
         results["vllm"] = await collect(vllm, prompts, args)
     finally:
         await vllm.shutdown()
+    print(row("vllm", results["vllm"]), flush=True)  # at once: a slow machine may stop us
     torch_engine = TorchEngine(model_dir, max_batch=32)
     await torch_engine.start()
     try:
