@@ -26,6 +26,7 @@ import pytest
 import torch
 from _dvp_reference import rule_set, step_logprobs
 from dvp_client import Client, ScoreResponse
+from dvp_schemas import SafeTokenIds
 from dvp_server.api.app import create_app
 from dvp_server.config import ServerConfig
 from fastapi.testclient import TestClient
@@ -273,16 +274,19 @@ def test_engine_without_scoring_answers_501(tiny_model_dir: Path) -> None:
 
 @pytest.mark.vllm
 @pytest.mark.parametrize(
-    ("temperature", "pruning"), [(1.0, {"min_p": 0.05}), (0.7, {"min_p": 0.1, "top_k": 10})]
+    ("temperature", "pruning"),
+    [(1.0, {"min_p": 1e-3}), (0.7, {"min_p": 0.01, "top_k": 50, "top_p": 0.95})],
 )
 def test_vllm_score_reproduces_its_rollouts(
     vllm_server: Any, temperature: float, pruning: dict[str, Any]
 ) -> None:
-    """The vLLM engine scores from prompt log-probs with the rollouts' top-K derivation.
+    """The vLLM engine scores by forcing the tokens through its sampler's rule.
 
-    Masked log-probs and sets equal its rollouts' within ROLLOUT_ATOL (measured: 0 at
-    T = 1, 4e-7 at T = 0.7); full log-probs and log Z_S are null at T != 1, as in
-    its rollouts; a sequence without room for vLLM's one extra token is a 422.
+    Scoring a rollout's own tokens gives its sets and its masked, full log-probs
+    and log Z_S (the same float32 logits and rule code: within ROLLOUT_ATOL) at
+    any temperature, with the rule as sent (no cap). Random tokens: ``in_safe_set``
+    says whether each lies in its returned set; masked is null outside S, full
+    log-probs are finite; a sequence too long for the context is a 422.
     """
     with Client(vllm_server.base_url, timeout=300, max_retries=0) as c:
         assert c.models().data[0].capabilities.score
@@ -295,26 +299,36 @@ def test_vllm_score_reproduces_its_rollouts(
             pruning=pruning,
             return_safe_token_ids=True,
         )
+        rng = np.random.default_rng(1)
         seqs = [(r.prompt_token_ids, r.token_ids) for r in batch.rollouts]
-        res = c.score(seqs, temperature=temperature, pruning=pruning, return_safe_token_ids=True)
-        assert res.engine == "vllm" and res.pruning.top_k == (pruning.get("top_k") or 20)
-        for r, s in zip(batch.rollouts, res.results, strict=True):
-            flagged = set(r.outside_safe_set or [])
-            steps = [t for t in range(r.num_tokens) if t not in flagged]
-            assert all(s.in_safe_set[t] for t in steps)
-            got, ref = _arr(s.masked_logprobs), _arr(r.masked_logprobs)
-            assert float(np.abs(got[steps] - ref[steps]).max()) <= ROLLOUT_ATOL
-            assert s.safe_token_ids is not None and r.safe_token_ids is not None
+        seqs.append(([5, 6, 7], rng.integers(0, VOCAB, 10).tolist()))
+        res = c.score(
+            seqs,
+            temperature=temperature,
+            pruning=pruning,
+            return_safe_token_ids=True,
+            top_logprobs=2,
+        )
+        assert res.engine == "vllm" and res.pruning.model_dump() == batch.pruning.model_dump()
+        assert res.pruning.top_k == pruning.get("top_k")
+        for r, s in zip(batch.rollouts, res.results[:-1], strict=True):
+            assert all(s.in_safe_set)
+            for name in ("masked_logprobs", "logprobs", "safe_logmass"):
+                got, ref = _arr(getattr(s, name)), _arr(getattr(r, name))
+                assert float(np.abs(got - ref).max()) <= ROLLOUT_ATOL, name
+            assert s.safe_token_ids is not None and isinstance(r.safe_token_ids, SafeTokenIds)
+            steps = range(r.num_tokens)
             assert all(s.safe_token_ids.step(t) == r.safe_token_ids.step(t) for t in steps)
-            if temperature == 1.0:
-                np.testing.assert_allclose(
-                    _arr(s.logprobs or []), _arr(r.logprobs or []), atol=ROLLOUT_ATOL
-                )
-            else:
-                assert s.logprobs is not None and all(v is None for v in s.logprobs)
-        r = httpx.post(
+        rand = res.results[-1]
+        assert rand.safe_token_ids is not None and not all(rand.in_safe_set)
+        for t, y in enumerate(seqs[-1][1]):
+            assert rand.in_safe_set[t] == (y in rand.safe_token_ids.step(t))
+            assert (rand.masked_logprobs[t] is None) == (not rand.in_safe_set[t])
+        assert np.isfinite(_arr(rand.logprobs or [])).all()
+        too_long = httpx.post(
             f"{vllm_server.base_url}/v1/score",
             json={"sequences": [_seq(p=[1] * 500, c=[2] * 12)]},
             timeout=60,
         )
-        assert r.status_code == 422 and r.json()["error"]["param"] == "sequences.0"
+        assert too_long.status_code == 422
+        assert too_long.json()["error"]["param"] == "sequences.0"
