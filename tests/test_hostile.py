@@ -10,9 +10,9 @@ in the error envelope, nothing is a 5xx, and the server stays healthy and servin
   ``--max-request-bytes 16 MiB`` processes a body of about that size (a text prompt,
   token ids in JSON and msgpack) and while long prompts are tokenized.
 
-The surrogate checks live in the wire schemas and text reaches the engines only
-as token ids, so the path is engine-independent; test_e2e_vllm.py runs a few of
-these cases against the vLLM engine.
+The surrogate checks live in the wire schemas and text reaches an engine only
+after validation, so the path is engine-independent; the last test runs the text
+cases against the vLLM engine (slow, vllm).
 """
 
 from __future__ import annotations
@@ -247,3 +247,24 @@ def test_health_answers_while_a_large_body_is_processed(big_server: str, case: s
     if case in ("text", "tokenized"):
         assert r.json()["error"]["param"] in ("prompts.0", "prompts.511")
     assert max(latencies) < HEALTH_BOUND_S, (case, sorted(latencies)[-5:])
+
+
+# --- the vLLM engine ---------------------------------------------------------------------
+
+VLLM_CASES = [case for case in BATTERY if SURROGATE.encode() in case[1] or b"ud800" in case[1]]
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_vllm_engine_refuses_the_same_text_and_keeps_serving(vllm_server: Any) -> None:
+    base = vllm_server.base_url
+    for route, body, content_type, status, param in VLLM_CASES:
+        if route.startswith("/v1/weights") or route == "/v1/score":
+            continue  # weight loading and scoring have their own vLLM tests
+        headers = {"content-type": content_type}
+        _check_envelope(httpx.post(base + route, content=body, headers=headers, timeout=120),
+                        status, param)  # fmt: skip
+    assert httpx.get(f"{base}/health", timeout=10).json()["status"] == "ok"
+    body = {"prompts": ["a \U0001f600 é"], "sampling": {"max_tokens": 2, "stop": ["\U0001f600"]}}
+    r = httpx.post(f"{base}/v1/rollouts", json=body, timeout=120)
+    assert r.status_code == 200, r.text
