@@ -18,8 +18,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from _ops import own_server
-from conftest import ServerProcess
+from conftest import ServerProcess, start_server, stop_server
 from dvp_server.config import ServerConfig
 from dvp_server.diagnose.cli import app
 from dvp_server.diagnose.stats import seq_spread_by_length
@@ -28,6 +27,7 @@ from test_example_grpo import args as grpo_args
 from test_example_grpo import load_example
 from typer.testing import CliRunner
 
+STARTUP_S = 600.0
 DIAG_ARGS = [
     "--rollouts", "8", "--samples-per-prompt", "4", "--max-tokens", "10", "--rho", "0.05",
     "--vocab-positions", "4", "--prompts-per-request", "2", "--no-progress", "--seed", "3",
@@ -39,9 +39,14 @@ def fp8_server(
     tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[ServerProcess, Path]]:
     root = tmp_path_factory.mktemp("fp8-weights")
-    log_dir = tmp_path_factory.mktemp("fp8-srv")
-    with own_server(tiny_model_dir, log_dir, "--quantize", "fp8", "--weights-root", str(root)) as s:
-        yield s, root
+    log = tmp_path_factory.mktemp("fp8-srv") / "server.log"
+    # the tiny model starts in seconds; a generous limit for a machine busy with other jobs
+    args = ["--engine", "torch", "--threads", "1", "--quantize", "fp8", "--weights-root", str(root)]
+    server = start_server(str(tiny_model_dir), log, args, STARTUP_S)
+    try:
+        yield server, root
+    finally:
+        stop_server(server)
 
 
 @pytest.mark.slow  # ~10 s idle, about a minute on the busy 2-core machine
