@@ -8,6 +8,9 @@
    the model's chat template (``add_generation_prompt=True``), token ids are
    checked against the vocabulary (422 ``prompts.i.j``); prompts too long for
    the context get a 422 naming ``prompts.i``;
+   a request whose worst-case response is over ``--max-response-bytes`` gets a
+   422 naming ``return_safe_token_ids`` or ``sampling.max_tokens``
+   (``response_size.py``);
 3. build each sample's :class:`EngineParams` (``params.py``) and fan the
    ``prompts x n`` rollouts out as concurrent ``engine.generate`` calls; if one
    fails, or the HTTP client goes away, all of them are cancelled and aborted;
@@ -41,6 +44,7 @@ from ..errors import ServiceError, validation_error
 from .assembly import assemble_rollout
 from .params import draw_request_seed, effective_rule, request_seed_of, to_engine_params
 from .prompts import INLINE_CHARS, check_text_bound, prompt_chars, text_bound
+from .response_size import check_response_size, token_bytes
 
 __all__ = [
     "ClientDisconnected",
@@ -162,6 +166,13 @@ class RolloutService:
             for i, ids in enumerate(prompts)
             for j in range(request.n)
         ]
+        check_response_size(
+            request,
+            [(len(job.prompt_ids), job.params.max_tokens) for job in jobs],
+            vocab_size=self.engine.info.vocab_size,
+            token_bytes=token_bytes(self.tokenizer),
+            limit=self.config.max_response_bytes,
+        )
         key = f"{request_id}.{next(_REQUEST_SEQ)}"
         return PreparedRequest(request, request_id, key, seed, prompts, jobs)
 
