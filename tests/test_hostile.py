@@ -166,9 +166,9 @@ def test_server_healthy_and_serving_after_the_battery(server: str) -> None:
     for route, body, content_type, _, _ in BATTERY[:8]:  # again, in case this runs alone
         httpx.post(server + route, content=body, headers={"content-type": content_type})
     assert httpx.get(f"{server}/health", timeout=10).json()["status"] == "ok"
-    body = {"prompts": ["a \U0001f600 é", [{"role": "user", "content": "hi \u2028"}]],
-            "sampling": {"max_tokens": 2, "stop": ["\U0001f600"]}}  # fmt: skip
-    r = httpx.post(f"{server}/v1/rollouts", json=body, timeout=60)
+    valid = {"prompts": ["a \U0001f600 é", [{"role": "user", "content": "hi \u2028"}]],
+             "sampling": {"max_tokens": 2, "stop": ["\U0001f600"]}}  # fmt: skip
+    r = httpx.post(f"{server}/v1/rollouts", json=valid, timeout=60)
     assert r.status_code == 200, r.text
     assert len(r.json()["rollouts"]) == 2
 
@@ -265,6 +265,6 @@ def test_vllm_engine_refuses_the_same_text_and_keeps_serving(vllm_server: Any) -
         _check_envelope(httpx.post(base + route, content=body, headers=headers, timeout=120),
                         status, param)  # fmt: skip
     assert httpx.get(f"{base}/health", timeout=10).json()["status"] == "ok"
-    body = {"prompts": ["a \U0001f600 é"], "sampling": {"max_tokens": 2, "stop": ["\U0001f600"]}}
-    r = httpx.post(f"{base}/v1/rollouts", json=body, timeout=120)
+    valid = {"prompts": ["a \U0001f600 é"], "sampling": {"max_tokens": 2, "stop": ["\U0001f600"]}}
+    r = httpx.post(f"{base}/v1/rollouts", json=valid, timeout=120)
     assert r.status_code == 200, r.text
