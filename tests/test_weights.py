@@ -372,21 +372,21 @@ def check_bad_updates(base: str, model_dir: Path) -> None:
 
 
 def check_engine_failure_keeps_weights(base: str, root: Path, good: Path, max_tokens: int) -> None:
-    """The engine's own load fails (the file is truncated after the check, while the
-    update waits for a rollout to drain): 422 saying so, the previous weights serve."""
+    """The engine's own load fails: the file is cut after the check, while the update
+    waits for 16 rollouts to drain: 422 saying so, and the previous weights serve."""
     v0, tokens = _version(base), _seeded_tokens(base)
     race = root / "race.safetensors"
     race.write_bytes(good.read_bytes())
     with ThreadPoolExecutor(2) as pool:
-        long = pool.submit(_rollouts, base, 3, 1, max_tokens)
-        _wait_for(lambda: metrics(base)["dvp_rollouts_running"] >= 1, "a running rollout")
-        body = {"path": race.name}
-        update = pool.submit(httpx.post, f"{base}/v1/weights", json=body, timeout=600)
+        long = pool.submit(_rollouts, base, 3, 16, max_tokens)
+        _wait_for(lambda: metrics(base)["dvp_rollouts_running"] >= 16, "16 running rollouts")
+        path = {"path": race.name}
+        update = pool.submit(httpx.post, f"{base}/v1/weights", json=path, timeout=600)
         _wait_for(lambda: metrics(base)["dvp_admission_gate_open"] == 0, "the checked update")
         os.truncate(race, race.stat().st_size - 1000)
-        assert not long.done(), "the rollout ended before the file was cut"
-        r, rollout = update.result(), long.result()
-    assert rollout.status_code == 200, rollout.text
+        assert not long.done(), "the rollouts ended before the file was cut"
+        r, rollouts = update.result(), long.result()
+    assert rollouts.status_code == 200, rollouts.text
     assert r.status_code == 422, r.text
     err = r.json()["error"]
     assert err["param"] == "path" and "could not load this checkpoint" in err["message"], err
@@ -520,7 +520,7 @@ def test_vllm_engine_reloads_weights(
         base = server.base_url
         check_bad_updates(base, vllm_tiny_model_dir)
         good = vllm_tiny_model_dir / "model.safetensors"
-        check_engine_failure_keeps_weights(base, root, good, 480)
+        check_engine_failure_keeps_weights(base, root, good, 160)
         assert "previous weights restored" in server.log()
         before = _rollouts(base, 1, 2, 8).json()["rollouts"]
         assert all(ro["policy_version"] == 0 and ro["token_ids"] != [TOKEN_A] * 8 for ro in before)
