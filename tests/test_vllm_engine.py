@@ -200,7 +200,7 @@ def test_processor_refuses_vllm_filters_on_tagged_requests() -> None:
     proc = _processor()
     from vllm import SamplingParams
 
-    tag = rule_tag("x", "ipc://none", temperature=1, min_p=0.1, top_k=None, top_p=1, with_ids=0)
+    tag = rule_tag("x", "ipc://none", temperature=1, min_p=0.1, top_k=None, top_p=1, with_ids=False)
     type(proc).validate_params(SamplingParams(extra_args=tag))
     type(proc).validate_params(SamplingParams(min_p=0.1))  # untagged: vLLM's business
     with pytest.raises(ValueError, match="min_p/top_k/top_p"):
