@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 from dvp_schemas import (
     ErrorResponse,
-    SafeTokenIds,
     ScoreRequest,
     ScoreResponse,
     ScoreResult,
@@ -28,6 +27,7 @@ from fastapi import APIRouter, Request, Response
 from ..engines.base import EngineError
 from ..engines.scoring import ScoredSequence, ScoreParams
 from ..errors import ServiceError, validation_error
+from ..service.assembly import wire_safe_ids
 from ..service.params import effective_rule
 from ..service.serving import RolloutService, run_until_disconnect
 from .codecs import model_response
@@ -106,7 +106,7 @@ class ScoreService:
             raise ServiceError(422, "invalid_request_error", msg, msg.split(":", 1)[0]) from exc
         fields = set(info.capabilities.fields)
         results = [
-            _result(i, seq[1], s, fields, request)
+            _result(i, seq[1], s, fields, request, self.engine.info.vocab_size)
             for i, (seq, s) in enumerate(zip(sequences, scored, strict=True))
         ]
         prompt_tokens = sum(len(p) for p, _ in sequences)
@@ -165,12 +165,23 @@ def _floats(a: np.ndarray) -> list[float | None]:
 
 
 def _result(
-    index: int, tokens: list[int], s: ScoredSequence, fields: set[str], request: ScoreRequest
+    index: int,
+    tokens: list[int],
+    s: ScoredSequence,
+    fields: set[str],
+    request: ScoreRequest,
+    vocab_size: int,
 ) -> ScoreResult:
     """One engine result as the wire's columns."""
     safe = None
     if request.return_safe_token_ids and s.safe_ids is not None and s.safe_offsets is not None:
-        safe = SafeTokenIds(ids=s.safe_ids.tolist(), offsets=s.safe_offsets.tolist())
+        safe = wire_safe_ids(  # a whole-vocabulary set as the marker, as in rollouts
+            s.safe_offsets.astype(np.int64),
+            s.safe_ids.astype(np.int64),
+            s.sizes.astype(np.int64),
+            vocab_size,
+            "list",
+        )
     top = None
     if request.top_logprobs and s.top_ids is not None and s.top_logprobs is not None:
         top = TopLogprobs(ids=s.top_ids.tolist(), logprobs=[_floats(row) for row in s.top_logprobs])
