@@ -112,20 +112,27 @@ class VllmEngine:
         is reset (its KV entries were computed with the old weights). The server
         calls this only with no rollout running (``admission.py``).
 
+        If vLLM fails the reload (its layers may then be half-loaded), the previous
+        weights are reloaded at once (:meth:`_restore_weights`).
+
         Args:
             weights: the checked ``.safetensors`` files.
             version: the ``policy_version`` to serve them as (a fleet's number); None:
                 the current one plus one.
 
         Raises:
-            EngineError: the engine is not running, or vLLM failed the reload.
+            ValueError: vLLM failed the reload and the previous weights serve again.
+            EngineError: the engine is not running, or the previous weights could not
+                be restored either (the engine is then marked dead and restarted).
         """
         llm = self._running()
         folder = _link_weights(weights)
         try:
             await _reload_weights(llm, folder)
-        except BaseException:
+        except BaseException as exc:
             shutil.rmtree(folder, ignore_errors=True)
+            if isinstance(exc, EngineError):
+                await self._restore_weights(llm, exc)
             raise
         old, self._weights_dir = self._weights_dir, folder
         weakref.finalize(self, shutil.rmtree, folder, True)  # at the latest at exit
@@ -133,6 +140,32 @@ class VllmEngine:
             shutil.rmtree(old, ignore_errors=True)
         self._policy_version = self._policy_version + 1 if version is None else version
         return self._policy_version
+
+    async def _restore_weights(self, llm: Any, failure: EngineError) -> None:
+        """Reload the previous weights after a failed reload, which left vLLM's layers
+        on the meta device (the next step would kill the ``EngineCore``).
+
+        Twice: a reload that failed mid-way leaves some layers with part of their
+        tensors buffered (vLLM's layerwise reload); the first restore can complete
+        such a layer early with those stale tensors, but it ends with every layer's
+        reload state reset, so the second loads every tensor from a clean state.
+
+        Raises:
+            ValueError: restored; the message says why the reload failed.
+            EngineError: not restored; the engine is marked dead (the supervisor
+                restarts it, with the previous weights).
+        """
+        previous = self._weights_dir or self.model_dir
+        try:
+            for _ in range(2):
+                await _reload_weights(llm, previous)
+        except EngineError as again:
+            self._state = "dead"
+            raise EngineError(
+                f"{failure}; restoring the previous weights failed: {again}"
+            ) from again
+        logger.warning("weights reload failed, previous weights restored: %s", failure)
+        raise ValueError(f"{failure}; the previous weights were reloaded") from failure
 
     @property
     def state(self) -> str:
