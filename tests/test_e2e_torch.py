@@ -102,7 +102,9 @@ def _check_rollout_arrays(r: Rollout) -> None:
     csr = r.safe_token_ids
     assert csr is not None
     assert len(csr.offsets) == t + 1 and csr.offsets[0] == 0 and csr.offsets[-1] == len(csr.ids)
-    assert np.diff(csr.offsets).tolist() == r.safe_sizes
+    # a whole-vocabulary set is the marker: an empty row (safe_sizes says V)
+    want = [0 if n == VOCAB else n for n in r.safe_sizes]
+    assert np.diff(csr.offsets).tolist() == want and csr.vocab_size == VOCAB
     for step, (y, ids) in enumerate(zip(r.token_ids, _csr_steps(r), strict=True)):
         assert ids == sorted(set(ids)), f"step {step}: ids not sorted/unique"
         assert all(0 <= v < VOCAB for v in ids)
