@@ -56,7 +56,7 @@ def render_text(result: dict[str, Any]) -> str:
     meta = result["meta"]
     lines = [
         f"dvp-diagnose: {meta['model_id']} on {meta['url']} ({meta['engine']} engine, "
-        f"{meta['engine_dtype']}) vs fp32 trainer ({meta['model_dir']})",
+        f"{_engine_kind(meta)}) vs fp32 trainer ({meta['model_dir']})",
         f"  {meta['rollouts_per_setting']} rollouts per setting "
         f"({meta['prompts']} prompts x n={meta['samples_per_prompt']}), max_tokens "
         f"{meta['max_tokens']}, T={meta['temperature']}, seed {meta['seed']}, "
@@ -130,6 +130,12 @@ def _length_table(settings: Sequence[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _engine_kind(meta: dict[str, Any]) -> str:
+    """The engine's dtype, and its weight quantization when it has one."""
+    quant = meta.get("quantization")
+    return f"{meta['engine_dtype']}, {quant} weights" if quant else str(meta["engine_dtype"])
+
+
 def _bin_x(bins: Sequence[dict[str, Any]]) -> list[float]:
     return [1.0 - b["one_minus_p"] for b in bins]
 
@@ -164,7 +170,7 @@ def write_plot(result: dict[str, Any], path: Path) -> None:
     ax1.set_xlabel("trainer p(token)")
     ax1.set_ylabel("|log p_engine - log p_trainer|")
     meta = result["meta"]
-    ax1.set_title(f"{meta['engine_dtype']} engine vs fp32 trainer", fontsize=10)
+    ax1.set_title(f"{_engine_kind(meta)} engine vs fp32 trainer", fontsize=10)
     ax1.legend(fontsize=6, ncol=2, loc="lower left")
     for st in result["settings"]:
         c = st["ccdf"]
