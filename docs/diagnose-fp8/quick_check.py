@@ -6,6 +6,8 @@ engine with --quantize fp8 / fp8-channel in fp32 and bf16, and a plain bf16 engi
 Run: .venv/bin/python docs/diagnose-fp8/quick_check.py
 """
 
+from typing import Any
+
 import torch
 from dvp_server.engines.torch.engine import TorchEngine
 from dvp_server.model_store import load_tokenizer, resolve_model
@@ -19,7 +21,7 @@ ids = tok.apply_chat_template(
     return_tensors="pt",
 )
 ids = ids if isinstance(ids, torch.Tensor) else ids["input_ids"]
-ref = AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32)
+ref: Any = AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32)
 with torch.no_grad():
     out = ref.generate(ids, max_new_tokens=40, do_sample=False)
     a = ref(out).logits.log_softmax(-1)
