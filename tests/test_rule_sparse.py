@@ -16,8 +16,8 @@ from dvp_client.train import rule_sparse
 from dvp_client.train.rule import safe_vocab
 from dvp_client.train.rule_sparse import _nonzero, sparse_applies, sparse_safe_vocab
 from dvp_schemas import PruningRule
-from dvp_server.engines.torch import _rule_step
 from dvp_server.engines.base import EngineParams
+from dvp_server.engines.torch import _rule_step
 from dvp_server.engines.torch._rows import Row
 from test_rule import ref_rule
 
