@@ -232,6 +232,35 @@ def test_extra_memory_is_a_tile_not_the_logits(grad_full: bool) -> None:
     assert _extra_peak(fused) < logits_bytes / 8
 
 
+def test_sparse_backward_allocates_the_weight_gradient_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """CSR sets, only ``log pi_S(y)`` differentiated: the largest buffer of the backward is
+    the ``(V, H)`` weight gradient, built a block of rows at a time. One CSR x dense
+    matmul over all V rows (a single block) allocates it twice, which this detects."""
+    b, t, h, v = 2, 128, 64, 8192
+    hidden, weight, _, _ = make(0, b, t, h, v)
+    hidden.requires_grad_(True)
+    weight.requires_grad_(True)
+    with torch.no_grad():
+        mask = safe_mask(hidden @ weight.t(), min_p=0.05)
+    g = torch.Generator().manual_seed(1)
+    y = torch.multinomial(mask.float().view(-1, v), 1, generator=g).view(b, t)
+    sets = SafeSets.from_mask(mask, temperature=1.0)
+
+    def fused() -> None:
+        hidden.grad = weight.grad = None
+        r = pruned_logprobs_from_hidden(hidden, weight, y, sets, with_full=False)
+        r.logprobs.sum().backward()
+
+    grad_w_bytes = v * h * 4
+    block = "dvp_client.train._fused._BLOCK_ELEMENTS"
+    monkeypatch.setattr(block, v * h // 16)  # blocks of V / 16 rows (the default: 2 Mi)
+    assert _extra_peak(fused) < 1.5 * grad_w_bytes
+    monkeypatch.setattr(block, v * h)  # one block
+    assert _extra_peak(fused) >= 2 * grad_w_bytes
+
+
 def _err(match: str) -> pytest.RaisesContext[ValueError]:
     return pytest.raises(ValueError, match=match)
 

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # GRPO on the FP8 torch engine (fp32 compute on e4m3 block-rounded weights) vs an fp32
 # trainer: three arms, each with its own server, seeds 0 then 1; logs and CSVs here.
-# Usage (from the repository root): bash docs/grpo-fp8/run.sh ARM   (ARM: nodvp | dvp | tis)
+# Usage (from the repository root): bash docs/grpo-fp8/run.sh ARM [SEEDS]
+#   ARM: nodvp | dvp | tis; SEEDS defaults to "0 1" (run one after the other)
 set -u
 ARM=$1
+SEEDS=${2:-"0 1"}
 case $ARM in
   nodvp) PORT=8741; RULE="--no-dvp --correction none" ;;
   dvp)   PORT=8742; RULE="--dvp --min-p 1e-3 --correction none" ;;
@@ -19,7 +21,7 @@ nice -n 19 .venv/bin/dvp-serve --engine torch --dtype float32 --quantize fp8 --t
 SERVER=$!
 trap 'kill $SERVER' EXIT
 until curl -sf "http://127.0.0.1:$PORT/ready" > /dev/null; do sleep 5; done
-for SEED in 0 1; do
+for SEED in $SEEDS; do
   nice -n 19 .venv/bin/python examples/grpo.py --url "http://127.0.0.1:$PORT" \
       --weights-dir "$ROOT/s$SEED" --steps 20 --prompts 8 --n 8 --max-tokens 4 \
       --eval-every 5 --eval-size 64 --lr 1e-4 --train-layers 6 --seed $SEED $RULE \

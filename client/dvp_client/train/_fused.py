@@ -21,9 +21,10 @@ fp32 ``dL/dW`` by two more. Forward needs the dense tiles only for ``log p(y)`` 
 sets; ``log pi_S(y)`` over CSR sets reads only the ``|S|`` rows of ``W`` and ``W[y]``.
 
 Extra memory: one ``(n_t, n_v)`` tile (plus one more for dense-mask sets), the fp32
-``(V, H)`` weight gradient, ``(N, H)`` copies of the hidden states, ``(N,)`` vectors and
-``O(nnz)`` for the sets. Math is float32 (float64 for float64 hidden states), whatever
-the input dtypes; a weight in another dtype is upcast once per call (a ``(V, H)`` copy).
+``(V, H)`` weight gradient (built a block of rows at a time: no second copy), ``(N, H)``
+copies of the hidden states, ``(N,)`` vectors and ``O(nnz)`` for the sets. Math is
+float32 (float64 for float64 hidden states), whatever the input dtypes; a weight in
+another dtype is upcast once per call (a ``(V, H)`` copy).
 """
 
 from __future__ import annotations
@@ -112,21 +113,71 @@ def _pair_dots(h: Tensor, w: Tensor, rows: Tensor, ids: Tensor) -> Tensor:
 
 
 def _pair_grads(
-    h: Tensor, w: Tensor, pairs: tuple[Tensor, Tensor, Tensor], need: tuple[bool, bool]
+    h: Tensor,
+    w: Tensor,
+    onehot: tuple[Tensor, Tensor],
+    pairs: tuple[Tensor, Tensor, Tensor] | None,
+    need: tuple[bool, bool],
 ) -> tuple[Tensor | None, Tensor | None]:
-    """``(C W, C^T h)`` for the sparse ``(N, V)`` matrix ``C`` with entries ``c`` at the
-    pairs ``(r, k, c)`` (sorted by r; a repeated pair adds up): ``sum_k c w[k]`` per step
-    and ``sum_r c h[r]`` per token, as two CSR x dense matmuls (``index_add_`` of
-    gathered rows was 6x slower here). New tensors, so the ``(V, H)`` weight gradient
-    is allocated once."""
-    rows, ids, coef = pairs
+    """``(C W, C^T h)`` for the sparse ``(N, V)`` matrix ``C = diag(c_y) onehot(y) + P``:
+    ``onehot = (y, c_y)`` (one entry per step) and ``pairs = (r, k, c)`` the entries of
+    ``P`` (sorted by r; a repeated pair adds up). ``P``'s products are CSR x dense
+    matmuls (``index_add_`` of gathered rows was 6x slower here), the one-hot part one
+    gather (``c_y w[y]``) and one ``index_add_`` (``c_y h`` into the rows y). New
+    tensors, so the ``(V, H)`` weight gradient is allocated once."""
+    y, c_y = onehot
     n, v = h.shape[0], w.shape[0]
-    grad_h = torch.sparse.mm(_csr(rows, ids, coef, (n, v)), w) if need[0] else None
-    grad_w = None
+    grad_h = grad_w = None
+    if need[0]:
+        grad_h = w.index_select(0, y).mul_(c_y[:, None])
+        if pairs is not None:
+            grad_h.add_(torch.sparse.mm(_csr(*pairs, (n, v)), w))
     if need[1]:
-        perm = torch.argsort(ids, stable=True)  # C^T: by token id, rows ascending within
-        grad_w = torch.sparse.mm(_csr(ids[perm], rows[perm], coef[perm], (v, n)), h)
+        if pairs is None:
+            grad_w = h.new_zeros(v, h.shape[1])
+        else:
+            rows, ids, coef = pairs
+            perm = torch.argsort(ids, stable=True)  # C^T: by token id, rows ascending within
+            grad_w = _blocked_csr_mm(ids[perm], rows[perm], coef[perm], h, v)
+            del perm
+        grad_w.index_add_(0, y, h * c_y[:, None])
     return grad_h, grad_w
+
+
+# Output elements of one block of _blocked_csr_mm (8 MiB of float32).
+_BLOCK_ELEMENTS = 1 << 21
+
+
+def _blocked_csr_mm(keys: Tensor, cols: Tensor, vals: Tensor, x: Tensor, m: int) -> Tensor:
+    """``A x`` for the sparse ``(m, N)`` matrix ``A`` with entries ``(keys, cols, vals)``
+    sorted by key, as a new ``(m, H)`` tensor, a block of rows at a time.
+
+    One CSR x dense matmul over all m rows allocates its ``(m, H)`` result twice on CPU
+    (``addmm`` into a temporary, then the copy): for the weight gradient that is a
+    second ``(V, H)`` float32, the largest buffer of the backward. Blocks of
+    ``_BLOCK_ELEMENTS // H`` rows bound the temporary instead.
+    """
+    out = x.new_zeros(m, x.shape[1])
+    offsets = torch.zeros(m + 1, dtype=torch.int64, device=x.device)
+    offsets[1:] = torch.cumsum(torch.bincount(keys, minlength=m), 0)
+    block = max(1, _BLOCK_ELEMENTS // max(1, x.shape[1]))
+    starts = [*range(0, m, block), m]
+    bounds = offsets[starts].tolist()
+    for i, r0 in enumerate(starts[:-1]):
+        r1, a, b = starts[i + 1], bounds[i], bounds[i + 1]
+        if a == b:
+            continue
+        with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state"
+            warnings.simplefilter("ignore", UserWarning)
+            part = torch.sparse_csr_tensor(
+                offsets[r0 : r1 + 1] - a,
+                cols[a:b],
+                vals[a:b],
+                (r1 - r0, x.shape[0]),
+                check_invariants=False,
+            )
+        out[r0:r1] = torch.sparse.mm(part, x)
+    return out
 
 
 def _segment_lse(vals: Tensor, rows: Tensor, n: int) -> Tensor:
@@ -299,14 +350,12 @@ class _FusedPrunedLogprob(torch.autograd.Function):
             c_f = g_full.reshape(-1).index_select(0, steps).to(cdt) * inv_t
         zero = torch.zeros(n, dtype=cdt, device=h.device)
         c_y = (zero if c_m is None else c_m) + (zero if c_f is None else c_f)
-        rows, ids, coef = torch.arange(n, device=h.device), y, c_y  # the one-hot part
+        pairs = None  # -c_m pi_S(k) at the CSR pairs (r, k)
         if sets.rows is not None and sets.ids is not None and c_m is not None:
-            pi_s = torch.exp(u_s - lse_s.index_select(0, sets.rows))  # (nnz,)
-            order = torch.argsort(torch.cat([rows, sets.rows]), stable=True)
-            rows = torch.cat([rows, sets.rows])[order]
-            ids = torch.cat([ids, sets.ids])[order]
-            coef = torch.cat([coef, -c_m.index_select(0, sets.rows) * pi_s])[order]
-        grad_h, grad_w = _pair_grads(h, w, (rows, ids, coef), (need_h, need_w))
+            coef = torch.exp(u_s - lse_s.index_select(0, sets.rows))  # pi_S, (nnz,)
+            pairs = (sets.rows, sets.ids, coef.mul_(-c_m.index_select(0, sets.rows)))
+        grad_h, grad_w = _pair_grads(h, w, (y, c_y), pairs, (need_h, need_w))
+        del pairs
         full_sets = not sets.is_sparse and sets.dense is None
         c_p = c_f if not (full_sets and c_m is not None) else c_m + (zero if c_f is None else c_f)
         c_s = c_m if sets.dense is not None else None
