@@ -100,15 +100,7 @@ def test_processor_applies_the_rule_as_sent_and_ships_it(seed: int) -> None:
             outputs: list[list[int]] = [[7] * j for j in range(n)]  # row j is at step j
             added = []
             for j, (t, rule) in enumerate(CASES):
-                tag = rule_tag(
-                    f"k{j}",
-                    channel.addr,
-                    temperature=t,
-                    min_p=rule.min_p,
-                    top_k=rule.top_k,
-                    top_p=rule.top_p,
-                    with_ids=j != 2,
-                )
+                tag = rule_tag(f"k{j}", channel.addr, rule, temperature=t, with_ids=j != 2)
                 added.append((j, _sp(tag, t), outputs[j]))
                 channel.register(f"k{j}")
             added.append((n - 1, _sp(None), outputs[n - 1]))
@@ -161,10 +153,8 @@ def test_processor_forces_scored_tokens() -> None:
             tag = rule_tag(
                 "s",
                 channel.addr,
+                PruningRule(min_p=1e-2),
                 temperature=0.8,
-                min_p=1e-2,
-                top_k=None,
-                top_p=1.0,
                 with_ids=True,
                 force=given,
                 top_n=3,
@@ -200,7 +190,7 @@ def test_processor_refuses_vllm_filters_on_tagged_requests() -> None:
     proc = _processor()
     from vllm import SamplingParams
 
-    tag = rule_tag("x", "ipc://none", temperature=1, min_p=0.1, top_k=None, top_p=1, with_ids=False)
+    tag = rule_tag("x", "ipc://none", PruningRule(min_p=0.1), temperature=1, with_ids=False)
     type(proc).validate_params(SamplingParams(extra_args=tag))
     type(proc).validate_params(SamplingParams(min_p=0.1))  # untagged: vLLM's business
     with pytest.raises(ValueError, match="min_p/top_k/top_p"):
@@ -306,7 +296,7 @@ def test_sampling_params_leave_the_rule_to_the_processor() -> None:
 
     rule = PruningRule(min_p=0.05, top_k=7, top_p=0.9)
     p = EngineParams(temperature=0.8, max_tokens=9, rule=rule, seed=2**62, stop_token_ids=(5,))
-    tag = rule_tag("k", "ipc://x", temperature=0.8, min_p=0.05, top_k=7, top_p=0.9, with_ids=True)
+    tag = rule_tag("k", "ipc://x", rule, temperature=0.8, with_ids=True)
     sp = sampling_params(p, tag, 16)
     assert (sp.temperature, sp.min_p, sp.top_k, sp.top_p) == (0.8, 0.0, 0, 1.0)  # vLLM's off
     assert sp.extra_args["dvp"] == {

@@ -37,6 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dvp_schemas import PruningRule
+
 from ..base import EngineParams
 
 #: How vLLM loads the safe-set processor in its own process.
@@ -273,11 +275,9 @@ def sampling_params(params: EngineParams, tag: dict[str, Any], flush_every: int)
 def rule_tag(
     key: str,
     addr: str,
+    rule: PruningRule,
     *,
     temperature: float,
-    min_p: float,
-    top_k: int | None,
-    top_p: float,
     with_ids: bool,
     force: list[int] | None = None,
     top_n: int = 0,
@@ -287,7 +287,8 @@ def rule_tag(
     Args:
         key: the engine's unique key for this request (messages carry it).
         addr: the ZeroMQ address the API process reads step messages on.
-        temperature, min_p, top_k, top_p: the rule as the request sent it.
+        rule: the pruning rule as the request sent it (min_p, top_k, top_p).
+        temperature: the sampling temperature the rule is applied at.
         with_ids: also send the ids of every S.
         force: scoring only: the tokens to teacher-force, one per step.
         top_n: scoring only: how many most probable tokens (full distribution) to send.
@@ -296,9 +297,9 @@ def rule_tag(
         "key": key,
         "addr": addr,
         "t": float(temperature),
-        "min_p": float(min_p),
-        "top_k": int(top_k or 0),
-        "top_p": float(top_p),
+        "min_p": float(rule.min_p),
+        "top_k": int(rule.top_k or 0),
+        "top_p": float(rule.top_p),
         "ids": bool(with_ids),
     }
     if force is not None:

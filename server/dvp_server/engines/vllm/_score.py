@@ -71,14 +71,11 @@ async def _one(
     if not completion:
         return []
     key = f"score-{next(_IDS)}"
-    rule = params.rule
     tag = rule_tag(
         key,
         channel.addr,
+        params.rule,
         temperature=params.temperature,
-        min_p=rule.min_p,
-        top_k=rule.top_k,
-        top_p=rule.top_p,
         with_ids=params.return_safe_token_ids,
         force=completion,
         top_n=params.top_logprobs,

@@ -265,14 +265,11 @@ class VllmEngine:
         assert channel is not None  # set while running
         prompt = self._validate(prompt_token_ids, params)
         key = f"{request_id}#{next(self._keys)}"  # unique: never reused, even on retries
-        rule = params.rule
         tag = rule_tag(
             key,
             channel.addr,
+            params.rule,
             temperature=params.temperature,
-            min_p=rule.min_p,
-            top_k=rule.top_k,
-            top_p=rule.top_p,
             with_ids=params.return_safe_token_ids,
         )
         sp = sampling_params(params, tag, self.settings.flush_every)
