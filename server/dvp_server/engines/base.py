@@ -125,3 +125,15 @@ class WeightLoader(Protocol):
     """
 
     async def load_weights(self, weights: Sequence[Path], version: int | None = None) -> int: ...
+
+
+class PolicyVersion:
+    """The served weights' ``policy_version``: 0 at start; each load names the next."""
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def advance(self, version: int | None) -> int:
+        """After a load: ``version`` when a fleet names it, else the old one plus one."""
+        self.value = self.value + 1 if version is None else version
+        return self.value

@@ -42,6 +42,7 @@ import torch
 from dvp_schemas import FinishReason
 
 from ...errors import INVALID_REQUEST, ServiceError
+from ..base import PolicyVersion
 from ._batch import DecodeBatch
 from ._prefix import PrefixCache
 from ._rows import Row
@@ -141,7 +142,7 @@ class SchedulerMixin:
     _last_tokens: np.ndarray
     _stopping: bool
     _state: str
-    _policy_version: int
+    _version: PolicyVersion
     _model_lock: threading.Lock
     _prefilled_last: bool
 
@@ -165,7 +166,7 @@ class SchedulerMixin:
     ) -> None:
         """Emit a row's last chunk and forget it (call with ``_cond`` held or from the thread)."""
         self._rows.pop(row.request_id, None)  # first: the chunk may wake the caller at once
-        row.emit(row.take_chunk(reason, stop, error=error, policy_version=self._policy_version))
+        row.emit(row.take_chunk(reason, stop, error=error, policy_version=self._version.value))
 
     def _run(self) -> None:
         """Scheduler thread: admit, step, repeat; never lets a step's error escape.
@@ -390,7 +391,7 @@ class SchedulerMixin:
             else:
                 keep.append(i)
                 if row.pending_steps >= self.flush_every:
-                    row.emit(row.take_chunk(policy_version=self._policy_version))
+                    row.emit(row.take_chunk(policy_version=self._version.value))
         if keep:
             batch.keep(keep)
         else:

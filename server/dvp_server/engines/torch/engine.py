@@ -32,7 +32,7 @@ import torch
 from dvp_schemas import EngineCapabilities
 
 from ...model_store import load_tokenizer
-from ..base import EngineError, EngineInfo, EngineParams, RolloutChunk
+from ..base import EngineError, EngineInfo, EngineParams, PolicyVersion, RolloutChunk
 from ..scoring import ScoredSequence, ScoreParams, score_sequences
 from . import _fp8
 from ._batch import DecodeBatch, SlackLayer
@@ -194,7 +194,7 @@ class TorchEngine(SchedulerMixin):
         self._stopping = False
         self._prefilled_last = False  # the last turn prefilled: the next one decodes
         self._state = "starting"
-        self._policy_version = 0
+        self._version = PolicyVersion()
         self._model_lock = threading.Lock()  # held by every step and by a weight swap
         #: Called in the scheduler thread after each step with the batch size (metrics).
         self.on_step: Callable[[int], None] | None = None
@@ -204,7 +204,7 @@ class TorchEngine(SchedulerMixin):
     @property
     def policy_version(self) -> int:
         """Weights version: 0 at start, +1 per :meth:`load_weights`."""
-        return self._policy_version
+        return self._version.value
 
     @property
     def queued_rollouts(self) -> int:
@@ -246,8 +246,7 @@ class TorchEngine(SchedulerMixin):
             forget_packed(self.model)
             if self.prefixes is not None:
                 self.prefixes.clear()  # keys / values of the old weights
-            self._policy_version = self._policy_version + 1 if version is None else version
-            return self._policy_version
+            return self._version.advance(version)
 
     async def score(
         self, sequences: Sequence[tuple[list[int], list[int]]], params: ScoreParams

@@ -41,7 +41,7 @@ import torch
 from dvp_schemas import EngineCapabilities, FinishReason
 
 from ...model_store import load_tokenizer
-from ..base import EngineError, EngineInfo, EngineParams, RolloutChunk
+from ..base import EngineError, EngineInfo, EngineParams, PolicyVersion, RolloutChunk
 from ..scoring import ScoredSequence, ScoreParams
 from ._args import (
     VllmSettings,
@@ -94,7 +94,7 @@ class VllmEngine:
         self.info = self._make_info(vocab_size=0, max_model_len=0)
         self._channel: StepChannel | None = None
         self._keys = itertools.count()
-        self._policy_version = 0
+        self._version = PolicyVersion()
         self._weights_dir: Path | None = None  # links to the last loaded weights
 
     # ----------------------------------------------------------------- protocol
@@ -102,7 +102,7 @@ class VllmEngine:
     @property
     def policy_version(self) -> int:
         """Weights version: 0 at start, +1 per :meth:`load_weights`."""
-        return self._policy_version
+        return self._version.value
 
     async def load_weights(self, weights: Sequence[Path], version: int | None = None) -> int:
         """Reload the model's weights in place from safetensors files; the new version.
@@ -138,8 +138,7 @@ class VllmEngine:
         weakref.finalize(self, shutil.rmtree, folder, True)  # at the latest at exit
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-        self._policy_version = self._policy_version + 1 if version is None else version
-        return self._policy_version
+        return self._version.advance(version)
 
     async def _restore_weights(self, llm: Any, failure: EngineError) -> None:
         """Reload the previous weights after a failed reload, which left vLLM's layers
@@ -208,7 +207,7 @@ class VllmEngine:
             self._llm = await asyncio.shield(build)
             if self._weights_dir is not None:  # a restart: serve the same weights again
                 await _reload_weights(self._llm, self._weights_dir)
-                logger.info("re-applied the weights of policy_version %d", self._policy_version)
+                logger.info("re-applied the weights of policy_version %d", self._version.value)
         except BaseException:  # failed, or cancelled (server stopping): leave no processes
             if self._llm is None:
                 with contextlib.suppress(Exception):
