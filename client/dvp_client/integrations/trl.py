@@ -10,13 +10,16 @@ What :class:`DVPGRPOTrainer` changes, per generation:
 1. weights: when the trainer's step moved since the last push (and before the first
    generation), the policy is saved under ``weights_dir`` (inside the server's
    ``--weights-root``) and loaded with ``POST /v1/weights``; ``policy_version`` must go
-   up by one (tied embeddings written once; PEFT models refused);
+   up by one (tied embeddings written once; PEFT models refused). With several
+   processes only the main one saves and pushes; the others wait for it and receive
+   the new version;
 2. rollouts (:class:`DVPRollout`, TRL's ``rollout_func``): TRL hands over each prompt
-   ``num_generations`` times in a row; the service gets each prompt once with
-   ``n = num_generations`` and one seed per generation (the same prompt sent g times
-   with one seed would give g identical samples), at ``args.temperature``, up to
-   ``args.max_completion_length`` tokens, under the pruning rule, with the safe sets;
-   every rollout must carry the version just pushed;
+   ``num_generations`` times in a row (with several processes a group may be split
+   between two of them); each run of ``k`` equal prompts is sent once with ``n = k``
+   and one seed per generation (the same prompt sent k times with one seed would give
+   k identical samples), the seed folding in the process index, at
+   ``args.temperature``, up to ``args.max_completion_length`` tokens, under the pruning
+   rule, with the safe sets; every rollout must carry the version just pushed;
 3. each row keeps its :class:`dvp_schemas.Rollout` (token ids, engine log-probs, safe
    sets) in the batch, so the sets follow the row through TRL's shuffle and split;
    with ``num_iterations > 1`` (or a generation reused across optimizer steps) the
@@ -24,8 +27,10 @@ What :class:`DVPGRPOTrainer` changes, per generation:
 
 The loss (:meth:`DVPGRPOTrainer._compute_loss`): the rows' tensors from
 :func:`~dvp_client.train.tensors.rollouts_to_tensors` (``position_ids`` from the real
-tokens, as the engine counts them), the backbone's hidden states, the pruned log-probs
-over the engine's replayed sets from the hidden states and the LM head
+tokens, as the engine counts them), the backbone's hidden states (the forward goes
+through the DDP wrapper, so gradients are all-reduced, in the model's own dtype, not
+under accelerate's mixed-precision autocast), the pruned log-probs over the engine's
+replayed sets from the hidden states and the LM head
 (:func:`~dvp_client.train.fused_head.pruned_logprobs_from_hidden`: no ``[B, T, V]``
 logits; models with an LM-head bias or logit scaling fall back to the logits and
 :func:`~dvp_client.train.objective.pruned_logprobs`), then
@@ -33,18 +38,26 @@ logits; models with an LM-head bias or logit scaling fall back to the logits and
 divided by the gradient-accumulation steps. ``batch_metrics`` (mismatch, |S|, pruned
 mass, IS weights) and the loss metrics go to TRL's own metric logging.
 
+Processes: one, or several in plain data parallelism (DDP: ``accelerate launch
+--num_processes N``, or ``torchrun --nproc_per_node N``); tested with two CPU processes
+(DeepSpeed ZeRO-1/2 is not refused but untested).
+
 Not supported (refused with an error): ``use_vllm``, ``beta != 0`` (no reference-KL
-term), PEFT adapters, loss types other than grpo / bnpo / dapo. One process only.
+term), PEFT adapters, loss types other than grpo / bnpo / dapo, sharded parameters
+(FSDP, DeepSpeed ZeRO-3: the push saves the main process's full model).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
 import torch
 import trl
-from dvp_schemas import PruningRule, Rollout
+from accelerate.utils import broadcast_object_list
+from dvp_schemas import PruningRule, Rollout, Usage
 from trl import GRPOTrainer
 
 from .._client import Client
@@ -82,7 +95,8 @@ class DVPRollout:
         client: the service (one URL or several replicas).
         pruning: the DVP rule (:class:`PruningRule` or a dict such as ``{"min_p": 1e-3}``).
         stop: stop strings, if any.
-        seed: base seed; generation k uses ``seed * 1_000_003 + k``.
+        seed: base seed; each request's seed is derived from (seed, process index,
+            call, request), see :meth:`__call__`.
     """
 
     def __init__(
@@ -101,33 +115,76 @@ class DVPRollout:
         self.last: RolloutBatch | None = None
 
     def __call__(self, prompts: list[Any], trainer: Any) -> dict[str, Any]:
-        """Rollouts for ``prompts`` (each repeated ``g = num_generations`` times in a row)."""
-        g: int = trainer.num_generations if trainer.model.training else trainer.num_generations_eval
-        if len(prompts) % g or any(prompts[i] != prompts[i - i % g] for i in range(len(prompts))):
-            raise ValueError(
-                f"expected each prompt {g} times in a row (TRL's RepeatSampler); got "
-                f"{len(prompts)} prompts in another order"
-            )
+        """Rollouts for ``prompts``, one row per prompt, in the prompts' order.
+
+        A run of ``k`` identical consecutive prompts (a GRPO group, or the part of one
+        that fell to this process) is sent once with ``n = k``; runs go to one request
+        per (run length, repeat of the same prompt), so no request holds a prompt twice.
+        Each request's seed folds in the base seed, the process index, the call and the
+        request, so no two requests (on any process) share a seed.
+        """
         if isinstance(trainer, DVPGRPOTrainer):
             trainer._dvp_sync_weights()
-        batch = self.client.rollouts(
-            prompts[::g],
-            n=g,
-            temperature=trainer.args.temperature,
-            max_tokens=trainer.args.max_completion_length,
-            stop=self.stop,
-            seed=self.seed * 1_000_003 + self.calls,
-            pruning=self.pruning,
-            return_safe_token_ids=self.pruning.prunes,
-        )
+        process = int(getattr(getattr(trainer, "accelerator", None), "process_index", 0))
+        runs = _runs(prompts)  # (first position, length) per run
+        requests: dict[tuple[int, int], list[int]] = {}  # (length, repeat) -> run indices
+        repeats: dict[str, int] = {}
+        for i, (start, length) in enumerate(runs):
+            key = repr(prompts[start])
+            repeats[key] = repeats.get(key, -1) + 1
+            requests.setdefault((length, repeats[key]), []).append(i)
+        rows: list[Rollout | None] = [None] * len(prompts)
+        batches: list[RolloutBatch] = []
+        for k, ((length, _), members) in enumerate(sorted(requests.items())):
+            batch = self.client.rollouts(
+                [prompts[runs[i][0]] for i in members],
+                n=length,
+                temperature=trainer.args.temperature,
+                max_tokens=trainer.args.max_completion_length,
+                stop=self.stop,
+                seed=_request_seed(self.seed, process, self.calls, k),
+                pruning=self.pruning,
+                return_safe_token_ids=self.pruning.prunes,
+            )
+            batches.append(batch)
+            for r in batch.rollouts:
+                run = members[r.prompt_index]
+                rows[runs[run][0] + r.sample_index] = r.model_copy(update={"prompt_index": run})
         self.calls += 1
-        rows = sorted(batch.rollouts, key=lambda r: (r.prompt_index, r.sample_index))
-        self.last = batch.model_copy(update={"rollouts": rows})
+        if any(r is None for r in rows):
+            raise RuntimeError("the service returned fewer rollouts than requested")
+        done = [r for r in rows if r is not None]
+        self.last = batches[0].model_copy(update={"rollouts": done, "usage": _total_usage(batches)})
         return {
-            "prompt_ids": [r.prompt_token_ids for r in rows],
-            "completion_ids": [r.token_ids for r in rows],
-            "logprobs": [r.masked_logprobs for r in rows],
+            "prompt_ids": [r.prompt_token_ids for r in done],
+            "completion_ids": [r.token_ids for r in done],
+            "logprobs": [r.masked_logprobs for r in done],
         }
+
+
+def _runs(prompts: Sequence[Any]) -> list[tuple[int, int]]:
+    """``(start, length)`` of each run of equal consecutive prompts."""
+    runs: list[tuple[int, int]] = []
+    for i, p in enumerate(prompts):
+        if runs and prompts[runs[-1][0]] == p:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((i, 1))
+    return runs
+
+
+def _request_seed(seed: int, process: int, call: int, request: int) -> int:
+    """A 63-bit request seed from (base seed, process index, call, request in the call)."""
+    state = np.random.SeedSequence([seed, process, call, request]).generate_state(1, np.uint64)
+    return int(state[0]) & ((1 << 63) - 1)
+
+
+def _total_usage(batches: Sequence[RolloutBatch]) -> Usage:
+    return Usage(
+        prompt_tokens=sum(b.usage.prompt_tokens for b in batches),
+        completion_tokens=sum(b.usage.completion_tokens for b in batches),
+        total_tokens=sum(b.usage.total_tokens for b in batches),
+    )
 
 
 class DVPGRPOTrainer(GRPOTrainer):
@@ -183,6 +240,7 @@ class DVPGRPOTrainer(GRPOTrainer):
             raise ValueError("use_vllm must be False: dvp-serve samples the rollouts")
         if self.beta != 0.0:
             raise ValueError(f"beta must be 0 (no reference-KL term in the DVP loss), got {a.beta}")
+        _check_parallelism(self)
         if loss_config is None:
             if a.loss_type not in _AGGREGATIONS:
                 raise ValueError(
@@ -203,12 +261,32 @@ class DVPGRPOTrainer(GRPOTrainer):
     # --- generation -------------------------------------------------------------------
 
     def _dvp_sync_weights(self) -> None:
-        """Push the policy when the optimizer has stepped since the last push."""
+        """Push the policy when the optimizer has stepped since the last push.
+
+        With several processes the main one saves and pushes; every process waits for
+        it and learns the new version (so each checks its own rollouts against it).
+        """
         step = self.state.global_step
         if not self.dvp_push_weights or self._dvp_pushed_step == step:
             return
-        model = self.accelerator.unwrap_model(self.model)
-        self._dvp_pusher.push(model, f"step-{step:06d}")
+        acc = self.accelerator
+        error = None
+        if acc.is_main_process:
+            try:
+                self._dvp_pusher.push(acc.unwrap_model(self.model), f"step-{step:06d}")
+            except Exception as err:  # tell the other processes before raising
+                if acc.num_processes == 1:
+                    raise
+                error = err
+        if acc.num_processes > 1:
+            acc.wait_for_everyone()
+            shared: list[Any] = [self._dvp_pusher.version, None if error is None else repr(error)]
+            broadcast_object_list(shared, from_process=0)
+            if error is not None:
+                raise error
+            if shared[1] is not None:
+                raise RuntimeError(f"the main process failed to push weights: {shared[1]}")
+            self._dvp_pusher.version = int(shared[0])
         self._dvp_pushed_step = step
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -256,7 +334,18 @@ class DVPGRPOTrainer(GRPOTrainer):
         p, n = t.prompt_length, t.tokens.shape[1]
         kw = {"attention_mask": t.attention_mask, "position_ids": t.position_ids}
         if _plain_head(inner, head):
-            hidden = inner.base_model(t.input_ids, use_cache=False, **kw).last_hidden_state
+            # Through ``model`` (the DDP wrapper when there is one, so the gradients
+            # are all-reduced) with one position of logits, without accelerate's
+            # mixed-precision autocast (the model's own dtype, as before); the hidden
+            # states come from a hook on the backbone.
+            got: list[torch.Tensor] = []
+            hook = inner.base_model.register_forward_hook(lambda _m, _a, o: got.append(o[0]))
+            try:
+                with _without_autocast(inner):
+                    model(t.input_ids, logits_to_keep=1, use_cache=False, **kw)
+            finally:
+                hook.remove()
+            hidden = got[-1]
             return pruned_logprobs_from_hidden(
                 hidden[:, p - 1 : p - 1 + n], head.weight, t.tokens, t.safe, mask=mask
             )
@@ -296,6 +385,39 @@ class DVPGRPOTrainer(GRPOTrainer):
         }
         scale = self.current_gradient_accumulation_steps if mode == "train" else 1
         return out.loss / scale
+
+
+@contextmanager
+def _without_autocast(model: Any) -> Iterator[None]:
+    """Call ``model``'s own forward, not the autocast wrapper accelerate put over it."""
+    original = getattr(model, "_original_forward", None)
+    if original is None or "forward" not in vars(model):
+        yield
+        return
+    wrapped = model.forward
+    model.forward = original
+    try:
+        yield
+    finally:
+        model.forward = wrapped
+
+
+def _check_parallelism(trainer: GRPOTrainer) -> None:
+    """Refuse sharded parameters: the main process pushes the full weights alone."""
+    if trainer.is_fsdp_enabled:
+        raise ValueError(
+            "FSDP is not supported: the main process saves and pushes the full weights, "
+            "and FSDP shards them across processes. Use plain data parallelism (accelerate "
+            "launch --num_processes N without an FSDP config, or torchrun --nproc_per_node N)."
+        )
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    if plugin is not None and plugin.zero_stage == 3:
+        raise ValueError(
+            "DeepSpeed ZeRO-3 is not supported: the main process saves and pushes the full "
+            "weights, and ZeRO-3 shards them across processes. Use plain data parallelism "
+            "(accelerate launch --num_processes N without a DeepSpeed config, or torchrun "
+            "--nproc_per_node N)."
+        )
 
 
 def _plain_head(model: Any, head: Any) -> bool:
