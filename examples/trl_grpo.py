@@ -90,6 +90,7 @@ def run(args: argparse.Namespace) -> Any:
         use_cpu=not torch.cuda.is_available(),
         seed=args.seed,
         beta=0.0,
+        bf16=False,  # an fp32 trainer (TRL's default is bf16 mixed precision)
     )
     trainer = DVPGRPOTrainer(
         AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32),

@@ -74,6 +74,7 @@ def main(model_dir: str, url: str, weights_dir: str, out_dir: str) -> None:
         use_cpu=True,
         seed=0,
         beta=0.0,
+        bf16=False,  # an fp32 trainer (TRL's default is bf16 mixed precision)
     )
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     trainer = Recording(

@@ -261,6 +261,30 @@ def test_sparse_backward_allocates_the_weight_gradient_once(
     assert _extra_peak(fused) >= 2 * grad_w_bytes
 
 
+@pytest.mark.parametrize("mode", ["replay", "recompute"])
+def test_float32_math_under_a_callers_autocast(mode: str) -> None:
+    """Inside ``torch.autocast(cpu, bfloat16)`` (a trainer's mixed precision) the head still
+    computes in float32: values and gradients equal those computed without autocast. An
+    ``mm`` left to autocast would round the logits to bf16 (errors ~1e-2 here)."""
+    hidden, weight, mask, y = make(3, b=2, t=9, h=32, v=512)
+    sets = SafeSets.from_mask(mask, temperature=0.7)
+    rule = PruningRule(min_p=0.05)
+
+    def run(autocast: bool) -> tuple[torch.Tensor, ...]:
+        x = hidden.clone().requires_grad_(True)
+        w = weight.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            r = pruned_logprobs_from_hidden(x, w, y, sets, mode=mode, rule=rule)
+            assert r.full_logprobs is not None
+            (r.logprobs.sum() + r.full_logprobs.sum()).backward()
+        assert x.grad is not None and w.grad is not None
+        return r.logprobs.detach(), r.full_logprobs.detach(), x.grad, w.grad
+
+    for a, b in zip(run(True), run(False), strict=True):
+        assert a.dtype == torch.float32
+        assert rel(a, b) < 1e-6
+
+
 def _err(match: str) -> pytest.RaisesContext[ValueError]:
     return pytest.raises(ValueError, match=match)
 

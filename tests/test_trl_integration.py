@@ -94,6 +94,7 @@ def train(
         use_cpu=True,
         seed=0,
         beta=0.0,
+        bf16=False,  # an fp32 trainer (TRL's default is bf16 mixed precision)
     )
     model = AutoModelForCausalLM.from_pretrained(str(tiny), dtype=torch.float32)
     client = Client(url, timeout=600)

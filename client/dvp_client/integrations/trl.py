@@ -28,8 +28,9 @@ What :class:`DVPGRPOTrainer` changes, per generation:
 The loss (:meth:`DVPGRPOTrainer._compute_loss`): the rows' tensors from
 :func:`~dvp_client.train.tensors.rollouts_to_tensors` (``position_ids`` from the real
 tokens, as the engine counts them), the backbone's hidden states (the forward goes
-through the DDP wrapper, so gradients are all-reduced, in the model's own dtype, not
-under accelerate's mixed-precision autocast), the pruned log-probs over the engine's
+through the DDP wrapper, so gradients are all-reduced, under the mixed precision the
+config asks for: TRL's ``bf16`` defaults to True, set ``bf16=False`` for an fp32
+trainer), the pruned log-probs over the engine's
 replayed sets from the hidden states and the LM head
 (:func:`~dvp_client.train.fused_head.pruned_logprobs_from_hidden`: no ``[B, T, V]``
 logits; models with an LM-head bias or logit scaling fall back to the logits and
@@ -49,8 +50,7 @@ term), PEFT adapters, loss types other than grpo / bnpo / dapo, sharded paramete
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -335,14 +335,12 @@ class DVPGRPOTrainer(GRPOTrainer):
         kw = {"attention_mask": t.attention_mask, "position_ids": t.position_ids}
         if _plain_head(inner, head):
             # Through ``model`` (the DDP wrapper when there is one, so the gradients
-            # are all-reduced) with one position of logits, without accelerate's
-            # mixed-precision autocast (the model's own dtype, as before); the hidden
-            # states come from a hook on the backbone.
+            # are all-reduced; accelerate's mixed precision as configured) with one
+            # position of logits; the hidden states come from a hook on the backbone.
             got: list[torch.Tensor] = []
             hook = inner.base_model.register_forward_hook(lambda _m, _a, o: got.append(o[0]))
             try:
-                with _without_autocast(inner):
-                    model(t.input_ids, logits_to_keep=1, use_cache=False, **kw)
+                model(t.input_ids, logits_to_keep=1, use_cache=False, **kw)
             finally:
                 hook.remove()
             hidden = got[-1]
@@ -385,21 +383,6 @@ class DVPGRPOTrainer(GRPOTrainer):
         }
         scale = self.current_gradient_accumulation_steps if mode == "train" else 1
         return out.loss / scale
-
-
-@contextmanager
-def _without_autocast(model: Any) -> Iterator[None]:
-    """Call ``model``'s own forward, not the autocast wrapper accelerate put over it."""
-    original = getattr(model, "_original_forward", None)
-    if original is None or "forward" not in vars(model):
-        yield
-        return
-    wrapped = model.forward
-    model.forward = original
-    try:
-        yield
-    finally:
-        model.forward = wrapped
 
 
 def _check_parallelism(trainer: GRPOTrainer) -> None:

@@ -272,6 +272,12 @@ def _dense_grad(
                 grad_w[v0:v1].addmm_(z.t(), hb)
 
 
+def _no_autocast(device: torch.device) -> torch.autocast:
+    """Autocast off: the math stays in the compute dtype under a caller's mixed precision
+    (an ``mm`` under ``torch.autocast`` would otherwise run in bf16 / fp16)."""
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
 def _to_steps(x: Tensor, steps: Tensor, shape: tuple[int, int]) -> Tensor:
     """Scatter the ``(N,)`` values of the computed steps into a zero ``[B, T]``."""
     out = torch.zeros(shape[0] * shape[1], dtype=x.dtype, device=x.device)
@@ -308,7 +314,7 @@ class _FusedPrunedLogprob(torch.autograd.Function):
         cdt = compute_dtype(hidden.dtype)
         steps, n = sets.steps, sets.steps.shape[0]
         w = _as(weight.detach(), cdt)
-        with torch.no_grad():
+        with torch.no_grad(), _no_autocast(hidden.device):
             h = _as(_compact(hidden, steps), cdt)
             y = tokens.reshape(-1).index_select(0, steps)
             u_y = _pair_dots(h, w, torch.arange(n, device=h.device), y) * inv_t
@@ -336,6 +342,13 @@ class _FusedPrunedLogprob(torch.autograd.Function):
     @staticmethod
     def backward(  # type: ignore[override]
         ctx: Any, g_masked: Tensor | None, g_full: Tensor | None, _g_logz: Tensor | None
+    ) -> tuple[Tensor | None, ...]:
+        with _no_autocast(ctx.saved_tensors[0].device):
+            return _FusedPrunedLogprob._backward(ctx, g_masked, g_full)
+
+    @staticmethod
+    def _backward(
+        ctx: Any, g_masked: Tensor | None, g_full: Tensor | None
     ) -> tuple[Tensor | None, ...]:
         hidden, weight, y, ok, lse_s, lse_f, u_s = ctx.saved_tensors
         sets: FusedSets = ctx.sets

@@ -18,11 +18,12 @@ forward and backward read only the rows ``W[S]`` and ``W[y]`` of each step (exac
 ``log pi_S(y)`` needs no other row). When only ``logprobs`` gets a gradient (the usual
 loss; ``full_logprobs`` and ``log_z`` for metrics), backward is sparse too.
 
-Math is float32 (float64 for float64 hidden states) for any input dtype; a bf16 /
-fp16 weight is upcast once per forward and once per backward (a transient ``(V, H)``
-float32 copy, the size of its gradient). Gradients go to ``hidden`` and to the weight
-(returned in their dtypes). Not handled: an LM-head bias, logit soft-capping or
-scaling (Gemma 2, Granite, ...): compute the logits and use ``pruned_logprobs``.
+Math is float32 (float64 for float64 hidden states) for any input dtype, also under a
+caller's ``torch.autocast`` (switched off inside); a bf16 / fp16 weight is upcast once
+per forward and once per backward (a transient ``(V, H)`` float32 copy, the size of its
+gradient). Gradients go to ``hidden`` and to the weight (returned in their dtypes). Not
+handled: an LM-head bias, logit soft-capping or scaling (Gemma 2, Granite, ...): compute
+the logits and use ``pruned_logprobs``.
 
 Example (a transformers causal LM; ``t`` from ``RolloutBatch.to_torch``)::
 
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from dvp_schemas import PruningRule
 from torch import Tensor
 
@@ -151,6 +153,7 @@ def _rule_logits(hidden: Tensor, weight: Tensor) -> Callable[[int, int, int], Te
     def logits(i: int, t0: int, t1: int) -> Tensor:
         if not cache:  # the weight in the compute dtype, once (a copy only if not already)
             cache.append(weight.detach().to(cdt))
-        return hidden.detach()[i, t0:t1].to(cdt) @ cache[0].t()
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            return hidden.detach()[i, t0:t1].to(cdt) @ cache[0].t()
 
     return logits
