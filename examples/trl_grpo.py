@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import random
 import sys
 from pathlib import Path
@@ -109,7 +110,11 @@ def run(args: argparse.Namespace) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    trainer = run(parse_args(argv))
+    args = parse_args(argv)
+    trainer = run(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    history = json.dumps(trainer.state.log_history, indent=1)
+    (args.out / "log_history.json").write_text(history + "\n")
     for row in trainer.state.log_history:
         if "reward" in row:
             print(
