@@ -367,3 +367,35 @@ def test_engine_refuses_work_before_start(vllm_tiny_model_dir: Path) -> None:
     params = EngineParams(temperature=1.0, max_tokens=2, rule=PruningRule(), seed=0)
     with pytest.raises(EngineError, match="not running"):
         asyncio.run(anext(engine.generate("r", [1, 2], params)))
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_idle_engine_shuts_down_without_an_error_log(
+    vllm_tiny_model_dir: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """In process (a library user's engine): start, one rollout, shutdown. vLLM stops its
+    EngineCore before it cancels its output handler, which then logs the stopped core as
+    an ``EngineDeadError`` with a traceback; the engine cancels the idle handler first."""
+    pytest.importorskip("vllm")
+    from conftest import VLLM_KV_CACHE_BYTES
+    from dvp_server.engines.vllm.engine import VllmEngine
+
+    async def run() -> int:
+        engine = VllmEngine(
+            vllm_tiny_model_dir, VllmSettings(max_num_seqs=4, kv_cache_bytes=VLLM_KV_CACHE_BYTES)
+        )
+        await engine.start()
+        params = EngineParams(
+            temperature=1.0, max_tokens=4, rule=PruningRule(min_p=0.1), seed=3, ignore_eos=True
+        )
+        try:
+            chunks = [c async for c in engine.generate("r", [1, 2, 3], params)]
+        finally:
+            await engine.shutdown()
+        return sum(len(c.token_ids) for c in chunks)
+
+    assert asyncio.run(run()) == 4
+    out = capfd.readouterr()
+    log = out.out + out.err
+    assert "output_handler failed" not in log and "Traceback" not in log, log[-3000:]

@@ -239,6 +239,15 @@ class VllmEngine:
         if channel is not None:
             await channel.close()
         if llm is not None:
+            # vLLM stops the EngineCore before it cancels its output handler, which
+            # then logs the stopped core as an EngineDeadError with a traceback. With
+            # nothing in flight, cancel the handler first; with requests in flight,
+            # leave it: it ends their streams with the error.
+            handler = getattr(llm, "output_handler", None)
+            idle = llm.get_num_unfinished_requests() == 0
+            if handler is not None and not handler.done() and idle:
+                handler.cancel()
+                await asyncio.wait([handler], timeout=5)
             # Synchronous (SIGTERM to EngineCore, waits for it; ~1 s once it died): off
             # the loop. vLLM's own liveness monitor calls it from a thread too.
             await asyncio.to_thread(llm.shutdown)
