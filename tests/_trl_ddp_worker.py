@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _trl_setup import PROMPTS, grpo_config
 from datasets import Dataset
 from dvp_client import Client
 from dvp_client.integrations.trl import DVPGRPOTrainer
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from trl import GRPOConfig
 
 
 def hash_reward(completions: list[str], **_: Any) -> list[float]:
@@ -59,23 +59,8 @@ class Recording(DVPGRPOTrainer):
 
 
 def main(model_dir: str, url: str, weights_dir: str, out_dir: str) -> None:
-    prompts = [f"{a}+{b}=" for a, b in ((1, 2), (3, 4), (5, 1), (2, 2), (7, 1), (4, 4))]
-    args = GRPOConfig(
-        output_dir=str(Path(out_dir) / "trainer"),
-        per_device_train_batch_size=6,
-        num_generations=4,
-        max_completion_length=4,
-        max_steps=2,
-        learning_rate=1e-2,
-        temperature=1.0,
-        logging_steps=1,
-        report_to="none",
-        save_strategy="no",
-        use_cpu=True,
-        seed=0,
-        beta=0.0,
-        bf16=False,  # an fp32 trainer (TRL's default is bf16 mixed precision)
-    )
+    prompts = PROMPTS
+    args = grpo_config(Path(out_dir) / "trainer", batch=6, steps=2)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     trainer = Recording(
         model,

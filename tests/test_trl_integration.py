@@ -22,6 +22,7 @@ import torch
 pytest.importorskip("trl")
 
 from _ops import own_server
+from _trl_setup import PROMPTS, grpo_config
 from conftest import ServerProcess
 from dvp_client import Client
 from dvp_client.integrations._weights import WeightPusher
@@ -76,26 +77,9 @@ def train(
     tiny: Path, url: str, root: Path, out: Path, push: bool, steps: int = STEPS, iterations: int = 1
 ) -> Recording:
     from datasets import Dataset
-    from trl import GRPOConfig
 
-    prompts = [f"{a}+{b}=" for a, b in ((1, 2), (3, 4), (5, 1), (2, 2), (7, 1), (4, 4))]
-    args = GRPOConfig(
-        output_dir=str(out),
-        per_device_train_batch_size=8,
-        num_generations=4,
-        max_completion_length=4,
-        max_steps=steps,
-        num_iterations=iterations,
-        learning_rate=1e-2,
-        temperature=1.0,
-        logging_steps=1,
-        report_to="none",
-        save_strategy="no",
-        use_cpu=True,
-        seed=0,
-        beta=0.0,
-        bf16=False,  # an fp32 trainer (TRL's default is bf16 mixed precision)
-    )
+    prompts = PROMPTS
+    args = grpo_config(out, batch=8, steps=steps, iterations=iterations)
     model = AutoModelForCausalLM.from_pretrained(str(tiny), dtype=torch.float32)
     client = Client(url, timeout=600)
     if not push:  # start from the trainer's weights, then never push again
