@@ -25,44 +25,32 @@ ref: Any = AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32)
 with torch.no_grad():
     out = ref.generate(ids, max_new_tokens=40, do_sample=False)
     a = ref(out).logits.log_softmax(-1)
+n = ids.shape[1]
+pa = a[0, n - 1 : -1]
+y = out[0, n:]
+
+
+def report(label: str, engine: TorchEngine) -> None:
+    """Teacher-forced on the fp32 model's tokens: |dlogp| of those tokens, KL, vocab mean."""
+    with torch.no_grad():
+        pb = engine.model(out).logits.float().log_softmax(-1)[0, n - 1 : -1]
+    dl = (pa.gather(-1, y[:, None]) - pb.gather(-1, y[:, None])).abs()
+    kl = (pa.exp() * (pa - pb)).sum(-1)
+    print(
+        label,
+        "sampled |dlogp| mean",
+        dl.mean().item(),
+        "max",
+        dl.max().item(),
+        "KL mean",
+        kl.mean().item(),
+        "vocab mean",
+        (pa - pb).abs().mean().item(),
+    )
+
+
 for q in ["fp8", "fp8-channel"]:
     for dt in ["float32", "bfloat16"]:
-        e = TorchEngine(d, dtype=dt, quantize=q, threads=2)
-        with torch.no_grad():
-            b = e.model(out).logits.float().log_softmax(-1)
-        n = ids.shape[1]
-        pa = a[0, n - 1 : -1]
-        pb = b[0, n - 1 : -1]
-        y = out[0, n:]
-        dl = (pa.gather(-1, y[:, None]) - pb.gather(-1, y[:, None])).abs()
-        kl = (pa.exp() * (pa - pb)).sum(-1)
-        print(
-            q,
-            dt,
-            "sampled |dlogp| mean",
-            dl.mean().item(),
-            "max",
-            dl.max().item(),
-            "KL mean",
-            kl.mean().item(),
-            "vocab mean",
-            (pa - pb).abs().mean().item(),
-        )
-e = TorchEngine(d, dtype="bfloat16", threads=2)
-with torch.no_grad():
-    b = e.model(out).logits.float().log_softmax(-1)
-pb = b[0, n - 1 : -1]
-dl = (pa.gather(-1, y[:, None]) - pb.gather(-1, y[:, None])).abs()
-kl = (pa.exp() * (pa - pb)).sum(-1)
-print(
-    "bf16",
-    "sampled |dlogp| mean",
-    dl.mean().item(),
-    "max",
-    dl.max().item(),
-    "KL mean",
-    kl.mean().item(),
-    "vocab mean",
-    (pa - pb).abs().mean().item(),
-)
-print(tok.decode(out[0, n:]))
+        report(f"{q} {dt}", TorchEngine(d, dtype=dt, quantize=q, threads=2))
+report("bf16", TorchEngine(d, dtype="bfloat16", threads=2))
+print(tok.decode(y))
