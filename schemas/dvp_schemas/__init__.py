@@ -41,6 +41,7 @@ from .weights import (
     WeightsInfo,
     WeightsUpdateRequest,
     WeightsUpdateResponse,
+    WeightsVerifyReport,
 )
 
 __all__ = [
@@ -87,4 +88,5 @@ __all__ = [
     "WeightsInfo",
     "WeightsUpdateRequest",
     "WeightsUpdateResponse",
+    "WeightsVerifyReport",
 ]

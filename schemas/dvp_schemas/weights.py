@@ -46,6 +46,14 @@ class WeightsUpdateRequest(RequestModel):
         description="Longest wait for in-flight rollouts; past it the update is refused "
         "(409) and nothing changes. Default: the server's.",
     )
+    verify: bool | None = Field(
+        None,
+        description="After the load, check that the engine now computes what the file "
+        "says: its log-probs of a short fixed sequence against a float32 reference forward "
+        "of the file's own tensors (in a separate process). A disagreement answers 422 "
+        "naming the first differing position and the previous weights serve again. "
+        "Default: the server's --weights-verify.",
+    )
     policy_version: int | None = Field(
         None,
         ge=1,
@@ -84,6 +92,17 @@ class WeightsInfo(ResponseModel):
     on_inflight: InflightPolicy = Field(description="The server's default update policy.")
 
 
+class WeightsVerifyReport(ResponseModel):
+    """What ``verify`` measured: the engine against a reference forward of the file."""
+
+    positions: int = Field(description="Tokens compared (a fixed prompt's greedy continuation).")
+    max_abs_diff: float = Field(
+        description="Largest |log p_engine - log p_reference| over those tokens."
+    )
+    atol: float = Field(description="The bound it had to stay within.")
+    seconds: float = Field(description="Time the check took (reference forward and score).")
+
+
 class WeightsUpdateResponse(WeightsInfo):
     """The result of an update: the new weights and what happened to in-flight rollouts."""
 
@@ -92,6 +111,9 @@ class WeightsUpdateResponse(WeightsInfo):
     drained_rollouts: int = Field(description="In-flight rollouts the update waited for.")
     wait_s: float = Field(description="Seconds new rollouts were held (drain or abort).")
     load_s: float = Field(description="Seconds the swap itself took.")
+    verify: WeightsVerifyReport | None = Field(
+        None, description="The check after the load, when the update asked for it."
+    )
     replicas: list[ReplicaWeights] | None = Field(
         None,
         description="Fleet updates (Ray Serve) only: the version each replica serves "

@@ -161,6 +161,21 @@ def serve(
     weights_drain_timeout: Annotated[
         float, typer.Option(help="Seconds a draining weight update waits (then 409).")
     ] = _DEFAULTS.weights_drain_timeout_s,
+    weights_verify: Annotated[
+        bool,
+        typer.Option(
+            help="Check every weight update (default of the request's 'verify'): the "
+            "engine's log-probs of a fixed sequence against a reference forward of the file; "
+            "a disagreement restores the previous weights (422)."
+        ),
+    ] = _DEFAULTS.weights_verify,
+    weights_verify_atol: Annotated[
+        float | None,
+        typer.Option(
+            help="Largest |log p| difference the weight check allows (default: by dtype, "
+            "1e-3 for float32, 0.25 for 16-bit, 1.0 with --quantize)."
+        ),
+    ] = None,
     threads: Annotated[
         int | None,
         typer.Option(help="Torch engine: intra-op threads (default: all cores but one)."),
@@ -240,6 +255,8 @@ def serve(
             weights_root=weights_root,
             weights_update_policy=weights_update_policy,
             weights_drain_timeout_s=weights_drain_timeout,
+            weights_verify=weights_verify,
+            weights_verify_atol=weights_verify_atol,
             shutdown_timeout_s=shutdown_timeout,
             threads=threads,
             continuous_batching=continuous_batching,

@@ -94,6 +94,11 @@ class ServerConfig:
             default: ``"drain"`` (wait for them) or ``"abort"`` (end them, saying so).
         weights_drain_timeout_s: longest a ``drain`` update waits before it is refused
             (409, nothing changed).
+        weights_verify: check every weight update by default (``verify`` in
+            ``POST /v1/weights``): the engine's log-probs of a fixed sequence against a
+            reference forward of the file (``service/verify.py``).
+        weights_verify_atol: the largest |log p| difference that check allows; None:
+            by the engine's precision (``service/verify.default_atol``).
         shutdown_timeout_s: after SIGTERM, how long in-flight requests may take to
             finish before they are cancelled.
         threads: torch engine: intra-op threads; None: every usable core but one
@@ -140,6 +145,8 @@ class ServerConfig:
     weights_root: Path | None = None
     weights_update_policy: str = "drain"
     weights_drain_timeout_s: float = 300.0
+    weights_verify: bool = False
+    weights_verify_atol: float | None = None
     shutdown_timeout_s: float = 120.0
     threads: int | None = None
     continuous_batching: bool = True
@@ -211,6 +218,10 @@ class ServerConfig:
             raise ValueError(
                 f"weights_update_policy must be one of {INFLIGHT_POLICIES}, "
                 f"got {self.weights_update_policy!r}"
+            )
+        if self.weights_verify_atol is not None and not self.weights_verify_atol > 0:
+            raise ValueError(
+                f"weights_verify_atol must be positive, got {self.weights_verify_atol}"
             )
         for name in ("weights_drain_timeout_s", "shutdown_timeout_s"):
             value = getattr(self, name)

@@ -16,7 +16,11 @@ An update, in order:
    in-flight ones drain, or are aborted (``on_inflight="abort"``), with a
    timeout (409, nothing changed);
 4. ``engine.load_weights(files)`` swaps them between two engine steps and
-   returns the new ``policy_version``; the gate reopens. If the engine fails
+   returns the new ``policy_version``; with ``verify`` (or ``--weights-verify``) the
+   engine's log-probs are then checked against a reference forward of the file
+   (``verify.py``) while the gate is still closed, and a disagreement reloads the
+   previous weights (kept as links, ``policy_version`` back to the previous one) and
+   answers 422 naming ``verify``; the gate reopens. If the engine fails
    the load anyway (the file changed after the check, an I/O error), it keeps
    or restores the previous weights and raises ``ValueError``: 422 naming
    ``path`` / ``body``, ``policy_version`` unchanged. An engine that could not
@@ -39,7 +43,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from dvp_schemas import ErrorResponse, WeightsInfo, WeightsUpdateRequest, WeightsUpdateResponse
+from dvp_schemas import (
+    ErrorResponse,
+    WeightsInfo,
+    WeightsUpdateRequest,
+    WeightsUpdateResponse,
+    WeightsVerifyReport,
+)
 from fastapi import APIRouter, Query, Request
 
 from ..config import ServerConfig
@@ -47,6 +57,7 @@ from ..engines.base import Engine, EngineError
 from ..errors import ServiceError, validation_error
 from .admission import Admission
 from .checkpoint import CheckpointError, ModelManifest, check_checkpoint
+from .verify import VerifyMismatch, default_atol, verify_engine
 
 __all__ = ["WeightManager", "resolve_under_root", "router", "weight_files"]
 
@@ -145,6 +156,12 @@ class WeightManager:
             logger.warning("weight updates disabled: %s", exc)
         self.num_tensors = len(self._manifest.tensors) if self._manifest else 0
         self._staging = Path(tempfile.mkdtemp(prefix="dvp-weights-"))
+        self._model_dir = Path(model_dir) if model_dir else None
+        # the served checkpoint's files, to restore after a failed verify: the model's
+        # own at start, then links to each loaded checkpoint (an upload is deleted)
+        self._current: list[Path] = (
+            sorted(self._model_dir.glob("*.safetensors")) if self._model_dir else []
+        )
 
     def close(self) -> None:
         """Remove the staging directory of uploads."""
@@ -192,10 +209,15 @@ class WeightManager:
             request.on_inflight,
             request.drain_timeout_s,
             version=request.policy_version,
+            verify=request.verify,
         )
 
     async def update_from_bytes(
-        self, body: bytes, on_inflight: str | None, drain_timeout_s: float | None
+        self,
+        body: bytes,
+        on_inflight: str | None,
+        drain_timeout_s: float | None,
+        verify: bool | None = None,
     ) -> WeightsUpdateResponse:
         """``POST /v1/weights/upload``: the body is one safetensors file."""
         digest = hashlib.sha256(body).hexdigest()
@@ -211,6 +233,7 @@ class WeightManager:
                 on_inflight,
                 drain_timeout_s,
                 names=["upload"],
+                verify=verify,
             )
         finally:
             path.unlink(missing_ok=True)
@@ -224,10 +247,12 @@ class WeightManager:
         drain_timeout_s: float | None,
         version: int | None = None,
         names: list[str] | None = None,
+        verify: bool | None = None,
     ) -> WeightsUpdateResponse:
         """Check, then swap inside the closed gate; ``version``: the new policy_version
         (above the served one; None: the served one plus one); ``names``: the files'
-        names in messages (default their own)."""
+        names in messages (default their own); ``verify``: check the engine after the
+        load (None: the server's default)."""
         load = self._loader()
         if version is not None and version <= self.engine.policy_version:
             raise validation_error(
@@ -254,6 +279,10 @@ class WeightManager:
             t0 = time.perf_counter()
             version = await self._load(load, files, param, version)
             load_s = time.perf_counter() - t0
+            checked = None
+            if self.config.weights_verify if verify is None else verify:
+                checked = await self._verify(load, files, previous)
+            self._keep(files, version)
             self.source, self.loaded_at, self.num_tensors = source, _now(), count
         logger.info(
             "weights: policy_version %d -> %d from %s (%s: %d drained, %d aborted; held %.2f s, "
@@ -268,7 +297,52 @@ class WeightManager:
             drained_rollouts=report.drained,
             wait_s=report.wait_s,
             load_s=load_s,
+            verify=checked,
         )
+
+    def _keep(self, files: list[Path], version: int) -> None:
+        """Links to the served checkpoint's files, for :meth:`_verify`'s restore."""
+        folder = self._staging / f"served-{version}"
+        folder.mkdir(exist_ok=True)
+        kept = []
+        for i, f in enumerate(files):
+            dst = folder / f"{i:05d}.safetensors"
+            try:
+                os.link(Path(f).resolve(), dst)
+            except OSError:  # another file system: a copy
+                shutil.copyfile(f, dst)
+            kept.append(dst)
+        for old in self._staging.glob("served-*"):
+            if old != folder:
+                shutil.rmtree(old, ignore_errors=True)
+        self._current = kept
+
+    async def _verify(self, load: Any, files: list[Path], previous: int) -> WeightsVerifyReport:
+        """The engine against a reference forward of ``files`` (``verify.py``); on a
+        disagreement the previous weights are loaded again as ``previous``.
+
+        Raises:
+            ServiceError: 422 (``verify``) on a disagreement, the previous weights
+                restored; 500 when the check could not run (the new weights serve).
+        """
+        assert self._model_dir is not None  # a manifest exists, so a model_dir does
+        info = self.engine.info
+        atol = self.config.weights_verify_atol or default_atol(
+            info.dtype, info.capabilities.quantization is not None
+        )
+        try:
+            return await verify_engine(self.engine, self._model_dir, files, atol)
+        except VerifyMismatch as exc:
+            logger.error("weights: verify failed, restoring policy_version %d: %s", previous, exc)
+            await self._load(load, self._current, "verify", previous)
+            raise validation_error(
+                "verify",
+                f"{exc}; the previous weights were loaded again: policy_version {previous} serves",
+            ) from None
+        except (RuntimeError, ValueError) as exc:
+            raise ServiceError(
+                500, "weights_verify_error", f"verify: the check could not run: {exc}", "verify"
+            ) from None
 
     async def _load(self, load: Any, files: list[Path], param: str, version: int | None) -> int:
         """``engine.load_weights(files)``; a failure says what still serves.
@@ -358,6 +432,7 @@ async def upload_weights(
     request: Request,
     on_inflight: str | None = Query(None, pattern="^(drain|abort)$"),
     drain_timeout_s: float | None = Query(None, gt=0.0, le=86400.0),
+    verify: bool | None = Query(None),
 ) -> WeightsUpdateResponse:
     """Load weights from the body: one safetensors file (small models; --max-request-bytes).
 
@@ -367,4 +442,4 @@ async def upload_weights(
     body = await request.body()
     if not body:
         raise validation_error("body", "the body must be a safetensors file, got 0 bytes")
-    return await _manager(request).update_from_bytes(body, on_inflight, drain_timeout_s)
+    return await _manager(request).update_from_bytes(body, on_inflight, drain_timeout_s, verify)

@@ -40,6 +40,7 @@ from typing import Any
 from dvp_schemas import PruningRule
 
 from ..base import EngineParams
+from ._worker import EXTENSION_FQCN
 
 #: How vLLM loads the safe-set processor in its own process.
 PROCESSOR_FQCN = "dvp_server.engines.vllm._processor:DvpRuleProcessor"
@@ -191,6 +192,8 @@ def engine_args(model_dir: Path, settings: VllmSettings, *, cpu: bool) -> Any:
         "max_logprobs": settings.max_logprobs,
         "logprobs_mode": "processed_logprobs",  # log pi_S(y): see _steps.py
         "logits_processors": [PROCESSOR_FQCN],
+        # dvp_reload_weights: a reload that also rebuilds stale CPU kernels (_worker.py)
+        "worker_extension_cls": EXTENSION_FQCN,
         "tensor_parallel_size": settings.tensor_parallel_size,
         "data_parallel_size": settings.data_parallel_size,
         "seed": settings.seed,

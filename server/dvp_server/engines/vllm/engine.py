@@ -107,7 +107,7 @@ class VllmEngine:
     async def load_weights(self, weights: Sequence[Path], version: int | None = None) -> int:
         """Reload the model's weights in place from safetensors files; the new version.
 
-        vLLM's workers read the files themselves (``collective_rpc("reload_weights")``
+        vLLM's workers read the files themselves (``collective_rpc("dvp_reload_weights")``
         with a folder of links to them: vLLM loads folders), then the prefix cache
         is reset (its KV entries were computed with the old weights). The server
         calls this only with no rollout running (``admission.py``).
@@ -451,13 +451,15 @@ def _link_weights(weights: Sequence[Path]) -> Path:
 
 
 async def _reload_weights(llm: Any, folder: Path) -> None:
-    """vLLM's workers read the safetensors in ``folder``; then the prefix cache is reset.
+    """vLLM's workers read the safetensors in ``folder`` and rebuild every kernel derived
+    from the weights (``_worker.py``: vLLM's own reload leaves a tied head's CPU kernel
+    on the old weights); then the prefix cache is reset (KV of the old weights).
 
     Raises:
         EngineError: vLLM failed the reload.
     """
     try:
-        await llm.collective_rpc("reload_weights", kwargs={"weights_path": str(folder)})
+        await llm.collective_rpc("dvp_reload_weights", kwargs={"weights_path": str(folder)})
     except Exception as exc:
         raise EngineError(f"vLLM failed to reload the weights: {exc}") from exc
     await llm.reset_prefix_cache()
