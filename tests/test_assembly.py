@@ -101,7 +101,8 @@ def test_stop_string_is_cut_from_the_text() -> None:
 @pytest.mark.parametrize(
     ("breakage", "message"),
     [
-        ("versions", "mixes policy versions"),
+        ("versions", "versions go back"),
+        ("kv_newer", "KV is newer"),
         ("ragged", "different lengths"),
         ("no_safe_ids", "not returned"),
         ("bad_offsets", "inconsistent CSR"),
@@ -111,7 +112,9 @@ def test_contract_violations_are_engine_errors(breakage: str, message: str) -> N
     rng = np.random.default_rng(5)
     a, b = _chunk(rng, 3), _chunk(rng, 2, finish_reason="length")
     if breakage == "versions":
-        b.policy_version = 1
+        a.policy_version = 1  # a later chunk from older weights
+    elif breakage == "kv_newer":
+        b.kv_versions = np.full(2, 1, dtype=np.int64)  # read KV from weights not yet sampling
     elif breakage == "ragged":
         b.safe_sizes = b.safe_sizes[:1]
     elif breakage == "no_safe_ids":
@@ -120,6 +123,24 @@ def test_contract_violations_are_engine_errors(breakage: str, message: str) -> N
         b.safe_offsets = b.safe_offsets[:-1]  # type: ignore[index]
     with pytest.raises(EngineError, match=message):
         _assemble([a, b])
+
+
+def test_version_spans_follow_the_tokens_across_chunks() -> None:
+    """Per-token versions from the chunks become runs, a span per change, in token
+    order; a rollout of one version has one span and keeps its policy_version."""
+    rng = np.random.default_rng(6)
+    a, b = _chunk(rng, 4), _chunk(rng, 3, finish_reason="length")
+    one = _assemble([a, b])
+    assert one.version_spans == [(0, 0, 0)] and one.policy_version == 0
+    a.policy_versions = np.array([2, 2, 3, 3], dtype=np.int64)
+    a.kv_versions = np.array([2, 2, 2, 2], dtype=np.int64)
+    b.policy_versions = np.array([3, 4, 4], dtype=np.int64)
+    b.kv_versions = np.array([2, 4, 4], dtype=np.int64)
+    r = _assemble([a, b])
+    assert r.version_spans == [(0, 2, 2), (2, 3, 2), (5, 4, 4)]
+    assert r.policy_version == 2
+    assert r.token_policy_versions == [2, 2, 3, 3, 3, 4, 4]
+    assert r.token_kv_versions == [2, 2, 2, 2, 2, 4, 4]
 
 
 def test_flagged_steps_are_listed_across_chunks() -> None:

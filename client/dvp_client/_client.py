@@ -327,7 +327,9 @@ class Client(BaseClient[httpx.Client]):
             path: A .safetensors file, or a directory of them, under the server's
                 weights root (relative to it, or absolute inside it).
             on_inflight: ``"drain"`` waits for in-flight rollouts, ``"abort"`` ends
-                them; None: the server's policy.
+                them, ``"keep"`` continues them with the new weights (async RL: their
+                tokens carry per-token versions), ``"recompute"`` also prefills their
+                context again first; None: the server's policy.
             drain_timeout_s: Longest wait for in-flight rollouts (409 past it).
             policy_version: The version the new weights are served as (above the
                 served one); None: the served one plus one. Against a Ray Serve

@@ -188,6 +188,19 @@ def _join_rollout(end: Any, chunks: list[RolloutStreamChunk]) -> Rollout:
         finish_reason=end.finish_reason,
         stop_reason=end.stop_reason,
         policy_version=end.policy_version,
+        version_spans=_join_spans(chunks),
         seed=end.seed,
         outside_safe_set=cat("outside_safe_set"),
     )
+
+
+def _join_spans(chunks: list[RolloutStreamChunk]) -> list[tuple[int, int, int]] | None:
+    """The chunks' version spans as one rollout's (a run across chunks is one span)."""
+    if any(c.version_spans is None for c in chunks):
+        return None
+    out: list[tuple[int, int, int]] = []
+    for c in chunks:
+        for i, pv, kv in c.version_spans or []:
+            if not out or (out[-1][1], out[-1][2]) != (pv, kv):
+                out.append((i, pv, kv))
+    return out

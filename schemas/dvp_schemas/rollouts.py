@@ -241,7 +241,19 @@ class Rollout(ResponseModel):
     stop_reason: str | int | None = Field(
         None, description="The stop string or token id that ended it, if any."
     )
-    policy_version: int = Field(description="Weights version every token was sampled with.")
+    policy_version: int = Field(
+        description="Weights version the first token was sampled with: every token's, "
+        "unless version_spans has more than one span (an in-flight update, keep or "
+        "recompute)."
+    )
+    version_spans: list[tuple[int, int, int]] | None = Field(
+        None,
+        description="[first token index, policy_version, kv_version] per run of tokens "
+        "with the same versions, in token order; one span when nothing changed. "
+        "policy_version sampled those tokens; kv_version is the oldest version whose "
+        "keys / values their context holds (keep: the rollout's prefill; recompute: the "
+        "last prefill). Empty for a rollout of no tokens.",
+    )
     seed: int | None = Field(None, description="The seed of this sample's generator.")
     outside_safe_set: list[int] | None = Field(
         None,
@@ -252,6 +264,26 @@ class Rollout(ResponseModel):
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def token_policy_versions(self) -> list[int]:
+        """The version that sampled each token (``version_spans`` expanded)."""
+        return self._expand(1)
+
+    @property
+    def token_kv_versions(self) -> list[int]:
+        """The oldest version of the keys / values each token read (spans expanded)."""
+        return self._expand(2)
+
+    def _expand(self, field: int) -> list[int]:
+        spans = self.version_spans
+        if spans is None:  # an older server: one version
+            return [self.policy_version] * len(self.token_ids)
+        out: list[int] = []
+        ends = [s[0] for s in spans[1:]] + [len(self.token_ids)]
+        for span, end in zip(spans, ends, strict=True):
+            out.extend([span[field]] * (end - span[0]))
+        return out
 
 
 class Usage(ResponseModel):

@@ -57,7 +57,12 @@ class RolloutStreamChunk(ResponseModel):
     outside_safe_set: list[int] | None = Field(
         None, description="Deprecated, always null (see Rollout.outside_safe_set)."
     )
-    policy_version: int = Field(description="Weights version these tokens were sampled with.")
+    policy_version: int = Field(description="Weights version of this chunk's first token.")
+    version_spans: list[tuple[int, int, int]] | None = Field(
+        None,
+        description="[step index, policy_version, kv_version] per run of equal versions "
+        "in this chunk (step indices count from the rollout's start, as ``start``).",
+    )
     finish_reason: FinishReason | None = Field(None, description="Set on the rollout's last chunk.")
     stop_reason: str | int | None = Field(None, description="Stop string / id, last chunk.")
 

@@ -1,11 +1,17 @@
 """POST /v1/weights, POST /v1/weights/upload, GET /v1/weights: policy weight updates.
 
 A weight update replaces every tensor of the served checkpoint (same names, same
-shapes) and bumps ``policy_version``. No rollout mixes two versions: by default
-the update waits for in-flight rollouts to finish (``on_inflight="drain"``; new
-rollouts wait at admission meanwhile), or it aborts them first
-(``on_inflight="abort"``: they end with ``finish_reason="abort"`` and an error
-that says so), then swaps the weights atomically.
+shapes) and bumps ``policy_version``. What happens to in-flight rollouts:
+
+- ``"drain"`` (default): the update waits for them (new rollouts wait at
+  admission meanwhile); no rollout mixes two versions;
+- ``"abort"``: they end first with ``finish_reason="abort"`` and an error saying so;
+- ``"keep"`` (async RL): they pause between two steps, the weights swap, and they
+  continue; nothing waits, new rollouts are admitted throughout. A rollout that
+  spans the update says so per token (``Rollout.version_spans``): the version that
+  sampled each token and the oldest version of the keys / values it read;
+- ``"recompute"``: as keep, but each in-flight rollout's context is prefilled again
+  under the new weights first, so every later token reads only new keys / values.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from pydantic import Field
 
 from ._base import RequestModel, ResponseModel
 
-InflightPolicy = Literal["drain", "abort"]
+InflightPolicy = Literal["drain", "abort", "keep", "recompute"]
 
 
 class WeightsUpdateRequest(RequestModel):
@@ -37,7 +43,9 @@ class WeightsUpdateRequest(RequestModel):
     on_inflight: InflightPolicy | None = Field(
         None,
         description="What happens to in-flight rollouts: 'drain' waits for them, 'abort' "
-        "ends them (finish_reason 'abort' with an error). Default: the server's policy.",
+        "ends them (finish_reason 'abort' with an error), 'keep' continues them with the "
+        "new weights (per-token version spans), 'recompute' also prefills their context "
+        "again first. Default: the server's policy.",
     )
     drain_timeout_s: float | None = Field(
         None,
@@ -109,6 +117,9 @@ class WeightsUpdateResponse(WeightsInfo):
     previous_version: int = Field(description="policy_version before the update.")
     aborted_rollouts: int = Field(description="In-flight rollouts aborted by the update.")
     drained_rollouts: int = Field(description="In-flight rollouts the update waited for.")
+    kept_rollouts: int = Field(
+        0, description="In-flight rollouts that continued across the update (keep, recompute)."
+    )
     wait_s: float = Field(description="Seconds new rollouts were held (drain or abort).")
     load_s: float = Field(description="Seconds the swap itself took.")
     verify: WeightsVerifyReport | None = Field(

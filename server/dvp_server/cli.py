@@ -155,7 +155,9 @@ def serve(
         str,
         typer.Option(
             help=f"In-flight rollouts at a weight update, one of {', '.join(INFLIGHT_POLICIES)}: "
-            "drain waits for them, abort ends them (finish_reason 'abort', said so)."
+            "drain waits for them, abort ends them (finish_reason 'abort', said so), keep "
+            "continues them with the new weights (per-token versions), recompute also "
+            "prefills their context again first."
         ),
     ] = _DEFAULTS.weights_update_policy,
     weights_drain_timeout: Annotated[

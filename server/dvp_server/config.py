@@ -22,7 +22,7 @@ __all__ = ["DTYPES", "ENGINES", "INFLIGHT_POLICIES", "LOG_LEVELS", "QUANTIZE", "
 DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
 ENGINES: tuple[str, ...] = ("auto", "torch", "vllm")
 LOG_LEVELS: tuple[str, ...] = ("critical", "error", "warning", "info", "debug")
-INFLIGHT_POLICIES: tuple[str, ...] = ("drain", "abort")
+INFLIGHT_POLICIES: tuple[str, ...] = ("drain", "abort", "keep", "recompute")
 QUANTIZE: tuple[str, ...] = ("fp8", "fp8-channel")
 
 
@@ -91,7 +91,10 @@ class ServerConfig:
         weights_root: directory that ``POST /v1/weights`` may load from (nothing
             outside it, symlinks resolved); None: path loads are refused (403).
         weights_update_policy: what a weight update does with in-flight rollouts by
-            default: ``"drain"`` (wait for them) or ``"abort"`` (end them, saying so).
+            default: ``"drain"`` (wait for them), ``"abort"`` (end them, saying so),
+            ``"keep"`` (they continue with the new weights over the KV they hold,
+            each token says which version sampled it and which its KV is from) or
+            ``"recompute"`` (as keep, after their context is prefilled again).
         weights_drain_timeout_s: longest a ``drain`` update waits before it is refused
             (409, nothing changed).
         weights_verify: check every weight update by default (``verify`` in

@@ -29,6 +29,7 @@ from dvp_schemas import PruningRule, Rollout, RolloutResponse
 from torch import Tensor
 
 from ..safe_ids import as_list_form, expand_full
+from ..versions import rollout_versions
 
 __all__ = ["RolloutTensors", "SafeSets", "rollouts_to_tensors"]
 
@@ -152,7 +153,11 @@ class RolloutTensors:
             not asked for them (``return_safe_token_ids``).
         group_ids: int64 ``[B]``, the prompt index of each rollout (GRPO groups).
         sample_index: int64 ``[B]``.
-        policy_version: int64 ``[B]``.
+        policy_version: int64 ``[B]``, the version of each rollout's first token.
+        token_policy_versions: int64 ``[B, T]``, the version that sampled each token
+            (in-flight updates: ``Rollout.version_spans``); padding repeats the row's last.
+        token_kv_versions: int64 ``[B, T]``, the oldest version of the keys / values
+            each token's context held; padding repeats the row's last.
         temperature: the rollouts' sampling temperature.
         rule: the pruning rule the rollouts were sampled with.
     """
@@ -173,6 +178,8 @@ class RolloutTensors:
     policy_version: Tensor
     temperature: float
     rule: PruningRule
+    token_policy_versions: Tensor | None = None
+    token_kv_versions: Tensor | None = None
 
     def completion_logits(self, logits: Tensor) -> Tensor:
         """The logits that predict each completion step, ``[B, T, V]``, as a view.
@@ -327,6 +334,8 @@ def rollouts_to_tensors(
     def dev(a: np.ndarray) -> Tensor:
         return torch.from_numpy(a).to(device)
 
+    versions = [rollout_versions(r) for r in rolls]
+
     attn_t = dev(attn)
     return RolloutTensors(
         input_ids=dev(np.concatenate([prompts, comps], axis=1)),
@@ -345,7 +354,19 @@ def rollouts_to_tensors(
         policy_version=dev(np.asarray([r.policy_version for r in rolls], dtype=np.int64)),
         temperature=response.temperature,
         rule=response.pruning,
+        token_policy_versions=dev(_pad_last([v[0] for v in versions], t_max)),
+        token_kv_versions=dev(_pad_last([v[1] for v in versions], t_max)),
     )
+
+
+def _pad_last(rows: list[np.ndarray], width: int) -> np.ndarray:
+    """int64 ``[B, width]``: each row, right-padded with its last value (0 if empty)."""
+    out = np.zeros((len(rows), width), dtype=np.int64)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+        if len(r):
+            out[i, len(r) :] = r[-1]
+    return out
 
 
 def _safe_sets(

@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import numpy as np
+from dvp_client.versions import spans_from_versions
 from dvp_schemas import (
     NDJSON_MEDIA_TYPE,
     ErrorInfo,
@@ -133,6 +134,7 @@ def chunk_event(
         safe_token_ids=safe_ids,
         outside_safe_set=outside,
         policy_version=chunk.policy_version,
+        version_spans=spans_from_versions(*chunk.versions(), start=start),
         finish_reason=chunk.finish_reason,
         stop_reason=chunk.stop_reason,
     )

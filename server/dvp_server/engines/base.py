@@ -62,6 +62,23 @@ class RolloutChunk:
     #: bool (t,): the sampled token was outside the engine's derived safe set (S
     #: then includes it); None: the engine samples from S exactly (torch).
     outside_safe_set: np.ndarray | None = None
+    #: int64 (t,): the weights version that sampled each token (in-flight updates:
+    #: ``keep`` / ``recompute``); None: every token is ``policy_version``'s.
+    policy_versions: np.ndarray | None = None
+    #: int64 (t,): per token, the oldest version whose keys / values its context
+    #: holds (the rollout's last prefill); None: ``policy_version``.
+    kv_versions: np.ndarray | None = None
+
+    def versions(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(policy_versions, kv_versions)``, int64 ``(t,)`` each, filled in."""
+        t = len(self.token_ids)
+        pv = self.policy_versions
+        kv = self.kv_versions
+        if pv is None:
+            pv = np.full(t, self.policy_version, dtype=np.int64)
+        if kv is None:
+            kv = pv.copy()
+        return pv, kv
 
 
 @dataclass(frozen=True)
@@ -119,12 +136,20 @@ class WeightLoader(Protocol):
     has checked against the served one (same names and shapes), swaps them in
     between two engine steps, and returns the new ``policy_version``: ``version``
     when given (a fleet names it, so every replica reports the same number), else
-    the old one plus one. The server calls it only while no rollout is running (see
-    ``admission.py``), so no rollout mixes two versions. An engine without it
+    the old one plus one. With ``drain`` / ``abort`` the server calls it only while no
+    rollout is running (``admission.py``), so no rollout mixes two versions. An engine without it
     answers ``POST /v1/weights`` with 501.
+
+    In-flight rollouts (``on_inflight`` keep / recompute) continue across the swap:
+    each token's chunk says which version sampled it and which version its KV is
+    from (:attr:`RolloutChunk.policy_versions`, :attr:`RolloutChunk.kv_versions`);
+    ``recompute=True`` prefills every in-flight rollout's context again with the
+    new weights before it continues.
     """
 
-    async def load_weights(self, weights: Sequence[Path], version: int | None = None) -> int: ...
+    async def load_weights(
+        self, weights: Sequence[Path], version: int | None = None, recompute: bool = False
+    ) -> int: ...
 
 
 class PolicyVersion:

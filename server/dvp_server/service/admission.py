@@ -86,6 +86,7 @@ class DrainReport:
     drained: int = 0  # rollouts running when the gate closed, left to finish
     aborted: int = 0  # rollouts the update aborted
     wait_s: float = 0.0  # seconds the gate was closed before the swap
+    kept: int = 0  # rollouts that continued across the update (keep / recompute)
 
 
 class RolloutObserver(Protocol):
@@ -219,6 +220,19 @@ class Admission:
                 yield report
             finally:
                 self._open.set()
+
+    @asynccontextmanager
+    async def in_flight_update(self) -> AsyncIterator[DrainReport]:
+        """An update that leaves the gate open (``keep`` / ``recompute``): running
+        rollouts continue across it and new ones are admitted; updates still run one
+        at a time. The report counts the rollouts in flight at the start (none
+        drained or aborted; ``wait_s`` is the wait for an earlier update)."""
+        t0 = time.perf_counter()
+        async with self._update_lock:
+            report = DrainReport()
+            report.wait_s = time.perf_counter() - t0
+            report.kept = len(self.running)
+            yield report
 
 
 class AdmittedEngine:

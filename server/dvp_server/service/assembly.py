@@ -3,7 +3,7 @@
 An engine streams a rollout as :class:`~dvp_server.engines.base.RolloutChunk` s
 (numpy arrays over the steps since the previous chunk); the response holds one
 array per field over all steps. Joining checks the engine contract on the way:
-one policy version per rollout, equal-length columns, consistent CSR safe sets.
+token versions that never go back (spans), equal-length columns, consistent CSR safe sets.
 NaN (a value the engine cannot give exactly) becomes JSON null. Safe sets go out
 in the request's format (:func:`wire_safe_ids`): a step whose set is the whole
 vocabulary becomes the marker (an empty row, or no bytes when packed) whether the
@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 from dvp_client.safe_ids import encode_packed, step_kinds
+from dvp_client.versions import spans_from_versions
 from dvp_schemas import PackedSafeTokenIds, Rollout, SafeTokenIds, SafeTokenIdsFormat
 
 from ..engines.base import EngineError, RolloutChunk
@@ -126,9 +127,6 @@ def assemble_rollout(
         EngineError: the chunks break the engine contract (mixed policy versions,
             ragged arrays, missing or inconsistent safe ids).
     """
-    versions = {c.policy_version for c in chunks}
-    if len(versions) != 1:  # the engine must never mix weights inside a rollout
-        raise EngineError(f"rollout {rollout_id} mixes policy versions {sorted(versions)}")
     for c in chunks:
         n = len(c.token_ids)
         cols = (c.logprobs, c.masked_logprobs, c.safe_logmass, c.safe_sizes)
@@ -138,6 +136,12 @@ def assemble_rollout(
     def cat(name: str) -> np.ndarray:
         return np.concatenate([getattr(c, name) for c in chunks])
 
+    versions = [c.versions() for c in chunks]
+    pv = np.concatenate([v[0] for v in versions])
+    kv = np.concatenate([v[1] for v in versions])
+    if np.any(np.diff(pv) < 0) or np.any(kv > pv):
+        raise EngineError(f"rollout {rollout_id}: token versions go back or KV is newer")
+    spans = spans_from_versions(pv, kv)
     token_ids = cat("token_ids").astype(np.int64).tolist()
     last = chunks[-1]
     text = None
@@ -158,7 +162,8 @@ def assemble_rollout(
         ),
         finish_reason=last.finish_reason or "error",
         stop_reason=last.stop_reason,
-        policy_version=versions.pop(),
+        policy_version=spans[0][1] if spans else chunks[-1].policy_version,
+        version_spans=spans,
         seed=seed,
         outside_safe_set=_outside_steps(chunks),
     )

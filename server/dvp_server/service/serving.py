@@ -204,7 +204,9 @@ class RolloutService:
             engine=self.engine.info.name,
             temperature=prepared.request.sampling.temperature,
             pruning=prepared.request.pruning,
-            policy_version=max(r.policy_version for r in rollouts),
+            policy_version=max(
+                (r.version_spans[-1][1] if r.version_spans else r.policy_version) for r in rollouts
+            ),
             rollouts=rollouts,
             usage=Usage(
                 prompt_tokens=prompt_tokens,

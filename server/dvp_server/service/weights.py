@@ -63,6 +63,9 @@ __all__ = ["WeightManager", "resolve_under_root", "router", "weight_files"]
 
 logger = logging.getLogger(__name__)
 
+#: Policies under which in-flight rollouts continue across the swap.
+IN_FLIGHT = ("keep", "recompute")
+
 
 # --- files ---------------------------------------------------------------------------
 
@@ -273,17 +276,34 @@ class WeightManager:
                 "on_inflight='abort'); retry to sample with the new weights"
             )
         timeout = drain_timeout_s or self.config.weights_drain_timeout_s
-        async with self.admission.exclusive(
-            abort_reason=reason, abort=self.engine.abort, timeout_s=timeout
-        ) as report:
-            t0 = time.perf_counter()
-            version = await self._load(load, files, param, version)
-            load_s = time.perf_counter() - t0
-            checked = None
-            if self.config.weights_verify if verify is None else verify:
-                checked = await self._verify(load, files, previous)
-            self._keep(files, version)
-            self.source, self.loaded_at, self.num_tensors = source, _now(), count
+        check = self.config.weights_verify if verify is None else verify
+        if policy in IN_FLIGHT:
+            if check:
+                raise validation_error(
+                    "verify",
+                    f"a checked update needs on_inflight 'drain' or 'abort' (with "
+                    f"{policy!r} rollouts would sample from the weights before the check "
+                    "passed); send verify: false or another on_inflight",
+                )
+            async with self.admission.in_flight_update() as report:
+                t0 = time.perf_counter()
+                version = await self._load(
+                    load, files, param, version, recompute=policy == "recompute"
+                )
+                load_s = time.perf_counter() - t0
+                checked = None
+                self._keep(files, version)
+                self.source, self.loaded_at, self.num_tensors = source, _now(), count
+        else:
+            async with self.admission.exclusive(
+                abort_reason=reason, abort=self.engine.abort, timeout_s=timeout
+            ) as report:
+                t0 = time.perf_counter()
+                version = await self._load(load, files, param, version)
+                load_s = time.perf_counter() - t0
+                checked = await self._verify(load, files, previous) if check else None
+                self._keep(files, version)
+                self.source, self.loaded_at, self.num_tensors = source, _now(), count
         logger.info(
             "weights: policy_version %d -> %d from %s (%s: %d drained, %d aborted; held %.2f s, "
             "swap %.2f s)",
@@ -295,6 +315,7 @@ class WeightManager:
             previous_version=previous,
             aborted_rollouts=report.aborted,
             drained_rollouts=report.drained,
+            kept_rollouts=report.kept,
             wait_s=report.wait_s,
             load_s=load_s,
             verify=checked,
@@ -344,7 +365,14 @@ class WeightManager:
                 500, "weights_verify_error", f"verify: the check could not run: {exc}", "verify"
             ) from None
 
-    async def _load(self, load: Any, files: list[Path], param: str, version: int | None) -> int:
+    async def _load(
+        self,
+        load: Any,
+        files: list[Path],
+        param: str,
+        version: int | None,
+        recompute: bool = False,
+    ) -> int:
         """``engine.load_weights(files)``; a failure says what still serves.
 
         Raises:
@@ -353,6 +381,8 @@ class WeightManager:
         """
         previous, name = self.engine.policy_version, self.engine.info.name
         try:
+            if recompute:
+                return int(await load(files, version=version, recompute=True))
             return int(await (load(files) if version is None else load(files, version=version)))
         except ValueError as exc:
             logger.warning("weights: the %s engine failed the load: %s", name, exc)
@@ -430,7 +460,7 @@ _UPLOAD_BODY = {
 )
 async def upload_weights(
     request: Request,
-    on_inflight: str | None = Query(None, pattern="^(drain|abort)$"),
+    on_inflight: str | None = Query(None, pattern="^(drain|abort|keep|recompute)$"),
     drain_timeout_s: float | None = Query(None, gt=0.0, le=86400.0),
     verify: bool | None = Query(None),
 ) -> WeightsUpdateResponse:

@@ -148,13 +148,19 @@ class DecodeBatch:
         shared = common_prefix(prompts) if prefixes is not None and len(prompts) > 1 else 0
         if prefixes is not None and plain and shared >= MIN_SHARED:
             return self._prefill_shared(prompts, shared, prefixes)
-        lens = [len(r.prompt) for r in self.rows]
+        return self.prefill_contexts(prompts)
+
+    def prefill_contexts(self, contexts: list[list[int]]) -> Tensor:
+        """Run ``contexts`` (one per row, left-padded, no sharing) through the model into
+        a fresh cache; float logits ``(B, V)`` of their last positions. A recompute
+        passes each row's prompt + generated tokens but the last."""
+        lens = [len(c) for c in contexts]
         b, k = len(self.rows), max(lens)
         self.prefilled = b * k
         ids = torch.full((b, k), self.pad_id, dtype=torch.int64)
         mask = torch.zeros((b, k), dtype=torch.int64)
-        for i, r in enumerate(self.rows):
-            ids[i, k - lens[i] :] = torch.tensor(r.prompt, dtype=torch.int64)
+        for i, c in enumerate(contexts):
+            ids[i, k - lens[i] :] = torch.tensor(c, dtype=torch.int64)
             mask[i, k - lens[i] :] = 1
         pos = (mask.cumsum(-1) - 1).masked_fill_(mask == 0, 1)  # (B, K), as generate()
         self.attention_mask = mask

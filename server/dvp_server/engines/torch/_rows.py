@@ -81,6 +81,12 @@ class Row:
     generator: torch.Generator = field(init=False)
     num_generated: int = 0
     done: bool = False
+    #: the version of the weights the row's keys / values were last prefilled with
+    kv_version: int = 0
+    #: every token generated so far (a recompute prefills prompt + these again)
+    generated: list[int] = field(default_factory=list)
+    _pv: list[int] = field(default_factory=list)
+    _kv: list[int] = field(default_factory=list)
     _tokens: list[int] = field(default_factory=list)
     _logprobs: list[float] = field(default_factory=list)
     _masked: list[float] = field(default_factory=list)
@@ -105,9 +111,13 @@ class Row:
         logmass: float,
         size: int,
         safe_ids: np.ndarray | None,
+        version: int = 0,
     ) -> None:
-        """Append one decoded step to the buffers."""
+        """Append one decoded step to the buffers; ``version``: the weights that sampled it."""
         self._tokens.append(token)
+        self.generated.append(token)
+        self._pv.append(version)
+        self._kv.append(self.kv_version)
         self._logprobs.append(logprob)
         self._masked.append(masked)
         self._logmass.append(logmass)
@@ -167,10 +177,13 @@ class Row:
             safe_offsets=safe_offsets,
             finish_reason=finish_reason,
             stop_reason=stop_reason,
-            policy_version=policy_version,
+            policy_version=self._pv[0] if self._pv else policy_version,
             error=error,
+            policy_versions=np.asarray(self._pv, dtype=np.int64),
+            kv_versions=np.asarray(self._kv, dtype=np.int64),
         )
-        for buf in (self._tokens, self._logprobs, self._masked, self._logmass, self._sizes):
+        bufs = (self._tokens, self._logprobs, self._masked, self._logmass, self._sizes)
+        for buf in (*bufs, self._pv, self._kv):
             buf.clear()
         self._safe_ids.clear()
         return chunk

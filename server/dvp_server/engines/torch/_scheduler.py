@@ -272,6 +272,8 @@ class SchedulerMixin:
     def _prefill(self, rows: list[Row]) -> None:
         """Prefill ``rows`` as a mini-batch, sample their first token, join the running batch."""
         mini = DecodeBatch(self.model, rows, self.pad_id, slack=self.kv.slack)
+        for r in rows:
+            r.kv_version = self._version.value
         try:
             self._call_hook(mini)
             t0 = time.perf_counter()
@@ -301,6 +303,23 @@ class SchedulerMixin:
         self._prefilled_last = True
         self._note_kv(self._batch)
         self.stats.emit_s += time.perf_counter() - t2
+
+    def _recompute(self) -> None:
+        """Prefill every running row's context (prompt + tokens but the last) again with
+        the weights now loaded, replacing the batch's keys / values (call under the
+        model lock, between two steps). The last sampled tokens stay the next inputs.
+        """
+        batch = self._batch
+        if batch is None:
+            return
+        contexts = [r.prompt + r.generated[:-1] for r in batch.rows]
+        fresh = DecodeBatch(self.model, batch.rows, self.pad_id, slack=self.kv.slack)
+        fresh.prefill_contexts(contexts)
+        for r in batch.rows:
+            r.kv_version = self._version.value
+        self._batch = fresh
+        self._prefilled_last = True
+        self._note_kv(fresh)
 
     def _decode(self, batch: DecodeBatch) -> None:
         """One decode step of the running batch."""
@@ -383,6 +402,7 @@ class SchedulerMixin:
                 float(out.logmass[i]),
                 int(out.sizes[i]),
                 out.safe_ids[i],
+                self._version.value,
             )
             end = row.finish_check(token, self.max_model_len)
             if end is not None:

@@ -211,23 +211,29 @@ class TorchEngine(SchedulerMixin):
         """Rollouts submitted and waiting for a batch (the engine's queue depth)."""
         return len(self._pending)
 
-    async def load_weights(self, weights: WeightsInput, version: int | None = None) -> int:
+    async def load_weights(
+        self, weights: WeightsInput, version: int | None = None, recompute: bool = False
+    ) -> int:
         """Copy new weights into the model between two steps; returns the new version.
 
-        A rollout decoding meanwhile would see both versions in its chunks (the
-        serving layer refuses such a rollout); the server drains or aborts them
-        first (``admission.py``).
+        A rollout decoding meanwhile continues with the new weights; each of its
+        tokens records the version that sampled it and the version of the keys /
+        values it read (the rollout's last prefill). With ``recompute`` every running
+        rollout's context is prefilled again right after the swap, so every later
+        token reads only new keys / values. (``drain`` / ``abort`` updates come with
+        no rollout running: ``admission.py``.)
 
         Args:
             weights: safetensors files, or a name -> tensor mapping (a subset is fine).
             version: the ``policy_version`` to serve them as (a fleet's number); None:
                 the current one plus one.
+            recompute: prefill the running rollouts' contexts again (above).
 
         Raises:
             ValueError: an unknown name, a wrong shape or dtype (nothing changed).
         """
         tensors = await asyncio.to_thread(read_weights, weights)
-        return await asyncio.to_thread(self._swap_weights, tensors, version)
+        return await asyncio.to_thread(self._swap_weights, tensors, version, recompute)
 
     def _load_model(self, auto_cls: Any, model_dir: str | os.PathLike[str], dtype: Any) -> Any:
         """The model in ``dtype``; with ``quantize``, its linears rounded from float32."""
@@ -238,15 +244,20 @@ class TorchEngine(SchedulerMixin):
         logger.info("torch engine: %d linears rounded to %s", len(self._fp8_linears), self.quantize)
         return model
 
-    def _swap_weights(self, tensors: dict[str, torch.Tensor], version: int | None) -> int:
-        with self._model_lock:
+    def _swap_weights(
+        self, tensors: dict[str, torch.Tensor], version: int | None, recompute: bool = False
+    ) -> int:
+        with self._model_lock, torch.inference_mode():
             copy_weights(self.model, tensors)
             if self.quantize is not None:  # round again from the sent precision
                 _fp8.requantize(self._fp8_linears, tensors, _fp8.MODES[self.quantize])
             forget_packed(self.model)
             if self.prefixes is not None:
                 self.prefixes.clear()  # keys / values of the old weights
-            return self._version.advance(version)
+            new = self._version.advance(version)
+            if recompute:
+                self._recompute()
+            return new
 
     async def score(
         self, sequences: Sequence[tuple[list[int], list[int]]], params: ScoreParams

@@ -52,6 +52,7 @@ from dvp_client.train.rule import safe_vocab
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
 from ._args import TAG
+from ._worker import weights_version
 
 __all__ = ["DvpRuleProcessor", "step_records"]
 
@@ -196,7 +197,8 @@ def _rows_mask(n: int, rows: list[int], device: torch.device) -> torch.Tensor:
 
 
 def step_records(sv: Any, reqs: list[_Row], steps: list[int]) -> list[tuple[Any, ...]]:
-    """One record per row: ``(key, step, |S|, log Z_S, ids or None, score or None)``.
+    """One record per row: ``(key, step, |S|, log Z_S, ids or None, score or None,
+    version)``; ``version``: the policy_version of the weights that computed the step.
 
     ``ids``: int32 ascending ids of S (only for rows that asked). ``score`` (forced
     rows): ``(y, log p(y), log pi_S(y) or -inf, y in S, top ids, top log-probs)``,
@@ -212,12 +214,13 @@ def step_records(sv: Any, reqs: list[_Row], steps: list[int]) -> list[tuple[Any,
         bounds = np.cumsum([sizes[j] for j in asked])[:-1]
         sets = dict(zip(asked, np.split(flat, bounds), strict=True))
     records: list[tuple[Any, ...]] = []
+    version = weights_version()
     for j, (r, step) in enumerate(zip(reqs, steps, strict=True)):
         ids = sets.get(j)
         score = None
         if r.force is not None:
             score = _forced(sv, j, int(r.force[min(step, len(r.force) - 1)]), r.top_n)
-        records.append((r.key, step, int(sizes[j]), float(logmass[j]), ids, score))
+        records.append((r.key, step, int(sizes[j]), float(logmass[j]), ids, score, version))
     return records
 
 

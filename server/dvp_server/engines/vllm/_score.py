@@ -57,12 +57,19 @@ async def score_with_vllm(
     Raises:
         EngineError: vLLM did not emit the forced tokens or the records did not come.
     """
-    results = await asyncio.gather(*(_one(llm, channel, p, c, params) for p, c in sequences))
+    results = await asyncio.gather(
+        *(_one(llm, channel, p, c, params, policy_version) for p, c in sequences)
+    )
     return [_assemble(recs, params, policy_version) for recs in results]
 
 
 async def _one(
-    llm: Any, channel: StepChannel, prompt: list[int], completion: list[int], params: ScoreParams
+    llm: Any,
+    channel: StepChannel,
+    prompt: list[int],
+    completion: list[int],
+    params: ScoreParams,
+    version: int,
 ) -> list[tuple[Any, ...]]:
     """The step records of one forced sequence (empty completion: none)."""
     from vllm import SamplingParams, TokensPrompt
@@ -90,7 +97,11 @@ async def _one(
     )
     channel.register(key)
     final = None
-    stream = llm.generate(TokensPrompt(prompt_token_ids=prompt), sp, request_id=key)
+    # salted with the served version: never a prefix block of older weights
+    salt = f"dvp-v{version}"
+    stream = llm.generate(
+        TokensPrompt(prompt_token_ids=prompt, cache_salt=salt), sp, request_id=key
+    )
     try:
         async for out in stream:
             final = out

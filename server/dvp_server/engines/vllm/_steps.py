@@ -138,6 +138,7 @@ def chunk_fields(steps: Steps, with_ids: bool) -> dict[str, Any]:
         "masked_logprobs": masked,
         "safe_logmass": logmass,
         "safe_sizes": sizes,
+        "policy_versions": np.fromiter((r[6] for r in steps.records), dtype=np.int64, count=t),
     }
     if with_ids:
         sets = [r[4] for r in steps.records]

@@ -31,10 +31,20 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["EXTENSION_FQCN", "WeightsExtension", "refresh_cpu_kernels"]
+__all__ = ["EXTENSION_FQCN", "WeightsExtension", "refresh_cpu_kernels", "weights_version"]
 
 #: How vLLM finds the extension in its worker process.
 EXTENSION_FQCN = "dvp_server.engines.vllm._worker.WeightsExtension"
+
+#: The policy_version of the weights this worker process computes with; the logits
+#: processor (same process) stamps it on every step record, so each token names the
+#: weights that sampled it even when an update lands while it is in flight.
+_VERSION = [0]
+
+
+def weights_version() -> int:
+    """The policy_version of the weights loaded in this process."""
+    return _VERSION[0]
 
 
 def refresh_cpu_kernels(model: Any) -> int:
@@ -76,9 +86,12 @@ def refresh_cpu_kernels(model: Any) -> int:
 class WeightsExtension:
     """Mixed into vLLM's worker class; ``self`` is the worker."""
 
-    def dvp_reload_weights(self, weights_path: str) -> int:
+    def dvp_reload_weights(self, weights_path: str, version: int = 0) -> int:
         """Reload every tensor from ``weights_path`` in place, then rebuild the CPU
-        kernels the reload left stale (the module docstring); the count rebuilt."""
+        kernels the reload left stale (the module docstring); later steps are stamped
+        ``version``. Returns the count of kernels rebuilt."""
         worker: Any = self
         worker.reload_weights(weights_path=weights_path)
-        return refresh_cpu_kernels(worker.model_runner.get_model())
+        rebuilt = refresh_cpu_kernels(worker.model_runner.get_model())
+        _VERSION[0] = int(version)
+        return rebuilt

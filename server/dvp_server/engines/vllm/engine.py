@@ -96,6 +96,8 @@ class VllmEngine:
         self._keys = itertools.count()
         self._version = PolicyVersion()
         self._weights_dir: Path | None = None  # links to the last loaded weights
+        # versions at which a recompute update prefilled every in-flight rollout again
+        self._recomputes: list[int] = []
 
     # ----------------------------------------------------------------- protocol
 
@@ -104,13 +106,23 @@ class VllmEngine:
         """Weights version: 0 at start, +1 per :meth:`load_weights`."""
         return self._version.value
 
-    async def load_weights(self, weights: Sequence[Path], version: int | None = None) -> int:
+    async def load_weights(
+        self, weights: Sequence[Path], version: int | None = None, recompute: bool = False
+    ) -> int:
         """Reload the model's weights in place from safetensors files; the new version.
 
-        vLLM's workers read the files themselves (``collective_rpc("dvp_reload_weights")``
-        with a folder of links to them: vLLM loads folders), then the prefix cache
-        is reset (its KV entries were computed with the old weights). The server
-        calls this only with no rollout running (``admission.py``).
+        vLLM's scheduler is paused between two steps with its requests kept
+        (``pause_generation(mode="keep")``); vLLM's workers read the files themselves
+        (``collective_rpc("dvp_reload_weights")`` with a folder of links to them: vLLM
+        loads folders) and stamp later steps with the new version; the prefix cache
+        is reset (its KV entries were computed with the old weights); generation
+        resumes. In-flight rollouts continue with the new weights over the KV they
+        hold, or, with ``recompute``, after vLLM preempted them all
+        (``reset_prefix_cache(reset_running_requests=True)``: their blocks are freed
+        and their prompt + output is prefilled again, under the new weights, when they
+        are scheduled next). Requests carry their admission version as
+        ``cache_salt``, so a rollout admitted later never reads an older version's
+        prefix blocks (a keep update cannot reset the blocks running rollouts hold).
 
         If vLLM fails the reload (its layers may then be half-loaded), the previous
         weights are reloaded at once (:meth:`_restore_weights`).
@@ -127,13 +139,20 @@ class VllmEngine:
         """
         llm = self._running()
         folder = _link_weights(weights)
+        new = self._version.value + 1 if version is None else version
+        await llm.pause_generation(mode="keep", clear_cache=False)
         try:
-            await _reload_weights(llm, folder)
+            await _reload_weights(llm, folder, new, recompute=recompute)
         except BaseException as exc:
             shutil.rmtree(folder, ignore_errors=True)
             if isinstance(exc, EngineError):
                 await self._restore_weights(llm, exc)
             raise
+        finally:
+            with contextlib.suppress(Exception):
+                await llm.resume_generation()
+        if recompute:
+            self._recomputes.append(new)
         old, self._weights_dir = self._weights_dir, folder
         weakref.finalize(self, shutil.rmtree, folder, True)  # at the latest at exit
         if old is not None:
@@ -157,7 +176,7 @@ class VllmEngine:
         previous = self._weights_dir or self.model_dir
         try:
             for _ in range(2):
-                await _reload_weights(llm, previous)
+                await _reload_weights(llm, previous, self._version.value)
         except EngineError as again:
             self._state = "dead"
             raise EngineError(
@@ -206,7 +225,7 @@ class VllmEngine:
         try:
             self._llm = await asyncio.shield(build)
             if self._weights_dir is not None:  # a restart: serve the same weights again
-                await _reload_weights(self._llm, self._weights_dir)
+                await _reload_weights(self._llm, self._weights_dir, self._version.value)
                 logger.info("re-applied the weights of policy_version %d", self._version.value)
         except BaseException:  # failed, or cancelled (server stopping): leave no processes
             if self._llm is None:
@@ -282,7 +301,12 @@ class VllmEngine:
         )
         sp = sampling_params(params, tag, self.settings.flush_every)
         channel.register(key)
-        stream = llm.generate(TokensPrompt(prompt_token_ids=prompt), sp, request_id=request_id)
+        admitted = self.policy_version
+        stream = llm.generate(
+            TokensPrompt(prompt_token_ids=prompt, cache_salt=version_salt(admitted)),
+            sp,
+            request_id=request_id,
+        )
         flush, buf, finished, done = self.settings.flush_every, StepBuffer(), False, 0
         try:
             async for out in stream:  # DELTA outputs: only the new steps
@@ -291,13 +315,13 @@ class VllmEngine:
                 steps = await self._steps(channel, key, done, tokens, comp.logprobs)
                 done += len(tokens)
                 buf.add(steps)
-                chunks = [self._chunk(p, params) for p in buf.ready(flush, out.finished)]
+                chunks = [self._chunk(p, params, admitted) for p in buf.ready(flush, out.finished)]
                 if not out.finished:
                     for chunk in chunks:
                         yield chunk
                     continue
                 finished = True
-                last = chunks.pop() if chunks else self._chunk(steps, params)  # empty
+                last = chunks.pop() if chunks else self._chunk(steps, params, admitted)
                 for chunk in chunks:
                     yield chunk
                 last.finish_reason = _FINISH.get(str(comp.finish_reason), "error")
@@ -411,8 +435,14 @@ class VllmEngine:
             raise ValueError(f"max_tokens must be >= 1, got {params.max_tokens}")
         return ids
 
-    def _chunk(self, steps: Steps, params: EngineParams) -> RolloutChunk:
+    def _chunk(self, steps: Steps, params: EngineParams, admitted: int) -> RolloutChunk:
         """t steps of a completion as a chunk (``_steps.chunk_fields``).
+
+        Each token's policy version is the worker's stamp on its step record. Its KV
+        version is the version the rollout was admitted under (its ``cache_salt``: the
+        oldest its prompt's blocks can be from), or the latest recompute update at or
+        before the token's version that came after admission (every block computed
+        again then).
 
         Raises:
             EngineError: a step's fields are inconsistent (never expected).
@@ -421,7 +451,13 @@ class VllmEngine:
             fields = chunk_fields(steps, params.return_safe_token_ids)
         except ValueError as exc:
             raise EngineError(f"vLLM step fields: {exc}") from exc
-        return RolloutChunk(**fields, policy_version=self.policy_version)
+        pv = fields["policy_versions"]
+        kv = np.full(len(pv), admitted, dtype=np.int64)
+        for r in self._recomputes:
+            if r > admitted:
+                kv[pv >= r] = r
+        first = int(pv[0]) if len(pv) else self.policy_version
+        return RolloutChunk(**fields, kv_versions=kv, policy_version=first)
 
     def _stop_reason(self, reason: Any, params: EngineParams) -> str | int | None:
         """vLLM's stop reason, with end-of-sequence reported as None (as the torch engine).
@@ -450,7 +486,13 @@ def _link_weights(weights: Sequence[Path]) -> Path:
     return folder
 
 
-async def _reload_weights(llm: Any, folder: Path) -> None:
+def version_salt(version: int) -> str:
+    """vLLM's ``cache_salt`` of a request admitted at ``version``: prefix blocks are
+    shared only between requests of one version."""
+    return f"dvp-v{version}"
+
+
+async def _reload_weights(llm: Any, folder: Path, version: int, recompute: bool = False) -> None:
     """vLLM's workers read the safetensors in ``folder`` and rebuild every kernel derived
     from the weights (``_worker.py``: vLLM's own reload leaves a tied head's CPU kernel
     on the old weights); then the prefix cache is reset (KV of the old weights).
@@ -459,10 +501,13 @@ async def _reload_weights(llm: Any, folder: Path) -> None:
         EngineError: vLLM failed the reload.
     """
     try:
-        await llm.collective_rpc("dvp_reload_weights", kwargs={"weights_path": str(folder)})
+        await llm.collective_rpc(
+            "dvp_reload_weights", kwargs={"weights_path": str(folder), "version": version}
+        )
     except Exception as exc:
         raise EngineError(f"vLLM failed to reload the weights: {exc}") from exc
-    await llm.reset_prefix_cache()
+    # False while running requests hold blocks (keep): the salt keeps them apart
+    await llm.reset_prefix_cache(reset_running_requests=recompute)
 
 
 def _eos_ids(model_dir: Path) -> set[int]:
