@@ -168,7 +168,10 @@ def test_a_rollout_with_no_update_keeps_one_version_and_its_tokens(tiny_model_di
         eng = TorchEngine(tiny_model_dir, max_batch=8, threads=1, flush_every=4)
         await eng.start()
         try:
-            return [[c async for c in eng.generate(f"r{i}", PROMPT, params(9))] for i in range(2)]
+            out = []
+            for i in range(2):
+                out.append([c async for c in eng.generate(f"r{i}", PROMPT, params(9))])
+            return out
         finally:
             await eng.shutdown()
 
