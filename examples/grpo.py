@@ -135,10 +135,13 @@ class WeightPusher:
     appear once, as in the checkpoint), so the server's checks pass.
     """
 
-    def __init__(self, client: Client, model_dir: Path, weights_dir: Path) -> None:
+    def __init__(
+        self, client: Client, model_dir: Path, weights_dir: Path, on_inflight: str | None = None
+    ) -> None:
         from safetensors import safe_open
 
         self.client, self.weights_dir = client, weights_dir.resolve()
+        self.on_inflight = on_inflight  # None: the server's policy
         self.names: list[str] = []
         for f in sorted(model_dir.glob("*.safetensors")):
             with safe_open(str(f), "pt") as handle:
@@ -159,7 +162,10 @@ class WeightPusher:
             str(target / "model.safetensors"),
         )
         try:
-            (reply,) = self.client.update_weights(target)  # one server: one reply
+            (reply,) = self.client.update_weights(  # one server: one reply
+                target,
+                on_inflight=self.on_inflight,  # type: ignore[arg-type]
+            )
         except APIStatusError as err:
             raise SystemExit(
                 f"pushing weights failed ({err.status_code}): {err}. Start dvp-serve with "
