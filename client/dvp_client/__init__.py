@@ -96,6 +96,7 @@ _TORCH_EXPORTS = {
     "SafeSets": "tensors",
     "batch_metrics": "metrics",
     "mismatch_metrics": "metrics",
+    "staleness_metrics": "staleness",
 }
 
 
