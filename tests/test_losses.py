@@ -278,3 +278,13 @@ def test_group_advantages_constant_group_is_zero_and_bad_input() -> None:
         group_advantages(torch.tensor([0.0, math.nan]), torch.tensor([0, 0]))
     with pytest.raises(ValueError, match="eps must be positive, got 0"):
         group_advantages(torch.zeros(2), torch.tensor([0, 0]), eps=0)
+
+
+def test_trainer_names_resolve_from_the_package() -> None:
+    """``dvp_client.policy_loss`` etc. resolve lazily to the ``dvp_client.train`` modules."""
+    import dvp_client
+
+    for name in dvp_client._TORCH_EXPORTS:
+        module = dvp_client._TORCH_EXPORTS[name]
+        assert getattr(dvp_client, name).__module__ == f"dvp_client.train.{module}", name
+    assert dvp_client.policy_loss is policy_loss

@@ -96,6 +96,7 @@ _TORCH_EXPORTS = {
     "SafeSets": "tensors",
     "batch_metrics": "metrics",
     "mismatch_metrics": "metrics",
+    "staleness_metrics": "staleness",
 }
 
 
@@ -105,7 +106,7 @@ def __getattr__(name: str) -> object:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     import importlib
 
-    return getattr(importlib.import_module(f".{module}", __name__), name)
+    return getattr(importlib.import_module(f".train.{module}", __name__), name)
 
 
 def __dir__() -> list[str]:

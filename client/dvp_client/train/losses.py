@@ -47,6 +47,18 @@ Aggregation over kept tokens ``k = keep`` (names as in verl's ``agg_loss``)::
 
 where ``mean_i`` runs over rollouts with at least one kept token. With no kept
 token at all the loss is 0 (and still part of the graph).
+
+Stale tokens (async RL; :mod:`dvp_client.train.staleness`). With the per-token
+versions ``v_t`` (sampling policy) and ``kv_t`` (oldest KV read) and the trainer at
+version ``V``, ``behind_t = V - min(v_t, kv_t)``: a token whose context was read
+through KV older than its sampling policy counts as that old. ``max_staleness = s``
+drops the tokens with ``behind_t > s`` after the correction::
+
+    keep_t <- keep_t 1[behind_t <= s]
+
+so they get no gradient and leave the denominators like rejected tokens. The
+correction itself is unchanged: ``rho_t`` (and ``rho_seq``, over the whole masked
+rollout) still uses every token's engine log-prob.
 """
 
 from __future__ import annotations
@@ -58,6 +70,8 @@ from enum import Enum
 
 import torch
 from torch import Tensor
+
+from .staleness import stale_tokens, versions_behind, versions_given
 
 __all__ = ["Aggregation", "Correction", "PolicyLossConfig", "PolicyLossOutput", "policy_loss"]
 
@@ -100,6 +114,10 @@ class PolicyLossConfig:
         cap: C for TIS / MIS; >= 1 (verl's default threshold is 2).
         icepop_low, icepop_high: IcePop band [a, b], 0 < a <= 1 <= b.
         aggregation: an :class:`Aggregation` or its string value.
+        max_staleness: drop tokens more than this many versions behind the trainer
+            (module docstring); None keeps every token; >= 0 (0 keeps only tokens
+            sampled by the trainer's version, over KV of that version when the KV
+            versions are given).
     """
 
     eps_low: float = 0.2
@@ -109,6 +127,7 @@ class PolicyLossConfig:
     icepop_low: float = 0.5
     icepop_high: float = 5.0
     aggregation: Aggregation = Aggregation.TOKEN_MEAN
+    max_staleness: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "correction", _enum(Correction, self.correction, "correction"))
@@ -124,6 +143,11 @@ class PolicyLossConfig:
                 "icepop band must satisfy 0 < icepop_low <= 1 <= icepop_high < inf, "
                 f"got [{self.icepop_low}, {self.icepop_high}]"
             )
+        s = self.max_staleness
+        if s is not None and (isinstance(s, bool) or not isinstance(s, int)):
+            raise ValueError(f"max_staleness must be an int or None, got {s!r}")
+        if s is not None and s < 0:
+            raise ValueError(f"max_staleness must be >= 0, got {s}")
 
 
 @dataclass(frozen=True)
@@ -135,8 +159,12 @@ class PolicyLossOutput:
         per_token: ``L_t`` ``[B, T]`` (0 where not kept).
         ratio: detached PPO ratio ``r_t`` ``[B, T]``.
         weights: detached correction weights ``w_t`` ``[B, T]`` (0 where rejected).
-        keep: bool ``[B, T]``, tokens that count after the correction's rejection.
+        keep: bool ``[B, T]``, tokens that count after the correction's rejection
+            and the staleness cut.
         mask: bool ``[B, T]``, the input loss mask.
+        clipped: bool ``[B, T]``, kept tokens where the clipped surrogate was taken.
+        stale: bool ``[B, T]``, masked-in tokens dropped for being more than
+            ``max_staleness`` versions behind (all False without ``max_staleness``).
     """
 
     loss: Tensor
@@ -146,9 +174,14 @@ class PolicyLossOutput:
     keep: Tensor
     mask: Tensor
     clipped: Tensor = field(repr=False)
+    stale: Tensor = field(repr=False)
 
     def metrics(self, prefix: str = "policy/") -> dict[str, float]:
-        """Floats for a logger: clip fraction, kept fraction, mean ratio and weight."""
+        """Floats for a logger: clip and kept fractions, mean ratio and weight, stale drops.
+
+        ``stale_dropped`` is the number of masked-in tokens dropped by ``max_staleness``
+        and ``stale_dropped_frac`` their share of the mask.
+        """
         k = self.keep
         n = max(int(k.sum()), 1)
         return {
@@ -158,6 +191,8 @@ class PolicyLossOutput:
             f"{prefix}ratio_mean": float(self.ratio[k].sum()) / n,
             f"{prefix}weight_mean": float(self.weights[k].sum()) / n,
             f"{prefix}weight_max": float(self.weights[k].max()) if bool(k.any()) else 0.0,
+            f"{prefix}stale_dropped": float(self.stale.sum()),
+            f"{prefix}stale_dropped_frac": int(self.stale.sum()) / max(int(self.mask.sum()), 1),
         }
 
 
@@ -238,6 +273,9 @@ def policy_loss(
     old_logprobs: Tensor | None = None,
     engine_logprobs: Tensor | None = None,
     config: PolicyLossConfig | None = None,
+    token_policy_versions: Tensor | None = None,
+    token_kv_versions: Tensor | None = None,
+    trainer_version: int | None = None,
 ) -> PolicyLossOutput:
     """Clipped surrogate with a behaviour correction (formulas in the module docstring).
 
@@ -250,13 +288,21 @@ def policy_loss(
         engine_logprobs: ``[B, T]`` engine ``masked_logprobs``; needed by every
             correction but ``none``.
         config: hyperparameters (default :class:`PolicyLossConfig`).
+        token_policy_versions: int ``[B, T]``, the policy version that sampled each
+            token; needed with ``config.max_staleness``.
+        token_kv_versions: int ``[B, T]``, the oldest version whose KV each token's
+            context read (``<=`` the policy version); None counts the policy version only.
+        trainer_version: the version of the weights being trained; needed with the
+            versions, and every masked-in token's versions must be ``<=`` it.
 
     Returns:
         A :class:`PolicyLossOutput`.
 
     Raises:
         ValueError: shapes that do not match, a correction without engine log-probs,
-            or a non-finite input on a masked-in token (message gives batch b, step t).
+            ``max_staleness`` without versions, versions without ``trainer_version``,
+            or a non-finite input or impossible version on a masked-in token (message
+            gives batch b, step t).
     """
     cfg = config if config is not None else PolicyLossConfig()
     b, t = _check(logprobs, mask, advantages, old_logprobs, engine_logprobs)
@@ -269,6 +315,9 @@ def policy_loss(
     else:
         log_rho = torch.where(mask, old - engine_logprobs.detach().to(old.dtype), 0.0)
     weights, keep = CORRECTIONS[cfg.correction](log_rho, mask, cfg)
+    stale = _stale(mask, cfg, token_policy_versions, token_kv_versions, trainer_version)
+    if cfg.max_staleness is not None:
+        keep = keep & ~stale
     zero = torch.zeros_like(logprobs)
     ratio = torch.exp(torch.where(keep, logprobs - old, zero))
     adv = torch.where(keep, adv.to(ratio.dtype), 0.0)
@@ -284,7 +333,29 @@ def policy_loss(
         keep=keep,
         mask=mask,
         clipped=(surr_clip < surr).detach() & keep,
+        stale=stale,
     )
+
+
+def _stale(
+    mask: Tensor,
+    cfg: PolicyLossConfig,
+    policy_versions: Tensor | None,
+    kv_versions: Tensor | None,
+    trainer_version: int | None,
+) -> Tensor:
+    """Masked-in tokens over ``cfg.max_staleness`` (all False without it); checks versions."""
+    versions_given(policy_versions, trainer_version, kv_versions)  # all or none
+    if policy_versions is None or trainer_version is None:
+        if cfg.max_staleness is not None:
+            raise ValueError(
+                f"max_staleness={cfg.max_staleness} needs token_policy_versions and trainer_version"
+            )
+        return torch.zeros_like(mask)
+    if cfg.max_staleness is None:
+        versions_behind(mask, policy_versions, trainer_version, kv_versions)  # checks only
+        return torch.zeros_like(mask)
+    return stale_tokens(mask, cfg.max_staleness, policy_versions, trainer_version, kv_versions)
 
 
 def _check(

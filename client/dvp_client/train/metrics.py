@@ -27,6 +27,10 @@ gave null are skipped; NaN when none is left). Keys:
 
 Counted steps: the loss mask minus the steps dropped in recompute mode. Means
 over no steps are NaN.
+
+:func:`batch_metrics` adds the ``staleness/...`` keys of
+:mod:`dvp_client.train.staleness` (versions behind the trainer, and k3 / ``|d|`` per
+staleness bucket) when given the per-token versions and the trainer's version.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ import torch
 from torch import Tensor
 
 from .objective import PrunedLogprobs
+from .staleness import staleness_metrics, versions_given
 from .tensors import RolloutTensors
 
 __all__ = ["DEFAULT_PROB_BINS", "DEFAULT_QUANTILES", "batch_metrics", "mismatch_metrics"]
@@ -153,10 +158,38 @@ def mismatch_metrics(
 
 
 def batch_metrics(
-    tensors: RolloutTensors, result: PrunedLogprobs, **kwargs: object
+    tensors: RolloutTensors,
+    result: PrunedLogprobs,
+    *,
+    token_policy_versions: Tensor | None = None,
+    token_kv_versions: Tensor | None = None,
+    trainer_version: int | None = None,
+    **kwargs: object,
 ) -> dict[str, float]:
-    """:func:`mismatch_metrics` for a batch from ``to_torch`` and its ``pruned_logprobs``."""
-    return mismatch_metrics(
+    """:func:`mismatch_metrics` for a batch from ``to_torch`` and its ``pruned_logprobs``.
+
+    Given the per-token versions and the trainer's version (async RL), the result also
+    holds :func:`dvp_client.train.staleness.staleness_metrics` over the same counted
+    steps (keys ``staleness/...``).
+
+    Args:
+        tensors: the batch, ``[B, T]`` completion steps.
+        result: the trainer's pruned log-probs of ``tensors.tokens``.
+        token_policy_versions: int ``[B, T]``, the version that sampled each token.
+        token_kv_versions: int ``[B, T]``, the oldest version whose KV each token's
+            context read; None counts the policy version only.
+        trainer_version: the trainer's current version; needed with the versions.
+        **kwargs: passed to :func:`mismatch_metrics` (``prob_bins``, ``quantiles``).
+
+    Returns:
+        ``dict[str, float]``.
+
+    Raises:
+        ValueError: versions without ``trainer_version`` or the reverse, and what
+            :func:`mismatch_metrics` / :func:`staleness_metrics` raise.
+    """
+    versions_given(token_policy_versions, trainer_version, token_kv_versions)  # all or none
+    out = mismatch_metrics(
         tensors.loss_mask,
         tensors.engine_masked_logprobs,
         result.logprobs,
@@ -169,3 +202,17 @@ def batch_metrics(
         dropped=result.y_not_in_set,
         **kwargs,  # type: ignore[arg-type]
     )
+    if token_policy_versions is not None and trainer_version is not None:
+        dropped = result.y_not_in_set
+        steps = tensors.loss_mask if dropped is None else tensors.loss_mask & ~dropped
+        out.update(
+            staleness_metrics(
+                steps,
+                tensors.engine_masked_logprobs,
+                result.logprobs,
+                token_policy_versions,
+                trainer_version,
+                token_kv_versions,
+            )
+        )
+    return out
