@@ -14,9 +14,10 @@ weights it is: ``behind = trainer_version - min(policy_version, kv_version)`` (a
 token whose keys / values are older counts as that old). Tokens more than
 ``--max-staleness`` behind get no gradient; the rest use the engine's per-token
 log-probs for the correction (``--correction``, token TIS by default), as in the
-synchronous loop. Logged per step: versions in the batch, staleness mean / max,
-tokens dropped, and the trainer-vs-engine K3 over the fresh tokens (same version,
-same KV: at the fp32 floor on an fp32 engine) and over the stale ones.
+synchronous loop (``PolicyLossConfig.max_staleness``). Logged per step
+(``dvp_client.train.staleness.staleness_metrics``): versions in the batch, staleness
+mean / max, tokens dropped, and the trainer-vs-engine K3 of the tokens 0 versions
+behind (same weights, same KV: the fp32 floor on an fp32 engine) and 1 behind.
 
 Run (two terminals, from the repository root)::
 
@@ -30,7 +31,6 @@ Run (two terminals, from the repository root)::
 from __future__ import annotations
 
 import argparse
-import math
 import queue
 import random
 import sys
@@ -44,6 +44,7 @@ from dvp_client import Client, RolloutBatch
 from dvp_client.train.advantages import group_advantages
 from dvp_client.train.losses import Aggregation, Correction, PolicyLossConfig, policy_loss
 from dvp_client.train.objective import pruned_logprobs
+from dvp_client.train.staleness import staleness_metrics
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from grpo import (
@@ -162,33 +163,36 @@ def train_step(
     rewards = torch.tensor([reward(r.text, answers[r.prompt_index]) for r in batch.rollouts])
     adv = group_advantages(rewards, bt.group_ids)  # (B,)
     res = pruned_logprobs(completion_logits(model, bt), bt.tokens, bt.safe, mask=bt.loss_mask)
-    behind = version - torch.minimum(bt.token_policy_versions, bt.token_kv_versions)  # (B, T)
-    fresh = res.mask & (behind <= args.max_staleness)
+    versions = {
+        "token_policy_versions": bt.token_policy_versions,
+        "token_kv_versions": bt.token_kv_versions,
+        "trainer_version": version,
+    }
     out = policy_loss(
-        res.logprobs, adv, fresh, engine_logprobs=bt.engine_masked_logprobs, config=cfg
-    )
+        res.logprobs, adv, res.mask, engine_logprobs=bt.engine_masked_logprobs, config=cfg,
+        **versions,
+    )  # fmt: skip
     opt.zero_grad(set_to_none=True)
     out.loss.backward()
     opt.step()
-    d = (res.logprobs.detach() - bt.engine_masked_logprobs).double()  # log pi_trainer - engine
-    k3 = torch.exp(-d) - 1 + d  # per token, >= 0
-
-    def mean(x: torch.Tensor, m: torch.Tensor) -> float:
-        return float(x[m].mean()) if bool(m.any()) else math.nan
-
-    same = res.mask & (behind == 0)
-    stale = res.mask & (behind > 0)
-    b = behind[res.mask].double()
+    st = staleness_metrics(
+        res.mask,
+        bt.engine_masked_logprobs,
+        res.logprobs.detach(),
+        **versions,  # type: ignore[arg-type]
+    )
+    pv = bt.token_policy_versions[res.mask].tolist()
+    kv = bt.token_kv_versions[res.mask].tolist()
     return {
-        "versions": sorted({int(v) for v in bt.token_policy_versions[res.mask].tolist()}),
-        "kv_versions": sorted({int(v) for v in bt.token_kv_versions[res.mask].tolist()}),
+        "versions": sorted({int(v) for v in pv}),
+        "kv_versions": sorted({int(v) for v in kv}),
         "spanning_rollouts": sum(len(r.version_spans or []) > 1 for r in batch.rollouts),
-        "behind_mean": float(b.mean()),
-        "behind_max": int(b.max()),
+        "behind_mean": st["staleness/behind_mean"],
+        "behind_max": int(st["staleness/behind_max"]),
         "tokens": int(res.mask.sum()),
-        "tokens_dropped": int((res.mask & ~fresh).sum()),
-        "k3_same_version": mean(k3, same),
-        "k3_stale": mean(k3, stale),
+        "tokens_dropped": int(out.stale.sum()),
+        "k3_same_version": st["staleness/k3_behind_0"],
+        "k3_behind_1": st["staleness/k3_behind_1"],
         "reward_mean": float(rewards.mean()),
         "loss": float(out.loss),
     }
@@ -201,7 +205,10 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     cfg = PolicyLossConfig(
-        correction=args.correction, aggregation=Aggregation.TOKEN_MEAN, cap=args.cap
+        correction=args.correction,
+        aggregation=Aggregation.TOKEN_MEAN,
+        cap=args.cap,
+        max_staleness=args.max_staleness,
     )
     rows: list[dict[str, Any]] = []
     with Client(args.url, api_key=args.api_key, timeout=1800) as client:
@@ -223,7 +230,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                     f"{m['versions']} (kv {m['kv_versions']}, {m['spanning_rollouts']} spanning) "
                     f"behind {m['behind_mean']:.2f}/{m['behind_max']} dropped "
                     f"{m['tokens_dropped']}/{m['tokens']} k3 same {m['k3_same_version']:.1e} "
-                    f"stale {m['k3_stale']:.1e} reward {m['reward_mean']:.3f} "
+                    f"behind-1 {m['k3_behind_1']:.1e} reward {m['reward_mean']:.3f} "
                     f"(wait {t1 - t0:.1f} s, train {t2 - t1:.1f} s, push {push_s:.1f} s)",
                     flush=True,
                 )
