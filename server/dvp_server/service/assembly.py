@@ -124,7 +124,7 @@ def assemble_rollout(
         safe_format: the request's ``safe_token_ids_format``.
 
     Raises:
-        EngineError: the chunks break the engine contract (mixed policy versions,
+        EngineError: the chunks break the engine contract (token versions that go back,
             ragged arrays, missing or inconsistent safe ids).
     """
     for c in chunks:
