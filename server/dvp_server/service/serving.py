@@ -24,9 +24,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 from dvp_schemas import (
     ChatMessage,
@@ -36,7 +36,6 @@ from dvp_schemas import (
     RolloutResponse,
     Usage,
 )
-from starlette.requests import Request
 
 from ..config import ServerConfig
 from ..engines.base import Engine, EngineError, EngineParams, RolloutChunk
@@ -46,23 +45,9 @@ from .params import draw_request_seed, effective_rule, request_seed_of, to_engin
 from .prompts import INLINE_CHARS, check_text_bound, prompt_chars, text_bound
 from .response_size import check_response_size, token_bytes
 
-__all__ = [
-    "ClientDisconnected",
-    "PreparedRequest",
-    "RolloutService",
-    "rollout_id",
-    "run_until_disconnect",
-]
+__all__ = ["PreparedRequest", "RolloutService", "rollout_id"]
 
 logger = logging.getLogger(__name__)
-T = TypeVar("T")
-
-
-class ClientDisconnected(ServiceError):
-    """The HTTP client went away before its rollouts were done (nginx's 499)."""
-
-    def __init__(self) -> None:
-        super().__init__(499, "client_closed_request", "client closed the connection")
 
 
 @dataclass(frozen=True)
@@ -380,32 +365,3 @@ class RolloutService:
         if not finished:
             raise EngineError(f"rollout {rollout_id}: the engine stream ended without a finish")
         return chunks
-
-
-async def _listen_for_disconnect(request: Request) -> None:
-    """Return when the HTTP client disconnects (the body has been read already)."""
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
-async def run_until_disconnect(request: Request, work: Coroutine[Any, Any, T]) -> T:
-    """Run ``work``; cancel it if the HTTP client disconnects first.
-
-    Raises:
-        ClientDisconnected: the client went away (``work`` was cancelled, which
-            aborts its rollouts in the engine).
-    """
-    task = asyncio.ensure_future(work)
-    watch = asyncio.ensure_future(_listen_for_disconnect(request))
-    try:
-        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watch.cancel()
-        if not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-    if task.cancelled():
-        raise ClientDisconnected()
-    return task.result()
