@@ -100,4 +100,3 @@ def test_compose_sets_only_declared_env_vars() -> None:
 def test_option_keeps_a_secret_out_of_repr() -> None:
     assert "api_key" not in repr(ServerConfig(api_key="k"))
     assert option(1, "x").repr
-

@@ -152,6 +152,7 @@ async def stream_events(
                 jobs[i],
                 on_chunk=lambda c: queue.put_nowait(("chunk", i, c)),
                 stream=streams[i] if streams is not None else None,
+                sets=prepared.sets,
             )
         except Exception as exc:
             queue.put_nowait(("error", i, exc))
