@@ -42,7 +42,7 @@ from typing import Any
 from dvp_schemas import WeightsInfo, WeightsUpdateRequest, WeightsUpdateResponse
 
 from ..config import ServerConfig
-from ..engines.base import Engine, EngineError
+from ..engines.base import Engine, EngineError, WeightLoader
 from ..errors import ServiceError, validation_error
 from .admission import Admission
 from .checkpoint import CheckpointError, ModelManifest, check_checkpoint
@@ -168,14 +168,13 @@ class WeightManager:
         return self._manifest
 
     def _loader(self) -> Any:
-        load = getattr(self.engine, "load_weights", None)
-        if load is None:
+        if not isinstance(self.engine, WeightLoader):
             raise ServiceError(
                 501,
                 "not_implemented_error",
                 f"weights: the {self.engine.info.name} engine cannot load new weights",
             )
-        return load
+        return self.engine.load_weights
 
     async def update_from_path(self, request: WeightsUpdateRequest) -> WeightsUpdateResponse:
         """``POST /v1/weights``: load the files at ``request.path`` (see the module docstring)."""

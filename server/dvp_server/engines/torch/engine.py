@@ -18,7 +18,6 @@ rows and the KV cache budget (``_scheduler.py``).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import threading
@@ -31,7 +30,7 @@ import numpy as np
 import torch
 from dvp_schemas import EngineCapabilities
 
-from ...model_store import load_tokenizer
+from ...model_store import eos_ids, load_tokenizer, model_name
 from ..base import EngineError, EngineInfo, EngineParams, PolicyVersion, RolloutChunk
 from ..scoring import ScoredSequence, ScoreParams, score_sequences
 from . import _fp8
@@ -127,7 +126,7 @@ class TorchEngine(SchedulerMixin):
         share_prefixes: bool = True,
         quantize: str | None = None,
     ) -> None:
-        from transformers import AutoModelForCausalLM, GenerationConfig
+        from transformers import AutoModelForCausalLM
 
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -157,7 +156,7 @@ class TorchEngine(SchedulerMixin):
         if max_model_len is not None and max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {max_model_len}")
         self.max_model_len = min(limit, max_model_len) if max_model_len else limit
-        self.eos_ids = frozenset(_eos_ids(self.tokenizer, GenerationConfig, self.model_dir))
+        self.eos_ids = frozenset(eos_ids(self.tokenizer, self.model_dir))
         pad = self.tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else min(self.eos_ids, default=0))
         self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
@@ -167,7 +166,7 @@ class TorchEngine(SchedulerMixin):
         self.prefixes: PrefixCache | None = PrefixCache() if share_prefixes else None
         self.info = EngineInfo(
             name="torch",
-            model_id=model_id or _model_name(self.model_dir),
+            model_id=model_id or model_name(self.model_dir),
             dtype=dtype,
             vocab_size=self.vocab_size,
             max_model_len=self.max_model_len,
@@ -398,30 +397,3 @@ class TorchEngine(SchedulerMixin):
             else:
                 self._aborts.add(row)
                 self._cond.notify_all()
-
-
-def _eos_ids(tokenizer: Any, generation_config_cls: Any, model_dir: Path) -> set[int]:
-    """End-of-sequence ids: the tokenizer's and the generation config's."""
-    ids: set[int] = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    try:
-        gen = generation_config_cls.from_pretrained(str(model_dir))
-    except OSError:  # no generation_config.json
-        return ids
-    eos = gen.eos_token_id
-    if eos is not None:
-        ids.update(int(e) for e in ([eos] if isinstance(eos, int) else eos))
-    return ids
-
-
-def _model_name(model_dir: Path) -> str:
-    """The GGUF source name for a converted model, else the directory name."""
-    marker = model_dir / "dvp-converted.json"
-    if marker.is_file():
-        try:
-            source = str(json.loads(marker.read_text())["source"])
-            return source.removesuffix(".gguf")
-        except (ValueError, KeyError):
-            pass
-    return model_dir.name
