@@ -32,6 +32,7 @@ from dvp_schemas import EngineCapabilities
 
 from ...model_store import eos_ids, load_tokenizer, model_name
 from ..base import EngineError, EngineInfo, EngineParams, PolicyVersion, RolloutChunk
+from ..inputs import checked_prompt
 from ..scoring import ScoredSequence, ScoreParams, score_sequences
 from . import _fp8
 from ._batch import DecodeBatch, SlackLayer
@@ -358,24 +359,7 @@ class TorchEngine(SchedulerMixin):
     # ------------------------------------------------------------ submission
 
     def _validate(self, request_id: str, prompt: list[int], params: EngineParams) -> list[int]:
-        if not prompt:
-            raise ValueError("prompt_token_ids must not be empty")
-        ids = [int(t) for t in prompt]
-        bad = next((i for i, t in enumerate(ids) if not 0 <= t < self.vocab_size), None)
-        if bad is not None:
-            raise ValueError(
-                f"prompt_token_ids[{bad}] = {ids[bad]} is outside the vocabulary "
-                f"[0, {self.vocab_size})"
-            )
-        if len(ids) >= self.max_model_len:
-            raise ValueError(
-                f"prompt has {len(ids)} tokens; the model's context is {self.max_model_len} "
-                f"(prompt + at least one new token)"
-            )
-        if not params.temperature >= 0:  # also catches NaN
-            raise ValueError(f"temperature must be >= 0, got {params.temperature}")
-        if params.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {params.max_tokens}")
+        ids = checked_prompt(prompt, params, self.vocab_size, self.max_model_len)
         need = min(len(ids) + params.max_tokens, self.max_model_len)
         if not self.kv.fits(1, need):
             raise KvBudgetError(

@@ -42,6 +42,7 @@ from dvp_schemas import EngineCapabilities, FinishReason
 
 from ...model_store import eos_ids, load_tokenizer, model_name
 from ..base import EngineError, EngineInfo, EngineParams, PolicyVersion, RolloutChunk
+from ..inputs import checked_prompt
 from ..scoring import ScoredSequence, ScoreParams
 from ._args import (
     VllmSettings,
@@ -391,25 +392,7 @@ class VllmEngine:
         return self._llm
 
     def _validate(self, prompt: list[int], params: EngineParams) -> list[int]:
-        if not prompt:
-            raise ValueError("prompt_token_ids must not be empty")
-        ids = [int(t) for t in prompt]
-        vocab, max_len = self.info.vocab_size, self.info.max_model_len
-        bad = next((i for i, t in enumerate(ids) if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise ValueError(
-                f"prompt_token_ids[{bad}] = {ids[bad]} is outside the vocabulary [0, {vocab})"
-            )
-        if len(ids) >= max_len:
-            raise ValueError(
-                f"prompt has {len(ids)} tokens; the model's context is {max_len} "
-                f"(prompt + at least one new token)"
-            )
-        if not params.temperature >= 0:  # also catches NaN
-            raise ValueError(f"temperature must be >= 0, got {params.temperature}")
-        if params.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {params.max_tokens}")
-        return ids
+        return checked_prompt(prompt, params, self.info.vocab_size, self.info.max_model_len)
 
     def _chunk(self, steps: Steps, params: EngineParams) -> RolloutChunk:
         """t steps of a completion as a chunk (``_steps.chunk_fields``).
