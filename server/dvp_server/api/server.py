@@ -4,9 +4,9 @@
 says how) and exits 0. Its protocol (:func:`bounded_protocol`) is uvicorn's own
 with one addition: a connection whose request headers are not complete
 ``read_timeout_s`` after it opened (or after its previous answer) is closed, so
-clients that send their headers byte by byte cannot hold connections forever.
-uvicorn bounds the headers' size (``h11_max_incomplete_event_size``, 16 KiB),
-not their time; the body's time is bounded in ``middleware.py``.
+clients that send their headers byte by byte cannot hold connections forever
+(uvicorn bounds no part of a request in time). The body's time is bounded in
+``middleware.py``.
 """
 
 from __future__ import annotations
