@@ -86,10 +86,13 @@ def _answer(sock: socket.socket, timeout: float) -> tuple[int | None, bool, floa
     return status, closed, time.monotonic() - t0
 
 
-def _health_latencies(base: str, stop: threading.Event) -> list[float]:
-    """``GET /health`` latencies, measured until ``stop`` is set."""
+def _health_latencies(base: str, stop: threading.Event, ready: threading.Event) -> list[float]:
+    """``GET /health`` latencies over one kept-alive connection, measured from when
+    ``ready`` is set (after a first request opens the connection) until ``stop`` is."""
     out: list[float] = []
     with httpx.Client(timeout=30) as client:
+        assert client.get(f"{base}/health").status_code == 200
+        ready.set()
         while not stop.is_set():
             t0 = time.monotonic()
             assert client.get(f"{base}/health").status_code == 200
@@ -112,9 +115,10 @@ def test_a_stalled_body_is_answered_within_the_bound(
 
 
 def test_many_stalled_bodies_leave_the_server_serving(base: str) -> None:
-    stop = threading.Event()
+    stop, ready = threading.Event(), threading.Event()
     with ThreadPoolExecutor(1) as watch, ThreadPoolExecutor(16) as pool:
-        health = watch.submit(_health_latencies, base, stop)
+        health = watch.submit(_health_latencies, base, stop, ready)
+        assert ready.wait(30)
         t0 = time.monotonic()
         socks = list(pool.map(lambda _: _stalled_body(base, DECLARED_OVER), range(200)))
         rollout = httpx.post(f"{base}/v1/rollouts", json=ROLLOUT, timeout=60)
@@ -132,11 +136,12 @@ def test_many_stalled_bodies_leave_the_server_serving(base: str) -> None:
 def test_headers_sent_byte_by_byte_cannot_hold_connections(base: str) -> None:
     head = b"POST /v1/rollouts HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
     socks = [socket.create_connection(_address(base), timeout=30) for _ in range(200)]
-    stop = threading.Event()
+    stop, ready = threading.Event(), threading.Event()
     closed_at: dict[int, float] = {}
-    t0 = time.monotonic()
     with ThreadPoolExecutor(1) as watch:
-        health = watch.submit(_health_latencies, base, stop)
+        health = watch.submit(_health_latencies, base, stop, ready)
+        assert ready.wait(30)
+        t0 = time.monotonic()
         for i in range(len(head)):  # one byte per connection per round, never the end
             for n, sock in enumerate(socks):
                 if n in closed_at:
