@@ -30,11 +30,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from _measure import MIN_P, TEMPERATURE, extra_peak_bytes, time_rounds
 from dvp_client.train.fused_head import pruned_logprobs_from_hidden
 from dvp_client.train.objective import pruned_logprobs
 from dvp_client.train.rule import safe_mask
 from dvp_client.train.tensors import SafeSets
-from objective import MIN_P, TEMPERATURE, extra_peak_bytes, time_rounds
 from torch import Tensor
 
 # Logit scale: N(0, 4^2) logits keep ~150 (V = 49152) to ~450 (V = 151936) tokens at

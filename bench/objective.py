@@ -37,19 +37,15 @@ import argparse
 import functools
 import math
 import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from _measure import MIN_P, TEMPERATURE, extra_peak_bytes, time_rounds
 from dvp_client.train.objective import pruned_logprobs
 from dvp_client.train.rule import safe_mask
 from dvp_client.train.tensors import SafeSets
 from torch import Tensor
-from torch.profiler import ProfilerActivity, profile
-
-TEMPERATURE = 0.9
-MIN_P = 1e-3  # the DVP threshold rho
 
 
 @dataclass
@@ -107,35 +103,6 @@ def step(fn: Fn, c: Case) -> tuple[Tensor, Tensor]:
     (logp * c.weights).sum().backward()
     assert x.grad is not None
     return logp.detach(), x.grad
-
-
-def time_rounds(runs: list[Callable[[], object]], repeat: int) -> list[list[float]]:
-    """Seconds per forward+backward: ``repeat`` rounds, each running every method once.
-
-    Round-robin, so that load from other processes on a shared machine falls on
-    every method alike; one warm-up round first.
-    """
-    times: list[list[float]] = [[] for _ in runs]
-    for r in range(repeat + 1):
-        for i, run_once in enumerate(runs):
-            t0 = time.perf_counter()
-            run_once()
-            if r > 0:
-                times[i].append(time.perf_counter() - t0)
-    return times
-
-
-def extra_peak_bytes(run_once: Callable[[], object]) -> int:
-    """Peak of (allocated - freed) bytes during one forward+backward (profiler events)."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        run_once()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    events.sort(key=lambda e: e.start_ns())
-    live = peak = 0
-    for e in events:
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak
 
 
 def run(shape: tuple[int, int, int], dtype: torch.dtype, repeat: int) -> None:

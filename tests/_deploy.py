@@ -215,7 +215,9 @@ def healthcheck_problems(
 
 def env_readers() -> dict[str, str]:
     """Source text of what reads the environment in the images: dvp_server, vLLM, HF hub."""
-    texts = {"dvp_server": ""}
+    from dvp_server.config import options
+
+    texts = {"dvp_server": " ".join(f'"{spec.envvar}"' for spec in options())}  # DVP_<FLAG>
     for f in sorted((ROOT / "server" / "dvp_server").rglob("*.py")):
         texts["dvp_server"] += f.read_text()
     for pkg, rel in (("vllm", "envs.py"), ("huggingface_hub", "constants.py")):

@@ -239,7 +239,7 @@ def test_unexpected_exception_is_a_logged_500(
         raise ZeroDivisionError("secret internal detail")
 
     monkeypatch.setattr(service, "create_rollouts", broken)
-    with caplog.at_level(logging.ERROR, logger="dvp_server.errors"):
+    with caplog.at_level(logging.ERROR, logger="dvp_server.api.errors"):
         r = app_client.post("/v1/rollouts", json=_body(), headers={"X-Request-Id": "boom-1"})
     _check_envelope(r, 500, None, "internal server error")
     assert "secret" not in r.text  # details stay in the log

@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _bench() -> ModuleType:
+    sys.path.insert(0, str(ROOT / "bench"))  # its helpers sit next to it (_rl_servers.py)
     spec = importlib.util.spec_from_file_location("rl_workload", ROOT / "bench" / "rl_workload.py")
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)

@@ -104,11 +104,18 @@ def test_compose_file(env_name: str, ctx: dict[str, Any]) -> None:
 def test_compose_variables_reach_the_server() -> None:
     """The overrides arrive as the intended flags (interpolation is not a no-op)."""
     doc = interpolate(raw_compose(), OVERRIDES)
-    gpu = parse_cli(["--engine", "vllm", *doc["services"]["dvp-gpu"]["command"]], {})
+
+    def env(service: str, **extra: str) -> dict[str, str]:
+        given = doc["services"][service].get("environment") or {}
+        return {**{k: str(v) for k, v in given.items()}, **extra}
+
+    gpu_cmd = ["--engine", "vllm", *doc["services"]["dvp-gpu"]["command"]]
+    gpu = parse_cli(gpu_cmd, env("dvp-gpu"))
     assert (gpu.tensor_parallel_size, gpu.data_parallel_size, gpu.max_model_len) == (2, 2, 8192)
     assert gpu.gpu_memory_utilization == 0.45 and gpu.max_logprobs == 64
     assert doc["services"]["dvp-gpu"]["deploy"]["replicas"] == "4"
-    cpu = parse_cli(doc["services"]["dvp-cpu"]["command"], {"DVP_API_KEY": "not-a-real-key"})
+    cpu_env = env("dvp-cpu", DVP_API_KEY="not-a-real-key")
+    cpu = parse_cli(doc["services"]["dvp-cpu"]["command"], cpu_env)
     assert (cpu.engine, cpu.kv_cache_bytes, cpu.api_key) == ("torch", 1 << 28, "not-a-real-key")
     assert doc["services"]["dvp-cpu"]["ports"] == ["0.0.0.0:9000:8000"]
 
@@ -159,11 +166,11 @@ COMPOSE_BREAKS = {
     ),
     "no health check": (_set("services.dvp-cpu.healthcheck", None), "no health check"),
     "unknown flag": (
-        _set("services.dvp-gpu.command.5", "--tensor-paralel-size=1"),
+        _set("services.dvp-gpu.command.1", "--tensor-paralel-size=1"),
         "No such option: --tensor-paralel-size",
     ),
     "bad flag value": (
-        _set("services.dvp-cpu.command.2", "--engine=cuda"),
+        _set("services.dvp-cpu.environment.DVP_ENGINE", "cuda"),
         "engine must be one of",
     ),
     "server on another port": (

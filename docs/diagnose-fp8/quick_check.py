@@ -1,4 +1,4 @@
-"""Quick FP8 vs bf16 check on SmolLM2 (the numbers in README "FP8 rollouts").
+"""Quick FP8 vs bf16 check on SmolLM2 (the numbers in docs/engines.md, "FP8 rollouts").
 
 One chat prompt, 40 greedy tokens from the fp32 model; teacher-forced, the mean and max
 |dlogp| of those tokens and the mean KL(fp32 || engine) per position, for the torch

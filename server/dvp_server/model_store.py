@@ -33,7 +33,9 @@ __all__ = [
     "DEFAULT_MODEL",
     "ModelNotFoundError",
     "default_cache_dir",
+    "eos_ids",
     "load_tokenizer",
+    "model_name",
     "resolve_model",
 ]
 
@@ -101,6 +103,35 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Any:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(path))
+
+
+def model_name(model_dir: Path) -> str:
+    """The served model's id: the GGUF source name for a converted model, else the
+    directory name."""
+    marker = model_dir / _MARKER
+    if marker.is_file():
+        try:
+            source = str(json.loads(marker.read_text())["source"])
+            return source.removesuffix(".gguf")
+        except (ValueError, KeyError):
+            pass
+    return model_dir.name
+
+
+def eos_ids(tokenizer: Any, model_dir: Path) -> set[int]:
+    """End-of-sequence ids: the tokenizer's and the generation config's."""
+    from transformers import GenerationConfig
+
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    try:
+        eos = GenerationConfig.from_pretrained(str(model_dir)).eos_token_id
+    except OSError:  # no generation_config.json
+        return ids
+    if eos is not None:
+        ids.update(int(e) for e in ([eos] if isinstance(eos, int) else eos))
+    return ids
 
 
 def _smollm2_gguf() -> Path:

@@ -50,15 +50,22 @@ term), PEFT adapters, loss types other than grpo / bnpo / dapo, sharded paramete
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
-import trl
 from accelerate.utils import broadcast_object_list
 from dvp_schemas import PruningRule, Rollout, Usage
-from trl import GRPOTrainer
+
+with warnings.catch_warnings():
+    # TRL warns at import when the installed vLLM is outside the range its own vLLM
+    # path supports; this integration never uses that path (rollouts come from the
+    # service), so the warning says nothing about it.
+    warnings.filterwarnings("ignore", message="TRL currently supports vLLM", category=UserWarning)
+    import trl
+    from trl import GRPOTrainer
 
 from .._client import Client
 from ..batch import RolloutBatch

@@ -45,7 +45,7 @@ from torch import Tensor
 
 from ._chunks import compute_dtype
 from ._fused import DEFAULT_TILE_ELEMENTS, FusedSets, fused_pruned_logprobs
-from .objective import Mode, PrunedLogprobs, _check_steps, _plan, _result
+from ._plan import Mode, PrunedLogprobs, check_steps, plan_steps, pruned_result
 from .rule import RuleParams
 from .tensors import SafeSets
 
@@ -97,7 +97,7 @@ def pruned_logprobs_from_hidden(
     tile = DEFAULT_TILE_ELEMENTS if tile_elements is None else tile_elements
     if tile < 1:
         raise ValueError(f"tile_elements must be >= 1, got {tile}")
-    plan = _plan(
+    plan = plan_steps(
         _rule_logits(hidden, lm_head_weight),
         (b, t, v),
         hidden.device,
@@ -113,7 +113,7 @@ def pruned_logprobs_from_hidden(
     masked, full, log_z = fused_pruned_logprobs(
         hidden, lm_head_weight, plan.tokens, sets, plan.inv_t, plan.in_set, with_full, tile
     )
-    return _result(plan, masked, full, log_z, with_full, (b, t, v), hidden.device)
+    return pruned_result(plan, masked, full, log_z, with_full, (b, t, v), hidden.device)
 
 
 def _check_hidden(
@@ -141,7 +141,7 @@ def _check_hidden(
         )
     if weight.device != hidden.device:
         raise ValueError(f"hidden is on {hidden.device}, lm_head_weight on {weight.device}")
-    _check_steps((b, t, v), tokens, safe, mask, "hidden")
+    check_steps((b, t, v), tokens, safe, mask, "hidden")
     return b, t, v
 
 

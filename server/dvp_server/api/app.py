@@ -13,61 +13,48 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 from dvp_schemas import (
-    ErrorResponse,
     HealthResponse,
     ModelCard,
     ModelList,
     RolloutRequest,
     RolloutResponse,
 )
-from fastapi import APIRouter, FastAPI, HTTPException, Request, Response
+from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..config import ServerConfig
 from ..engines.base import Engine
-from ..errors import error_response, install_error_handlers
-from ..service.serving import RolloutService, run_until_disconnect
-from ..service.supervisor import EngineGateMiddleware, EngineSupervisor
+from ..service.serving import RolloutService
+from ..service.supervisor import EngineSupervisor
 from .bodies import install_body_decoding
-from .codecs import MsgpackBodyMiddleware, model_response
+from .codecs import model_response
+from .disconnect import run_until_disconnect
+from .errors import install_error_handlers, responses
+from .middleware import middleware_stack
 from .openai_routes import router as openai_router
-from .ops import install_ops
+from .ops import Ops
+from .ops import router as ops_router
 from .score import router as score_router
 from .streaming import stream_response
+from .weights import router as weights_router
 
-__all__ = ["BodyLimitMiddleware", "RequestIdMiddleware", "build_engine", "create_app"]
+__all__ = ["build_engine", "create_app"]
 
 logger = logging.getLogger(__name__)
-
-REQUEST_ID_HEADER = "x-request-id"
-_VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
-
-
-def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI ``responses=`` entries: each code answers with the error envelope."""
-    described = {
-        404: "Model not served / no such route.",
-        422: "Invalid request; `param` names the field.",
-        499: "Client closed the connection.",
-        500: "Unexpected server error (logged).",
-        503: "Engine unavailable or failed; retryable.",
-    }
-    return {c: {"model": ErrorResponse, "description": described[c]} for c in codes}
 
 
 router = APIRouter()
 
 
 @router.post(
-    "/v1/rollouts", response_model=RolloutResponse, responses=_errors(404, 422, 499, 500, 503)
+    "/v1/rollouts",
+    response_model=RolloutResponse,
+    responses=responses([404, 422, 429, 499, 500, 503]),
 )
 async def create_rollouts(body: RolloutRequest, request: Request) -> Response:
     """Sample ``n`` rollouts per prompt with safe-vocabulary (DVP) metadata per token.
@@ -119,7 +106,7 @@ async def ready(request: Request) -> JSONResponse:
     return JSONResponse(body, status_code=200 if supervisor.ready else 503, headers=headers)
 
 
-@router.get("/v1/models", response_model=ModelList, responses=_errors(500))
+@router.get("/v1/models", response_model=ModelList, responses=responses([500]))
 async def list_models(request: Request) -> ModelList:
     """The served model: id, engine, dtype, vocabulary, context and returned fields.
 
@@ -199,22 +186,19 @@ def create_app(
             await eng.shutdown()
             app.state.ops.detach()
 
+    ops = Ops(config)
     app = FastAPI(
         title="dvp-serve",
         summary="Rollouts with safe-vocabulary (DVP) metadata for LLM reinforcement learning.",
         version=_version(),
         lifespan=lifespan,
+        middleware=middleware_stack(config, ops.metrics, ops.lifecycle),  # middleware.py
     )
-    app.include_router(router)
-    app.include_router(score_router)  # POST /v1/score (score.py)
-    app.include_router(openai_router)  # POST /v1/completions, /v1/chat/completions
-    install_error_handlers(app)
-    app.add_middleware(MsgpackBodyMiddleware)  # inside the body limit: counts raw bytes
-    app.add_middleware(BodyLimitMiddleware, limit=config.max_request_bytes)
-    app.add_middleware(EngineGateMiddleware)  # 503 + Retry-After while the engine is down
-    install_ops(app, config)  # weights + /metrics routes; auth, draining, metrics middleware
+    app.state.ops = ops
+    for routes in (router, score_router, openai_router, weights_router, ops_router):
+        app.include_router(routes)
+    install_error_handlers(app)  # every exception -> the one error body (errors.py)
     install_body_decoding(app)  # JSON bodies decoded + validated off the loop (bodies.py)
-    app.add_middleware(RequestIdMiddleware)  # outermost: stamps errors from inside too
     return app
 
 
@@ -236,100 +220,3 @@ def _version() -> str:
         return version("dvp-serve")
     except PackageNotFoundError:
         return "0+unknown"
-
-
-class RequestIdMiddleware:
-    """Give every request an id (the client's ``X-Request-Id`` if well-formed, else
-    ``req-<uuid4 hex>``), store it in ``request.state.request_id`` and echo it."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        given = next(
-            (v.decode("latin-1") for k, v in scope["headers"] if k == REQUEST_ID_HEADER.encode()),
-            "",
-        )
-        request_id = given if _VALID_REQUEST_ID.fullmatch(given) else f"req-{uuid.uuid4().hex}"
-        scope.setdefault("state", {})["request_id"] = request_id
-
-        async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                headers = [(k, v) for k, v in message.get("headers", []) if k != b"x-request-id"]
-                headers.append((REQUEST_ID_HEADER.encode(), request_id.encode()))
-                message = {**message, "headers": headers}
-            await send(message)
-
-        await self.app(scope, receive, send_with_id)
-
-
-class _BodyTooLarge(HTTPException):
-    """A body over the limit (FastAPI passes HTTPExceptions from body reading through)."""
-
-
-class BodyLimitMiddleware:
-    """Refuse a request body over ``limit`` bytes with a 413 error body.
-
-    A ``Content-Length`` over the limit is refused before the body is used; a
-    body without one (chunked) is counted as it arrives and refused once it
-    passes the limit, so no request can make the server buffer more. Either way
-    the rest of the body is first read and dropped (up to :attr:`drain_bytes`
-    more, and not when the client waits for ``100 Continue``), so a client that
-    is still sending reads the 413 instead of a connection reset; a body longer
-    still gets the 413 and the connection closed.
-    """
-
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app = app
-        self.limit = limit
-        self.drain_bytes = max(limit, 16 << 20)
-
-    def _too_large(self) -> HTTPException:
-        return _BodyTooLarge(413, f"request body is over the limit of {self.limit} bytes")
-
-    async def _drain(self, receive: Receive, budget: int) -> None:
-        """Read and drop the rest of the body, at most ``budget`` bytes."""
-        while budget >= 0:
-            message = await receive()
-            if message["type"] != "http.request" or not message.get("more_body", False):
-                return
-            budget -= len(message.get("body", b""))
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        headers = dict(scope["headers"])
-        length = headers.get(b"content-length", b"")
-        if length.isdigit() and int(length) > self.limit:
-            if int(length) <= self.limit + self.drain_bytes and not headers.get(b"expect"):
-                await self._drain(receive, self.limit + self.drain_bytes)
-            await error_response(self._too_large())(scope, receive, send)
-            return
-        seen = 0
-        started = False
-
-        async def counted_receive() -> Message:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    if message.get("more_body", False):
-                        await self._drain(receive, self.drain_bytes)
-                    raise self._too_large()
-            return message
-
-        async def send_tracking(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, counted_receive, send_tracking)
-        except _BodyTooLarge as exc:  # raised outside the routes (the msgpack decoder)
-            if not started:
-                await error_response(exc)(scope, receive, send)

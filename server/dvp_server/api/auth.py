@@ -13,7 +13,8 @@ import hmac
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ..errors import ServiceError, error_response
+from ..errors import ServiceError
+from .errors import error_response
 
 __all__ = ["OPEN_PATHS", "AuthMiddleware", "bearer_token"]
 
@@ -56,7 +57,7 @@ class AuthMiddleware:
             "authentication_error",
             f"{why} API key: send 'Authorization: Bearer <key>' (the server's --api-key / "
             "DVP_API_KEY)",
+            None,
+            {"WWW-Authenticate": "Bearer"},
         )
-        response = error_response(exc)
-        response.headers["WWW-Authenticate"] = "Bearer"
-        await response(scope, receive, send)
+        await error_response(exc)(scope, receive, send)

@@ -32,8 +32,9 @@ from fastapi.responses import Response
 from pydantic import BaseModel
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..errors import ServiceError, error_response
+from ..errors import ServiceError
 from .bodies import DECODED_BODY, INLINE_BYTES, body_value_cap, unpack_msgpack
+from .errors import error_response
 
 __all__ = [
     "FLOAT32_KEYS",

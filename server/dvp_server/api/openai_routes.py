@@ -13,34 +13,31 @@ The official ``openai`` client works against them::
 
 from __future__ import annotations
 
-from typing import Any
-
 from dvp_schemas import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
-    ErrorResponse,
 )
 from fastapi import APIRouter, Request, Response
 
 from ..service.openai_serving import OpenAIService
-from ..service.serving import run_until_disconnect
+from .disconnect import run_until_disconnect
+from .errors import responses
 
 __all__ = ["router"]
 
 router = APIRouter()
 
-_ERRORS = {
-    404: "Model not served.",
-    409: "The weights changed between sampling and the top-k recomputation; retry.",
-    422: "Invalid request (or an OpenAI option dvp-serve does not serve); `param` names it.",
-    501: "Top-k log-probs on an engine that cannot score.",
-    503: "Engine unavailable or failed; retryable.",
-}
-_RESPONSES: dict[int | str, dict[str, Any]] = {
-    c: {"model": ErrorResponse, "description": d} for c, d in _ERRORS.items()
-}
+_RESPONSES = responses(
+    {
+        404: "Model not served.",
+        409: "The weights changed between sampling and the top-k recomputation; retry.",
+        422: "Invalid request (or an OpenAI option dvp-serve does not serve); `param` names it.",
+        501: "Top-k log-probs on an engine that cannot score.",
+        503: "Engine unavailable or failed; retryable.",
+    }
+)
 
 
 def _service(request: Request) -> OpenAIService:

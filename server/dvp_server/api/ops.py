@@ -1,31 +1,24 @@
-"""Operations wiring: auth, metrics, admission, weights and shutdown on one app.
+"""Operations: the ops state of one app, and ``GET /metrics``.
 
-``create_app`` calls :func:`install_ops` once (routes, middleware, the 429
-handler) and, in its lifespan, :meth:`Ops.attach` with the started engine; the
-serving layer then uses the engine that :meth:`Ops.attach` returns (every
-rollout admitted). The HTTP stack, outermost first::
-
-    RequestId -> Metrics -> Draining (503 after SIGTERM) -> Auth (401)
-      -> body limit (413) -> ... -> routes
+``create_app`` makes one :class:`Ops` before the app (the middleware stack needs
+its metrics and lifecycle) and, in its lifespan, calls :meth:`Ops.attach` with
+the started engine; the serving layer then uses the engine that
+:meth:`Ops.attach` returns (every rollout admitted).
 """
 
 from __future__ import annotations
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, FastAPI, Request, Response
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from ..config import ServerConfig
 from ..engines.base import Engine
-from ..errors import error_response
-from ..service.admission import Admission, AdmittedEngine, QueueFullError
-from ..service.lifecycle import DrainingMiddleware, Lifecycle
-from ..service.metrics import Metrics, MetricsMiddleware
-from ..service.metrics import router as metrics_router
+from ..service.admission import Admission, AdmittedEngine
+from ..service.lifecycle import Lifecycle
+from ..service.metrics import Metrics
 from ..service.weights import WeightManager
-from ..service.weights import router as weights_router
-from .auth import AuthMiddleware
 
-__all__ = ["Ops", "install_ops"]
+__all__ = ["Ops", "router"]
 
 
 class Ops:
@@ -64,23 +57,14 @@ class Ops:
             self.weights.close()
 
 
-async def _queue_full(request: Request, exc: Exception) -> JSONResponse:
-    response = error_response(exc)
-    response.headers["Retry-After"] = str(getattr(exc, "retry_after_s", 1))
-    return response
+router = APIRouter()
 
 
-def install_ops(app: FastAPI, config: ServerConfig) -> Ops:
-    """Add the ops routes, the 429 handler and the middleware (see the module docstring).
+@router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+async def metrics(request: Request) -> Response:
+    """Prometheus metrics (text format 0.0.4).
 
-    Call it after the body-limit middleware and before the request-id one.
+    curl -s localhost:8000/metrics -H "authorization: Bearer $DVP_API_KEY"
     """
-    ops = Ops(config)
-    app.state.ops = ops
-    app.include_router(weights_router)
-    app.include_router(metrics_router)
-    app.add_exception_handler(QueueFullError, _queue_full)
-    app.add_middleware(AuthMiddleware, api_key=config.api_key)
-    app.add_middleware(DrainingMiddleware, lifecycle=ops.lifecycle)
-    app.add_middleware(MetricsMiddleware, metrics=ops.metrics)
-    return ops
+    ops: Ops = request.app.state.ops
+    return Response(ops.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

@@ -29,8 +29,6 @@ The fleet's weights come from the deployment's ``user_config`` (``fleet.py``);
 """
 
 import logging
-from dataclasses import fields
-from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
@@ -38,7 +36,7 @@ from ray import serve
 from ray.serve import Application
 
 from ..api.app import create_app
-from ..config import ServerConfig
+from ..config import ServerConfig, options, parse_value
 from .fleet import FleetReplica
 from .routes import install_fleet
 
@@ -50,37 +48,21 @@ DEPLOYMENT = "DvpServe"
 
 
 def server_config(args: dict[str, Any]) -> ServerConfig:
-    """The :class:`ServerConfig` of an application's ``args``.
+    """The :class:`ServerConfig` of an application's ``args`` (its field names).
 
-    Strings (``serve run ... key=value``) are converted to the field's type; ``host``
-    and ``port`` are Serve's (its proxy) and ignored.
+    Strings (``serve run ... key=value``) are parsed as the option's type
+    (:func:`~dvp_server.config.parse_value`); ``host`` and ``port`` are Serve's (its
+    proxy) and ignored.
 
     Raises:
         ValueError: an unknown field, or a value the field refuses (named).
     """
-    types = {f.name: str(f.type) for f in fields(ServerConfig)}
-    unknown = sorted(set(args) - set(types))
+    specs = {spec.name: spec for spec in options()}
+    unknown = sorted(set(args) - set(specs))
     if unknown:
         raise ValueError(f"args: unknown ServerConfig field(s) {unknown}")
-    values = {k: _coerce(types[k], v) for k, v in args.items() if k not in ("host", "port")}
+    values = {k: parse_value(specs[k], v) for k, v in args.items() if k not in ("host", "port")}
     return ServerConfig(**values)
-
-
-def _coerce(kind: str, value: Any) -> Any:
-    """``value`` as the field type ``kind`` (a string annotation) when it is a string."""
-    if not isinstance(value, str) or value == "" or kind.startswith("str"):
-        return value
-    if value.lower() in ("none", "null") and "None" in kind:
-        return None
-    if kind.startswith("Path"):
-        return Path(value)
-    if kind.startswith("bool"):
-        return value.lower() in ("1", "true", "yes", "on")
-    if kind.startswith("int"):
-        return int(value)
-    if kind.startswith("float"):
-        return float(value)
-    return value
 
 
 @serve.deployment(

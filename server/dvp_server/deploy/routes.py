@@ -6,45 +6,43 @@
   the single-server one, same body and answer (plus ``replicas``);
 - ``POST /v1/weights/upload``: refused (409): an upload would reach one replica.
 
-Every answer carries ``X-DVP-Replica``: the Serve replica that served it.
+Every answer carries ``X-DVP-Replica``: the Serve replica that served it
+(``api/middleware.py`` stamps it once ``app.state.fleet`` is set).
 
 No ``from __future__ import annotations`` here: the route parameters typed
 ``Request`` must resolve after Serve's cloudpickle (a string annotation does not,
 and every call then answers 422).
 """
 
-from typing import Any, NoReturn
+from typing import NoReturn
 
-from dvp_schemas import ErrorResponse, FleetStatus, WeightsUpdateRequest, WeightsUpdateResponse
+from dvp_schemas import FleetStatus, WeightsUpdateRequest, WeightsUpdateResponse
 from fastapi import APIRouter, FastAPI, Request
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ..api.errors import responses
 from ..errors import ServiceError
 from .fleet import FleetReplica
 
-__all__ = ["REPLICA_HEADER", "install_fleet", "router"]
-
-REPLICA_HEADER = "x-dvp-replica"
+__all__ = ["install_fleet", "router"]
 
 router = APIRouter()
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse, "description": what}
-    for code, what in {
+_ERRORS = responses(
+    {
         401: "Missing or wrong API key.",
         403: "The path leaves the weights root, or path loads are disabled.",
         409: "The application was not deployed from a config (no fleet updates).",
         422: "Bad path, or a policy_version not above the fleet's.",
         502: "A replica failed to load the weights; the fleet's config is put back.",
         504: "Replicas did not serve the new version in time; the message names them.",
-    }.items()
-}
+    }
+)
 
 
 def _fleet(request: Request) -> FleetReplica:
     return request.app.state.fleet  # type: ignore[no-any-return]
 
 
-@router.get("/v1/fleet", response_model=FleetStatus, responses={401: _ERRORS[401]})
+@router.get("/v1/fleet", response_model=FleetStatus, responses=responses([401]))
 async def get_fleet(request: Request) -> FleetStatus:
     """The fleet's weight version and every live replica's.
 
@@ -85,26 +83,6 @@ async def upload_refused(request: Request) -> NoReturn:
     )
 
 
-class ReplicaHeaderMiddleware:
-    """Stamp every HTTP answer with ``X-DVP-Replica: <replica id>``."""
-
-    def __init__(self, app: ASGIApp, replica: str) -> None:
-        self.app = app
-        self.header = (REPLICA_HEADER.encode(), replica.encode())
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        async def stamped(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", []), self.header]}
-            await send(message)
-
-        await self.app(scope, receive, stamped)
-
-
 def install_fleet(app: FastAPI, fleet: FleetReplica) -> None:
     """Add the fleet routes ahead of the single-server ones (the first match serves)."""
     app.state.fleet = fleet
@@ -112,4 +90,3 @@ def install_fleet(app: FastAPI, fleet: FleetReplica) -> None:
     app.include_router(router)
     n = len(router.routes)
     app.router.routes[:] = app.router.routes[-n:] + app.router.routes[:-n]
-    app.add_middleware(ReplicaHeaderMiddleware, replica=fleet.replica_id)

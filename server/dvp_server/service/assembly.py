@@ -22,12 +22,18 @@ from dvp_schemas import PackedSafeTokenIds, Rollout, SafeTokenIds, SafeTokenIdsF
 
 from ..engines.base import EngineError, RolloutChunk
 
-__all__ = ["assemble_rollout", "wire_safe_ids"]
+__all__ = ["assemble_rollout", "nan_to_null", "wire_safe_ids"]
 
 
-def _nan_to_none(values: np.ndarray) -> list[float | None]:
-    """float array -> list with NaN as None (JSON null)."""
-    return [None if math.isnan(x) else x for x in values.astype(np.float64).tolist()]
+def nan_to_null(values: np.ndarray, *, infinite: bool = False) -> list[float | None]:
+    """float array -> list with NaN (and, with ``infinite``, +-inf) as None (JSON null)."""
+    floats = values.astype(np.float64).tolist()
+    if infinite:
+        return [x if math.isfinite(x) else None for x in floats]
+    return [None if math.isnan(x) else x for x in floats]
+
+
+_nan_to_none = nan_to_null
 
 
 def wire_safe_ids(

@@ -34,19 +34,15 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from typing import Any
 
 import numpy as np
-from fastapi import APIRouter, Request, Response
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..engines.base import Engine, RolloutChunk
 from .admission import Admission, Ticket
 
-__all__ = ["ArrayHistogram", "Metrics", "MetricsMiddleware", "router"]
+__all__ = ["ArrayHistogram", "Metrics"]
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -219,44 +215,3 @@ class _StateCollector:
             ("dvp_admission_gate_open", "0 while a weight update holds rollouts.", adm.gate_open),
         ):
             yield GaugeMetricFamily(name, doc, value=float(value))
-
-
-class MetricsMiddleware:
-    """Count every HTTP request by route template (not raw path), method and status."""
-
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        t0 = time.perf_counter()
-        status = 500
-
-        async def send_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = int(message["status"])
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_status)
-        finally:
-            route = getattr(scope.get("route"), "path", None) or "unmatched"
-            self.metrics.http_requests.labels(route, scope["method"], str(status)).inc()
-            self.metrics.http_latency.labels(route).observe(time.perf_counter() - t0)
-
-
-router = APIRouter()
-
-
-@router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
-async def metrics(request: Request) -> Response:
-    """Prometheus metrics (text format 0.0.4).
-
-    curl -s localhost:8000/metrics -H "authorization: Bearer $DVP_API_KEY"
-    """
-    m: Any = request.app.state.ops.metrics
-    return Response(m.exposition(), media_type=CONTENT_TYPE_LATEST)

@@ -8,9 +8,10 @@
    the model's chat template (``add_generation_prompt=True``), token ids are
    checked against the vocabulary (422 ``prompts.i.j``); prompts too long for
    the context get a 422 naming ``prompts.i``;
-   a request whose worst-case response is over ``--max-response-bytes`` gets a
-   422 naming ``return_safe_token_ids`` or ``sampling.max_tokens``
-   (``response_size.py``);
+   a request whose response is over ``--max-response-bytes`` without its safe
+   sets gets a 422 naming ``sampling.max_tokens``; its sets are counted as they
+   are produced (a 422 naming ``return_safe_token_ids`` once they pass what the
+   limit leaves, ``response_size.py``);
 3. build each sample's :class:`EngineParams` (``params.py``) and fan the
    ``prompts x n`` rollouts out as concurrent ``engine.generate`` calls; if one
    fails, or the HTTP client goes away, all of them are cancelled and aborted;
@@ -24,9 +25,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 from dvp_schemas import (
     ChatMessage,
@@ -36,7 +37,6 @@ from dvp_schemas import (
     RolloutResponse,
     Usage,
 )
-from starlette.requests import Request
 
 from ..config import ServerConfig
 from ..engines.base import Engine, EngineError, EngineParams, RolloutChunk
@@ -44,25 +44,11 @@ from ..errors import ServiceError, validation_error
 from .assembly import assemble_rollout
 from .params import draw_request_seed, effective_rule, request_seed_of, to_engine_params
 from .prompts import INLINE_CHARS, check_text_bound, prompt_chars, text_bound
-from .response_size import check_response_size, token_bytes
+from .response_size import SetBudget, check_response_size, token_bytes
 
-__all__ = [
-    "ClientDisconnected",
-    "PreparedRequest",
-    "RolloutService",
-    "rollout_id",
-    "run_until_disconnect",
-]
+__all__ = ["PreparedRequest", "RolloutService", "rollout_id"]
 
 logger = logging.getLogger(__name__)
-T = TypeVar("T")
-
-
-class ClientDisconnected(ServiceError):
-    """The HTTP client went away before its rollouts were done (nginx's 499)."""
-
-    def __init__(self) -> None:
-        super().__init__(499, "client_closed_request", "client closed the connection")
 
 
 @dataclass(frozen=True)
@@ -86,6 +72,8 @@ class PreparedRequest:
         seed: the request seed (drawn when the request has none).
         prompts: every prompt's token ids.
         jobs: one per (prompt, sample), ordered by prompt, then sample.
+        sets: the bytes its safe sets may take, counted as they are produced
+            (``response_size.py``); None: it asks for none.
     """
 
     request: RolloutRequest
@@ -94,6 +82,7 @@ class PreparedRequest:
     seed: int
     prompts: list[list[int]]
     jobs: list[_Job]
+    sets: SetBudget | None = None
 
 
 _REQUEST_SEQ = itertools.count()  # makes engine ids unique when clients reuse X-Request-Id
@@ -140,7 +129,7 @@ class RolloutService:
             EngineError: the engine failed a rollout (all others were aborted).
         """
         prepared = await self.prepare(request, request_id)
-        results = await self._run_all(prepared.jobs, prepared.key)
+        results = await self._run_all(prepared.jobs, prepared.key, prepared.sets)
         rollouts = [
             self.assemble(prepared, job, chunks)
             for job, chunks in zip(prepared.jobs, results, strict=True)
@@ -166,7 +155,7 @@ class RolloutService:
             for i, ids in enumerate(prompts)
             for j in range(request.n)
         ]
-        check_response_size(
+        sets = check_response_size(
             request,
             [(len(job.prompt_ids), job.params.max_tokens) for job in jobs],
             vocab_size=self.engine.info.vocab_size,
@@ -174,7 +163,7 @@ class RolloutService:
             limit=self.config.max_response_bytes,
         )
         key = f"{request_id}.{next(_REQUEST_SEQ)}"
-        return PreparedRequest(request, request_id, key, seed, prompts, jobs)
+        return PreparedRequest(request, request_id, key, seed, prompts, jobs, sets)
 
     def assemble(self, prepared: PreparedRequest, job: _Job, chunks: list[RolloutChunk]) -> Rollout:
         """Step 4: join one rollout's chunks (``assembly.assemble_rollout``)."""
@@ -327,9 +316,14 @@ class RolloutService:
 
     # --- fan-out ----------------------------------------------------------------------
 
-    async def _run_all(self, jobs: list[_Job], key: str) -> list[list[RolloutChunk]]:
+    async def _run_all(
+        self, jobs: list[_Job], key: str, sets: SetBudget | None
+    ) -> list[list[RolloutChunk]]:
         """Decode all jobs concurrently; on any failure or cancellation, cancel them all."""
-        tasks = [asyncio.ensure_future(self.collect(rollout_id(key, job), job)) for job in jobs]
+        tasks = [
+            asyncio.ensure_future(self.collect(rollout_id(key, job), job, sets=sets))
+            for job in jobs
+        ]
         try:
             return list(await asyncio.gather(*tasks))
         except BaseException as exc:
@@ -346,6 +340,7 @@ class RolloutService:
         job: _Job,
         on_chunk: Callable[[RolloutChunk], None] | None = None,
         stream: AsyncIterator[RolloutChunk] | None = None,
+        sets: SetBudget | None = None,
     ) -> list[RolloutChunk]:
         """All chunks of one rollout; aborts it in the engine unless it finished.
 
@@ -355,6 +350,11 @@ class RolloutService:
             on_chunk: called with every chunk as it arrives (streaming).
             stream: the rollout's ``engine.generate`` stream, when the caller opened it
                 already (to take its admission slot early); None: opened here.
+            sets: the request's safe-set budget, charged with every chunk.
+
+        Raises:
+            ServiceError: 422, the request's safe sets passed their budget.
+            EngineError: the engine failed or aborted the rollout.
         """
         chunks: list[RolloutChunk] = []
         if stream is None:
@@ -367,6 +367,8 @@ class RolloutService:
                         f"rollout {rollout_id} ended with {chunk.finish_reason!r}: "
                         f"{chunk.error or 'aborted by the engine'}"
                     )
+                if sets is not None:
+                    sets.add(chunk)
                 chunks.append(chunk)
                 if on_chunk is not None:
                     on_chunk(chunk)
@@ -382,32 +384,3 @@ class RolloutService:
         if not finished:
             raise EngineError(f"rollout {rollout_id}: the engine stream ended without a finish")
         return chunks
-
-
-async def _listen_for_disconnect(request: Request) -> None:
-    """Return when the HTTP client disconnects (the body has been read already)."""
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
-async def run_until_disconnect(request: Request, work: Coroutine[Any, Any, T]) -> T:
-    """Run ``work``; cancel it if the HTTP client disconnects first.
-
-    Raises:
-        ClientDisconnected: the client went away (``work`` was cancelled, which
-            aborts its rollouts in the engine).
-    """
-    task = asyncio.ensure_future(work)
-    watch = asyncio.ensure_future(_listen_for_disconnect(request))
-    try:
-        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watch.cancel()
-        if not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-    if task.cancelled():
-        raise ClientDisconnected()
-    return task.result()

@@ -16,7 +16,7 @@ or crashed; ``AsyncLLM.errored`` then holds and every stream raises
    engine's processes and sockets) then ``engine.start()`` (same settings).
    After the last failure the state stays ``'dead'``; nothing restarts it but
    a new process (the orchestrator's job: ``/ready`` stays false).
-3. :class:`EngineGateMiddleware` answers every non-GET request with 503 +
+3. ``api/middleware.py``'s ``EngineGateMiddleware`` answers every non-GET request with 503 +
    ``Retry-After`` while the supervisor is not ``'running'``: the estimated
    seconds until the engine is back (the last start's duration, from the
    coming attempt), so a client's retry lands after the restart. GET routes
@@ -35,12 +35,9 @@ import math
 import time
 from collections.abc import Callable
 
-from starlette.types import ASGIApp, Receive, Scope, Send
-
 from ..engines.base import Engine
-from ..errors import ServiceError, error_response
 
-__all__ = ["EngineGateMiddleware", "EngineSupervisor"]
+__all__ = ["EngineSupervisor"]
 
 logger = logging.getLogger(__name__)
 
@@ -195,40 +192,3 @@ class EngineSupervisor:
                 name, attempt, self._start_s,
             )  # fmt: skip
         return ok
-
-
-class EngineGateMiddleware:
-    """Answer non-GET requests with 503 + Retry-After while the engine is not running.
-
-    Reads ``app.state.supervisor`` (set in the lifespan); without one, passes through.
-    """
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        supervisor = _supervisor(scope)
-        if (
-            scope["type"] != "http"
-            or scope["method"] in ("GET", "HEAD")
-            or supervisor is None
-            or supervisor.ready
-        ):
-            await self.app(scope, receive, send)
-            return
-        state, retry_after = supervisor.state, supervisor.retry_after_s()
-        exc = ServiceError(
-            503,
-            "engine_unavailable",
-            f"the {supervisor.engine.info.name} engine is {state} (retryable); "
-            f"retry in {retry_after} s",
-        )
-        response = error_response(exc)
-        response.headers["Retry-After"] = str(retry_after)
-        await response(scope, receive, send)
-
-
-def _supervisor(scope: Scope) -> EngineSupervisor | None:
-    app = scope.get("app")
-    state = getattr(app, "state", None)
-    return getattr(state, "supervisor", None)

@@ -44,22 +44,20 @@ from pathlib import Path
 from typing import Any
 
 from dvp_schemas import (
-    ErrorResponse,
     WeightsInfo,
     WeightsUpdateRequest,
     WeightsUpdateResponse,
     WeightsVerifyReport,
 )
-from fastapi import APIRouter, Query, Request
 
 from ..config import ServerConfig
-from ..engines.base import Engine, EngineError
+from ..engines.base import Engine, EngineError, WeightLoader
 from ..errors import ServiceError, validation_error
 from .admission import Admission
 from .checkpoint import CheckpointError, ModelManifest, check_checkpoint
 from .verify import VerifyMismatch, default_atol, verify_engine
 
-__all__ = ["WeightManager", "resolve_under_root", "router", "weight_files"]
+__all__ = ["WeightManager", "resolve_under_root", "weight_files"]
 
 logger = logging.getLogger(__name__)
 
@@ -189,14 +187,13 @@ class WeightManager:
         return self._manifest
 
     def _loader(self) -> Any:
-        load = getattr(self.engine, "load_weights", None)
-        if load is None:
+        if not isinstance(self.engine, WeightLoader):
             raise ServiceError(
                 501,
                 "not_implemented_error",
                 f"weights: the {self.engine.info.name} engine cannot load new weights",
             )
-        return load
+        return self.engine.load_weights
 
     async def update_from_path(self, request: WeightsUpdateRequest) -> WeightsUpdateResponse:
         """``POST /v1/weights``: load the files at ``request.path`` (see the module docstring)."""
@@ -401,75 +398,3 @@ class WeightManager:
                 f"{previous}; do not resend this checkpoint unchanged",
                 param,
             ) from None
-
-
-# --- routes ----------------------------------------------------------------------------
-
-router = APIRouter()
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse, "description": what}
-    for code, what in {
-        401: "Missing or wrong API key.",
-        403: "The path leaves the weights root, or path loads are disabled.",
-        409: "In-flight rollouts did not drain in time; nothing changed.",
-        413: "Upload over the body limit.",
-        422: "Bad path, file or tensor (checked before the engine sees it), or the engine "
-        "failed the load and kept the previous weights; the message names it.",
-        500: "The engine failed the load and restarts with the previous weights.",
-        501: "The engine cannot load weights.",
-    }.items()
-}
-
-
-def _manager(request: Request) -> WeightManager:
-    return request.app.state.weights  # type: ignore[no-any-return]
-
-
-@router.get("/v1/weights", response_model=WeightsInfo, responses={401: _ERRORS[401]})
-async def get_weights(request: Request) -> WeightsInfo:
-    """The served weights: policy_version, source, loaded_at.
-
-    curl -s localhost:8000/v1/weights -H "authorization: Bearer $DVP_API_KEY"
-    """
-    return _manager(request).info()
-
-
-@router.post("/v1/weights", response_model=WeightsUpdateResponse, responses=_ERRORS)
-async def post_weights(body: WeightsUpdateRequest, request: Request) -> WeightsUpdateResponse:
-    """Load weights from a safetensors file or directory under --weights-root.
-
-    curl -s localhost:8000/v1/weights -H 'content-type: application/json' \\
-      -d '{"path": "step-100/model.safetensors", "on_inflight": "drain"}'
-    """
-    return await _manager(request).update_from_path(body)
-
-
-_UPLOAD_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
-    }
-}
-
-
-@router.post(
-    "/v1/weights/upload",
-    response_model=WeightsUpdateResponse,
-    responses=_ERRORS,
-    openapi_extra=_UPLOAD_BODY,
-)
-async def upload_weights(
-    request: Request,
-    on_inflight: str | None = Query(None, pattern="^(drain|abort|keep|recompute)$"),
-    drain_timeout_s: float | None = Query(None, gt=0.0, le=86400.0),
-    verify: bool | None = Query(None),
-) -> WeightsUpdateResponse:
-    """Load weights from the body: one safetensors file (small models; --max-request-bytes).
-
-    curl -s localhost:8000/v1/weights/upload --data-binary @model.safetensors \\
-      -H 'content-type: application/octet-stream'
-    """
-    body = await request.body()
-    if not body:
-        raise validation_error("body", "the body must be a safetensors file, got 0 bytes")
-    return await _manager(request).update_from_bytes(body, on_inflight, drain_timeout_s, verify)

@@ -18,7 +18,6 @@ rows and the KV cache budget (``_scheduler.py``).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import threading
@@ -31,8 +30,9 @@ import numpy as np
 import torch
 from dvp_schemas import EngineCapabilities
 
-from ...model_store import load_tokenizer
+from ...model_store import eos_ids, load_tokenizer, model_name
 from ..base import EngineError, EngineInfo, EngineParams, PolicyVersion, RolloutChunk
+from ..inputs import checked_prompt
 from ..scoring import ScoredSequence, ScoreParams, score_sequences
 from . import _fp8
 from ._batch import DecodeBatch, SlackLayer
@@ -127,7 +127,7 @@ class TorchEngine(SchedulerMixin):
         share_prefixes: bool = True,
         quantize: str | None = None,
     ) -> None:
-        from transformers import AutoModelForCausalLM, GenerationConfig
+        from transformers import AutoModelForCausalLM
 
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -157,7 +157,7 @@ class TorchEngine(SchedulerMixin):
         if max_model_len is not None and max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {max_model_len}")
         self.max_model_len = min(limit, max_model_len) if max_model_len else limit
-        self.eos_ids = frozenset(_eos_ids(self.tokenizer, GenerationConfig, self.model_dir))
+        self.eos_ids = frozenset(eos_ids(self.tokenizer, self.model_dir))
         pad = self.tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else min(self.eos_ids, default=0))
         self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
@@ -167,7 +167,7 @@ class TorchEngine(SchedulerMixin):
         self.prefixes: PrefixCache | None = PrefixCache() if share_prefixes else None
         self.info = EngineInfo(
             name="torch",
-            model_id=model_id or _model_name(self.model_dir),
+            model_id=model_id or model_name(self.model_dir),
             dtype=dtype,
             vocab_size=self.vocab_size,
             max_model_len=self.max_model_len,
@@ -370,24 +370,7 @@ class TorchEngine(SchedulerMixin):
     # ------------------------------------------------------------ submission
 
     def _validate(self, request_id: str, prompt: list[int], params: EngineParams) -> list[int]:
-        if not prompt:
-            raise ValueError("prompt_token_ids must not be empty")
-        ids = [int(t) for t in prompt]
-        bad = next((i for i, t in enumerate(ids) if not 0 <= t < self.vocab_size), None)
-        if bad is not None:
-            raise ValueError(
-                f"prompt_token_ids[{bad}] = {ids[bad]} is outside the vocabulary "
-                f"[0, {self.vocab_size})"
-            )
-        if len(ids) >= self.max_model_len:
-            raise ValueError(
-                f"prompt has {len(ids)} tokens; the model's context is {self.max_model_len} "
-                f"(prompt + at least one new token)"
-            )
-        if not params.temperature >= 0:  # also catches NaN
-            raise ValueError(f"temperature must be >= 0, got {params.temperature}")
-        if params.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {params.max_tokens}")
+        ids = checked_prompt(prompt, params, self.vocab_size, self.max_model_len)
         need = min(len(ids) + params.max_tokens, self.max_model_len)
         if not self.kv.fits(1, need):
             raise KvBudgetError(
@@ -409,30 +392,3 @@ class TorchEngine(SchedulerMixin):
             else:
                 self._aborts.add(row)
                 self._cond.notify_all()
-
-
-def _eos_ids(tokenizer: Any, generation_config_cls: Any, model_dir: Path) -> set[int]:
-    """End-of-sequence ids: the tokenizer's and the generation config's."""
-    ids: set[int] = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    try:
-        gen = generation_config_cls.from_pretrained(str(model_dir))
-    except OSError:  # no generation_config.json
-        return ids
-    eos = gen.eos_token_id
-    if eos is not None:
-        ids.update(int(e) for e in ([eos] if isinstance(eos, int) else eos))
-    return ids
-
-
-def _model_name(model_dir: Path) -> str:
-    """The GGUF source name for a converted model, else the directory name."""
-    marker = model_dir / "dvp-converted.json"
-    if marker.is_file():
-        try:
-            source = str(json.loads(marker.read_text())["source"])
-            return source.removesuffix(".gguf")
-        except (ValueError, KeyError):
-            pass
-    return model_dir.name

@@ -40,8 +40,9 @@ import numpy as np
 import torch
 from dvp_schemas import EngineCapabilities, FinishReason
 
-from ...model_store import load_tokenizer
+from ...model_store import eos_ids, load_tokenizer, model_name
 from ..base import EngineError, EngineInfo, EngineParams, PolicyVersion, RolloutChunk
+from ..inputs import checked_prompt
 from ..scoring import ScoredSequence, ScoreParams
 from ._args import (
     VllmSettings,
@@ -87,7 +88,7 @@ class VllmEngine:
         self.settings = settings or VllmSettings()
         if self.settings.max_logprobs < 1:
             raise ValueError(f"max_logprobs must be >= 1, got {self.settings.max_logprobs}")
-        self._model_id = model_id or _model_name(self.model_dir)
+        self._model_id = model_id or model_name(self.model_dir)
         self._llm: Any = None
         self._state = "starting"
         self._eos_ids: frozenset[int] = frozenset()
@@ -234,7 +235,7 @@ class VllmEngine:
             await self.shutdown()
             raise
         model_config = self._llm.vllm_config.model_config
-        self._eos_ids = frozenset(_eos_ids(self.model_dir))
+        self._eos_ids = frozenset(eos_ids(load_tokenizer(self.model_dir), self.model_dir))
         self.info = self._make_info(
             vocab_size=int(model_config.get_vocab_size()),
             max_model_len=int(model_config.max_model_len),
@@ -415,25 +416,7 @@ class VllmEngine:
         return self._llm
 
     def _validate(self, prompt: list[int], params: EngineParams) -> list[int]:
-        if not prompt:
-            raise ValueError("prompt_token_ids must not be empty")
-        ids = [int(t) for t in prompt]
-        vocab, max_len = self.info.vocab_size, self.info.max_model_len
-        bad = next((i for i, t in enumerate(ids) if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise ValueError(
-                f"prompt_token_ids[{bad}] = {ids[bad]} is outside the vocabulary [0, {vocab})"
-            )
-        if len(ids) >= max_len:
-            raise ValueError(
-                f"prompt has {len(ids)} tokens; the model's context is {max_len} "
-                f"(prompt + at least one new token)"
-            )
-        if not params.temperature >= 0:  # also catches NaN
-            raise ValueError(f"temperature must be >= 0, got {params.temperature}")
-        if params.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {params.max_tokens}")
-        return ids
+        return checked_prompt(prompt, params, self.info.vocab_size, self.info.max_model_len)
 
     def _chunk(self, steps: Steps, params: EngineParams, admitted: int) -> RolloutChunk:
         """t steps of a completion as a chunk (``_steps.chunk_fields``).
@@ -508,27 +491,3 @@ async def _reload_weights(llm: Any, folder: Path, version: int, recompute: bool 
         raise EngineError(f"vLLM failed to reload the weights: {exc}") from exc
     # False while running requests hold blocks (keep): the salt keeps them apart
     await llm.reset_prefix_cache(reset_running_requests=recompute)
-
-
-def _eos_ids(model_dir: Path) -> set[int]:
-    """End-of-sequence ids: the tokenizer's and the generation config's."""
-    from transformers import GenerationConfig
-
-    ids: set[int] = set()
-    tok = load_tokenizer(model_dir)
-    if tok.eos_token_id is not None:
-        ids.add(int(tok.eos_token_id))
-    try:
-        eos = GenerationConfig.from_pretrained(str(model_dir)).eos_token_id
-    except OSError:
-        return ids
-    if eos is not None:
-        ids.update(int(e) for e in ([eos] if isinstance(eos, int) else eos))
-    return ids
-
-
-def _model_name(model_dir: Path) -> str:
-    """Same naming as the torch engine (the GGUF source for a converted model)."""
-    from ..torch.engine import _model_name as torch_model_name
-
-    return torch_model_name(model_dir)
