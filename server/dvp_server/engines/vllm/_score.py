@@ -31,6 +31,7 @@ from ..base import EngineError
 from ..scoring import ScoredSequence, ScoreParams
 from ._args import rule_tag
 from ._channel import StepChannel
+from ._reload import version_salt
 
 __all__ = ["score_with_vllm"]
 
@@ -98,7 +99,7 @@ async def _one(
     channel.register(key)
     final = None
     # salted with the served version: never a prefix block of older weights
-    salt = f"dvp-v{version}"
+    salt = version_salt(version)
     stream = llm.generate(
         TokensPrompt(prompt_token_ids=prompt, cache_salt=salt), sp, request_id=key
     )

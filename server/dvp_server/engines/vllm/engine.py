@@ -27,9 +27,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import os
 import shutil
-import tempfile
 import time
 import weakref
 from collections.abc import AsyncGenerator, Sequence
@@ -54,6 +52,7 @@ from ._args import (
     setup_cpu_env,
 )
 from ._channel import StepChannel, StepTimeout
+from ._reload import link_weights, reload_weights, version_salt
 from ._score import score_with_vllm
 from ._steps import StepBuffer, Steps, chunk_fields, read_sampled
 
@@ -112,18 +111,12 @@ class VllmEngine:
     ) -> int:
         """Reload the model's weights in place from safetensors files; the new version.
 
-        vLLM's scheduler is paused between two steps with its requests kept
-        (``pause_generation(mode="keep")``); vLLM's workers read the files themselves
-        (``collective_rpc("dvp_reload_weights")`` with a folder of links to them: vLLM
-        loads folders) and stamp later steps with the new version; the prefix cache
-        is reset (its KV entries were computed with the old weights); generation
-        resumes. In-flight rollouts continue with the new weights over the KV they
-        hold, or, with ``recompute``, after vLLM preempted them all
-        (``reset_prefix_cache(reset_running_requests=True)``: their blocks are freed
-        and their prompt + output is prefilled again, under the new weights, when they
-        are scheduled next). Requests carry their admission version as
-        ``cache_salt``, so a rollout admitted later never reads an older version's
-        prefix blocks (a keep update cannot reset the blocks running rollouts hold).
+        vLLM's scheduler pauses between two steps with its requests kept; its workers
+        reload from a folder of links to the files and stamp later steps with the new
+        version (``_worker.py``); the prefix cache is reset; generation resumes. With
+        ``recompute`` vLLM first preempts every running request, which it then
+        prefills again under the new weights. Requests are salted with their admission
+        version, so none reads an older version's prefix blocks (docs/async.md).
 
         If vLLM fails the reload (its layers may then be half-loaded), the previous
         weights are reloaded at once (:meth:`_restore_weights`).
@@ -139,11 +132,11 @@ class VllmEngine:
                 be restored either (the engine is then marked dead and restarted).
         """
         llm = self._running()
-        folder = _link_weights(weights)
+        folder = link_weights(weights)
         new = self._version.value + 1 if version is None else version
         await llm.pause_generation(mode="keep", clear_cache=False)
         try:
-            await _reload_weights(llm, folder, new, recompute=recompute)
+            await reload_weights(llm, folder, new, recompute=recompute)
         except BaseException as exc:
             shutil.rmtree(folder, ignore_errors=True)
             if isinstance(exc, EngineError):
@@ -177,7 +170,7 @@ class VllmEngine:
         previous = self._weights_dir or self.model_dir
         try:
             for _ in range(2):
-                await _reload_weights(llm, previous, self._version.value)
+                await reload_weights(llm, previous, self._version.value)
         except EngineError as again:
             self._state = "dead"
             raise EngineError(
@@ -226,7 +219,7 @@ class VllmEngine:
         try:
             self._llm = await asyncio.shield(build)
             if self._weights_dir is not None:  # a restart: serve the same weights again
-                await _reload_weights(self._llm, self._weights_dir, self._version.value)
+                await reload_weights(self._llm, self._weights_dir, self._version.value)
                 logger.info("re-applied the weights of policy_version %d", self._version.value)
         except BaseException:  # failed, or cancelled (server stopping): leave no processes
             if self._llm is None:
@@ -451,43 +444,3 @@ class VllmEngine:
         if isinstance(reason, int) and reason in self._eos_ids:
             return reason if reason in params.stop_token_ids else None
         return reason if isinstance(reason, (str, int)) else None
-
-
-def _link_weights(weights: Sequence[Path]) -> Path:
-    """A new folder of links to ``weights`` (vLLM reloads folders), kept for restarts.
-
-    Hard links when the file system allows (an upload's staging file may be
-    deleted after the load; a hard link keeps its bytes), else symbolic links.
-    """
-    folder = Path(tempfile.mkdtemp(prefix="dvp-vllm-weights-"))
-    for i, f in enumerate(weights):
-        src, dst = Path(f).resolve(), folder / f"{i:05d}-{Path(f).name}"
-        try:
-            os.link(src, dst)
-        except OSError:
-            os.symlink(src, dst)
-    return folder
-
-
-def version_salt(version: int) -> str:
-    """vLLM's ``cache_salt`` of a request admitted at ``version``: prefix blocks are
-    shared only between requests of one version."""
-    return f"dvp-v{version}"
-
-
-async def _reload_weights(llm: Any, folder: Path, version: int, recompute: bool = False) -> None:
-    """vLLM's workers read the safetensors in ``folder`` and rebuild every kernel derived
-    from the weights (``_worker.py``: vLLM's own reload leaves a tied head's CPU kernel
-    on the old weights); then the prefix cache is reset (KV of the old weights).
-
-    Raises:
-        EngineError: vLLM failed the reload.
-    """
-    try:
-        await llm.collective_rpc(
-            "dvp_reload_weights", kwargs={"weights_path": str(folder), "version": version}
-        )
-    except Exception as exc:
-        raise EngineError(f"vLLM failed to reload the weights: {exc}") from exc
-    # False while running requests hold blocks (keep): the salt keeps them apart
-    await llm.reset_prefix_cache(reset_running_requests=recompute)
