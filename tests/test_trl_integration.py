@@ -11,7 +11,6 @@ without pushes does not match after its first update; and each step's loss equal
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,17 +21,12 @@ import torch
 pytest.importorskip("trl")
 
 from _ops import own_server
-from _trl_setup import PROMPTS, grpo_config
+from _trl_setup import STEPS, TOL, Recording, gaps, train
 from conftest import ServerProcess
 from dvp_client import Client
-from dvp_client.integrations._weights import WeightPusher
-from dvp_client.integrations.trl import DVPGRPOTrainer
 from dvp_client.train.losses import policy_loss
 from dvp_client.train.objective import pruned_logprobs
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-STEPS = 3
-TOL = 2e-4  # trainer vs engine masked log-prob, every token
+from transformers import AutoModelForCausalLM
 
 
 @pytest.fixture(scope="module")
@@ -44,60 +38,6 @@ def weights_server(
         tiny_model_dir, tmp_path_factory.mktemp("trl-srv"), "--weights-root", str(root)
     ) as s:
         yield s, root
-
-
-def hash_reward(completions: list[str], **_: Any) -> list[float]:
-    """A reward that varies within a group (the tiny random model solves nothing)."""
-    return [float(zlib.crc32(c.encode()) % 2) for c in completions]
-
-
-class Recording(DVPGRPOTrainer):
-    """Keeps, per loss call, the weights it ran with, its rows, advantages and loss."""
-
-    records: list[dict[str, Any]]
-
-    def _compute_loss(self, model: Any, inputs: dict[str, Any]) -> torch.Tensor:
-        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        loss = super()._compute_loss(model, inputs)
-        assert self.last_dvp_step is not None
-        self.records.append(
-            {
-                "state": state,
-                "rows": inputs["dvp_rollouts"],
-                "advantages": inputs["advantages"].detach().clone(),
-                "old": inputs.get("dvp_old_logprobs"),
-                "returned": loss.detach(),
-                **self.last_dvp_step,
-            }
-        )
-        return loss
-
-
-def train(
-    tiny: Path, url: str, root: Path, out: Path, push: bool, steps: int = STEPS, iterations: int = 1
-) -> Recording:
-    from datasets import Dataset
-
-    prompts = PROMPTS
-    args = grpo_config(out, batch=8, steps=steps, iterations=iterations)
-    model = AutoModelForCausalLM.from_pretrained(str(tiny), dtype=torch.float32)
-    client = Client(url, timeout=600)
-    if not push:  # start from the trainer's weights, then never push again
-        WeightPusher(client, root / "no-push-start").push(model, "init")
-    trainer = Recording(
-        model,
-        hash_reward,
-        client=client,
-        pruning={"min_p": 0.05},
-        weights_dir=root / f"{'push' if push else 'no-push'}-{iterations}",
-        push_weights=push,
-        args=args,
-        train_dataset=Dataset.from_dict({"prompt": prompts}),
-        processing_class=AutoTokenizer.from_pretrained(str(tiny)),
-    )
-    trainer.records = []
-    trainer.train()
-    return trainer
 
 
 def plain_logprobs(tiny: Path, state: dict[str, torch.Tensor], t: Any) -> Any:
@@ -132,16 +72,6 @@ def recomputed_loss(
         engine_logprobs=t.engine_masked_logprobs,
         config=trainer.dvp_loss_config,
     ).loss
-
-
-def gaps(trainer: Recording) -> list[float]:
-    """Per step, max |trainer - engine| masked log-prob over the counted tokens."""
-    out = []
-    for r in trainer.records:
-        t, mask = r["tensors"], r["mask"]
-        assert bool(mask.any())
-        out.append(float((r["logprobs"] - t.engine_masked_logprobs)[mask].abs().max()))
-    return out
 
 
 @pytest.mark.slow  # a server and two 3-step TRL runs on the busy 2-core machine

@@ -19,9 +19,9 @@ Tied heads (``tie_word_embeddings``, as SmolLM2) are the case vLLM's in-place re
 got wrong on CPU: the head's prepacked oneDNN copy kept the first weights
 (``engines/vllm/_worker.py``); every vLLM check here failed before that fix (the
 perturbed score was 0.09 off, the certain token never sampled). Both heads on the
-torch engine; the tied head on vLLM (the untied one: ``test_weights.py``, and the
-GRPO example below pushes trained weights through it). ``--quantize fp8`` on vLLM
-needs AMX (skipped elsewhere, with the reason).
+torch engine; the tied head on vLLM (the untied one: ``test_weights.py``), where the
+GRPO example and TRL's trainer below push trained weights through it. ``--quantize fp8``
+on vLLM needs AMX (skipped elsewhere, with the reason).
 """
 
 from __future__ import annotations
@@ -294,6 +294,36 @@ def test_grpo_on_vllm_stays_at_the_fp32_floor(
     pushed = load_file(str(root / "run" / "step-00003" / "model.safetensors"))
     initial = load_file(str(model / "model.safetensors"))
     assert any(not torch.equal(pushed[k], initial[k]) for k in initial if k in pushed)
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_trl_on_vllm_matches_the_engine_at_every_step(
+    tied_vllm: tuple[str, Path, Path], tmp_path: Path
+) -> None:
+    """DVPGRPOTrainer (TRL, fp32, DVP min-p 0.05) for three steps against the tied vLLM
+    engine, pushing its weights before every generation: ``policy_version`` +1 per step,
+    and the trainer's pruned log-prob equals the engine's masked log-prob within
+    ``TOL`` (2e-4, as on the torch engine) on every token of every step, while the
+    tied head the engine serves is a trained one.
+
+    It fails with the fix reverted (the engine calling vLLM's own
+    ``collective_rpc("reload_weights")``): step 1 (the initial weights) matched within
+    1.2e-6, steps 2 and 3 were off by 0.22 and 0.0098 (the head stayed the initial one);
+    with the fix every step is within 1.2e-6."""
+    pytest.importorskip("trl")
+    from _trl_setup import STEPS, TOL, gaps, train
+
+    base, model, root = tied_vllm
+    start = version(base)
+    trainer = train(model, base, root, tmp_path / "trl", push=True)
+    assert trainer.policy_versions == [start + 1 + k for k in range(STEPS)]
+    g = gaps(trainer)
+    assert len(g) == STEPS and max(g) < TOL, g
+    assert any(r["advantages"].abs().sum() > 0 for r in trainer.records)
+    head = "model.embed_tokens.weight"  # the tied head, as step 3 pushed it
+    initial = load_file(str(model / "model.safetensors"))[head]
+    assert not torch.equal(trainer.records[-1]["state"][head], initial)
 
 
 @pytest.mark.slow
