@@ -4,11 +4,13 @@ An engine can report success and a new ``policy_version`` while a forward still 
 a copy of the old weights (a tied head's prepacked kernel, a quantized copy, a cache:
 see ``engines/vllm/_worker.py``). The check reads the truth from the file itself:
 
-1. a separate Python process (:func:`reference`; the API stays responsive and the
-   engine's own code is not involved) builds the model from the served config, loads
-   the file's tensors into it (float32; a tied head follows the embedding), and
-   greedily continues :data:`REFERENCE_TEXT` by :data:`NEW_TOKENS` tokens, recording
-   ``log p`` of each token (float64 ``log_softmax`` of the float32 logits);
+1. a separate Python process (:class:`ReferenceWorker`: spawned at the first check
+   and kept, so torch and transformers are imported once; the API stays responsive
+   and the engine's own code is not involved) builds the model from the served
+   config (no random initialisation), loads the file's tensors into it (float32; a
+   tied head follows the embedding), and greedily continues :data:`REFERENCE_TEXT` by
+   :data:`NEW_TOKENS` tokens with a KV cache, recording ``log p`` of each token
+   (float64 ``log_softmax`` of the float32 logits);
 2. the engine scores the same prompt + continuation (``engine.score`` at T = 1, no
    pruning: the full ``log p``);
 3. every position must satisfy ``|log p_engine - log p_reference| <= atol``. Greedy
@@ -22,14 +24,13 @@ see ``engines/vllm/_worker.py``). The check reads the truth from the file itself
 from __future__ import annotations
 
 import asyncio
-import json
 import math
-import sys
+import multiprocessing
 import time
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from dvp_schemas import PruningRule, WeightsVerifyReport
 
@@ -39,6 +40,7 @@ from ..engines.scoring import ScoreParams
 __all__ = [
     "NEW_TOKENS",
     "REFERENCE_TEXT",
+    "ReferenceWorker",
     "VerifyMismatch",
     "default_atol",
     "reference",
@@ -88,8 +90,45 @@ class Reference:
     logprobs: list[float]
 
 
+class ReferenceWorker:
+    """One spawned process that runs :func:`reference`, started on first use and kept."""
+
+    def __init__(self) -> None:
+        self._pool: ProcessPoolExecutor | None = None
+
+    async def run(self, model_dir: Path, files: Sequence[Path]) -> Reference:
+        """:func:`reference` in the worker process.
+
+        Raises:
+            RuntimeError: the reference forward failed or timed out (the message says
+                why; a dead or stuck worker is replaced at the next call).
+        """
+        if self._pool is None:
+            ctx = multiprocessing.get_context("spawn")  # no fork of a threaded server
+            self._pool = ProcessPoolExecutor(max_workers=1, mp_context=ctx)
+        loop = asyncio.get_running_loop()
+        job = loop.run_in_executor(self._pool, reference, Path(model_dir), list(files))
+        try:
+            return await asyncio.wait_for(job, REFERENCE_TIMEOUT_S)
+        except Exception as exc:
+            self.close()
+            raise RuntimeError(f"the reference forward failed: {exc!r}") from exc
+
+    def close(self) -> None:
+        """Stop the worker process (a later :meth:`run` starts a new one)."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            for proc in list(getattr(pool, "_processes", {}).values()):
+                proc.kill()  # a stuck forward: do not wait for it
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
 async def verify_engine(
-    engine: Engine, model_dir: Path, files: Sequence[Path], atol: float
+    engine: Engine,
+    model_dir: Path,
+    files: Sequence[Path],
+    atol: float,
+    worker: ReferenceWorker,
 ) -> WeightsVerifyReport:
     """Compare the engine's ``log p`` with a reference forward of ``files`` (module docstring).
 
@@ -101,7 +140,7 @@ async def verify_engine(
     if score is None or not engine.info.capabilities.score:
         raise RuntimeError(f"the {engine.info.name} engine does not score sequences")
     t0 = time.perf_counter()
-    ref = await _run_reference(model_dir, files)
+    ref = await worker.run(model_dir, files)
     params = ScoreParams(temperature=1.0, rule=PruningRule())
     scored = (await score([(ref.prompt, ref.completion)], params))[0]
     got = [float(x) for x in scored.logprobs]
@@ -126,30 +165,6 @@ async def verify_engine(
     return report
 
 
-async def _run_reference(model_dir: Path, files: Sequence[Path]) -> Reference:
-    """:func:`reference` in a child process (``python -m dvp_server.service.verify``)."""
-    args = json.dumps({"model_dir": str(model_dir), "files": [str(f) for f in files]})
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "dvp_server.service.verify",
-        args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), REFERENCE_TIMEOUT_S)
-    except BaseException:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        raise
-    if proc.returncode != 0:
-        tail = err.decode(errors="replace").strip().splitlines()[-3:]
-        raise RuntimeError(f"the reference forward failed: {' | '.join(tail)}")
-    return Reference(**json.loads(out.decode().strip().splitlines()[-1]))
-
-
 def reference(model_dir: Path, files: Sequence[Path]) -> Reference:
     """The file's own greedy continuation of :data:`REFERENCE_TEXT` and its ``log p``.
 
@@ -162,13 +177,15 @@ def reference(model_dir: Path, files: Sequence[Path]) -> Reference:
     """
     import torch
     from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
+    from transformers.initialization import no_init_weights
 
     from ..model_store import load_tokenizer
 
     torch.set_num_threads(1)  # beside a running engine: take one core
     config = AutoConfig.from_pretrained(str(model_dir))
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with no_init_weights():  # every tensor comes from the file
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     state: dict[str, torch.Tensor] = {}
     for f in files:
         state.update(load_file(str(f)))
@@ -180,23 +197,16 @@ def reference(model_dir: Path, files: Sequence[Path]) -> Reference:
     if tied:
         model.tie_weights()
     prompt = [int(t) for t in load_tokenizer(model_dir)(REFERENCE_TEXT).input_ids]
-    ids, logprobs = list(prompt), []
+    completion: list[int] = []
+    logprobs: list[float] = []
+    cache = DynamicCache(config=config)
+    step = torch.tensor([prompt])
     with torch.no_grad():
         for _ in range(NEW_TOKENS):
-            logits = model(torch.tensor([ids])).logits[0, -1]
+            logits = model(step, past_key_values=cache, use_cache=True).logits[0, -1]
             logp = torch.log_softmax(logits.double(), dim=-1)
             token = int(torch.argmax(logp))
-            ids.append(token)
+            completion.append(token)
             logprobs.append(float(logp[token]))
-    return Reference(prompt=prompt, completion=ids[len(prompt) :], logprobs=logprobs)
-
-
-def _main(argv: list[str]) -> int:
-    args: dict[str, Any] = json.loads(argv[0])
-    ref = reference(Path(args["model_dir"]), [Path(f) for f in args["files"]])
-    print(json.dumps(ref.__dict__))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_main(sys.argv[1:]))
+            step = torch.tensor([[token]])
+    return Reference(prompt=prompt, completion=completion, logprobs=logprobs)

@@ -55,7 +55,7 @@ from ..engines.base import Engine, EngineError, WeightLoader
 from ..errors import ServiceError, validation_error
 from .admission import Admission
 from .checkpoint import CheckpointError, ModelManifest, check_checkpoint
-from .verify import VerifyMismatch, default_atol, verify_engine
+from .verify import ReferenceWorker, VerifyMismatch, default_atol, verify_engine
 
 __all__ = ["WeightManager", "resolve_under_root", "weight_files"]
 
@@ -157,6 +157,7 @@ class WeightManager:
             logger.warning("weight updates disabled: %s", exc)
         self.num_tensors = len(self._manifest.tensors) if self._manifest else 0
         self._staging = Path(tempfile.mkdtemp(prefix="dvp-weights-"))
+        self._reference = ReferenceWorker()  # verify's process, started on first use
         self._model_dir = Path(model_dir) if model_dir else None
         # the served checkpoint's files, to restore after a failed verify: the model's
         # own at start, then links to each loaded checkpoint (an upload is deleted)
@@ -165,8 +166,9 @@ class WeightManager:
         )
 
     def close(self) -> None:
-        """Remove the staging directory of uploads."""
+        """Remove the staging directory of uploads; stop verify's process."""
         shutil.rmtree(self._staging, ignore_errors=True)
+        self._reference.close()
 
     def info(self) -> WeightsInfo:
         return WeightsInfo(
@@ -349,7 +351,7 @@ class WeightManager:
             info.dtype, info.capabilities.quantization is not None
         )
         try:
-            return await verify_engine(self.engine, self._model_dir, files, atol)
+            return await verify_engine(self.engine, self._model_dir, files, atol, self._reference)
         except VerifyMismatch as exc:
             logger.error("weights: verify failed, restoring policy_version %d: %s", previous, exc)
             await self._load(load, self._current, "verify", previous)
