@@ -213,7 +213,7 @@ def pruned_logprobs_from_hidden(
     valid = jnp.ones((b, t), bool) if mask is None else mask
     tokens = jnp.where(valid, tokens, 0).astype(jnp.int32)
     if _is_concrete(tokens, safe_bitmap, valid):
-        _check_values(tokens, safe_bitmap if mode == "replay" else None, valid, v)
+        _check_values(tokens, safe_bitmap, valid, v)
     n = b * t
     tile = max(8, DEFAULT_TILE_ELEMENTS // max(n, 1)) if tile_size is None else tile_size
     if tile < 1:

@@ -275,7 +275,7 @@ def pruned_logprobs(
     valid = jnp.ones((b, t), bool) if mask is None else mask
     tokens = jnp.where(valid, tokens, 0).astype(jnp.int32)
     if _is_concrete(tokens, safe_bitmap, valid):
-        _check_values(tokens, safe_bitmap if mode == "replay" else None, valid, v)
+        _check_values(tokens, safe_bitmap, valid, v)
     chunk = max(1, DEFAULT_CHUNK_ELEMENTS // v) if chunk_size is None else chunk_size
     if chunk < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk}")
