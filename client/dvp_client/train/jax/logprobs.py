@@ -99,23 +99,43 @@ def bitmap_sizes(bitmap: Array) -> Array:
     return jnp.sum(jax.lax.population_count(bitmap).astype(jnp.int32), axis=-1)
 
 
-def _normalisers(u: Array, in_s: Array) -> tuple[Array, Array]:
-    """``(logsumexp_V u, logsumexp_S u)`` per row, each with its own max (the
-    trainer's argmax need not be in the engine's S); an empty S gives -inf."""
+#: Below this ``Z_S`` (relative to the row maximum's term) the one-exp shortcut could
+#: lose S's mass to float32 underflow: the chunk is recomputed with S's own maximum.
+_TINY_MASS = 1e-30
+
+
+def _normalisers(u: Array, in_s: Array, valid: Array) -> tuple[Array, Array]:
+    """``(logsumexp_V u, logsumexp_S u)`` per row ``(n,)``; an empty S gives -inf.
+
+    One ``exp`` per element: both sums use the row maximum ``m``. The trainer's argmax
+    need not be in the engine's S; when a valid row's ``sum_S exp(u - m)`` is below
+    ``_TINY_MASS`` the chunk's ``logsumexp_S`` is recomputed with S's own maximum
+    (``lax.cond``: the second pass runs only then).
+    """
     m = jnp.max(u, axis=-1, keepdims=True)
-    lse_v = m[..., 0] + jnp.log(jnp.sum(jnp.exp(u - m), axis=-1))
-    us = jnp.where(in_s, u, -jnp.inf)
-    ms = jnp.max(us, axis=-1, keepdims=True)
-    ms = jnp.where(jnp.isfinite(ms), ms, 0.0)
-    lse_s = ms[..., 0] + jnp.log(jnp.sum(jnp.exp(us - ms), axis=-1))
-    return lse_v, lse_s
+    e = jnp.exp(u - m)
+    lse_v = m[:, 0] + jnp.log(jnp.sum(e, axis=-1))
+    s_s = jnp.sum(jnp.where(in_s, e, 0.0), axis=-1)
+
+    def exact() -> Array:
+        us = jnp.where(in_s, u, -jnp.inf)
+        ms = jnp.max(us, axis=-1, keepdims=True)
+        ms = jnp.where(jnp.isfinite(ms), ms, 0.0)
+        return ms[:, 0] + jnp.log(jnp.sum(jnp.exp(us - ms), axis=-1))
+
+    def fast() -> Array:
+        return m[:, 0] + jnp.log(s_s)
+
+    return lse_v, jax.lax.cond(jnp.any(valid & (s_s < _TINY_MASS)), exact, fast)
 
 
-def _fwd_rows(logits: Array, tokens: Array, bitmap: Array, inv_t: Array) -> tuple[Array, ...]:
+def _fwd_rows(
+    logits: Array, tokens: Array, bitmap: Array, valid: Array, inv_t: Array
+) -> tuple[Array, ...]:
     """Forward on rows ``(n, V)``: ``(u_y, lse_V, lse_S)``, each ``(n,)``."""
     v = logits.shape[-1]
     u = logits.astype(compute_dtype(logits.dtype)) * inv_t  # fp32 upcast: module docstring
-    lse_v, lse_s = _normalisers(u, unpack_bitmap(bitmap, v))
+    lse_v, lse_s = _normalisers(u, unpack_bitmap(bitmap, v), valid)
     u_y = jnp.take_along_axis(u, tokens[:, None], axis=-1)[:, 0]
     return u_y, lse_v, lse_s
 
@@ -131,29 +151,61 @@ def _bwd_rows(
     g_f: Array,
     g_z: Array,
 ) -> Array:
-    """Gradient of rows ``(n, V)`` from the cotangents ``(n,)`` (zero on invalid rows)."""
+    """Gradient of rows ``(n, V)`` from the cotangents ``(n,)`` (zero on invalid rows).
+
+    With ``pi_S(k) = p(k) / Z_S`` on S::
+
+        T dL/dz_k = (g_s + g_f) 1[k = y] - p(k) [(g_f + g_z) + 1[k in S] (g_s - g_z) / Z_S]
+
+    one ``exp`` per element; a chunk with a valid row whose ``Z_S < _TINY_MASS`` (where
+    ``p(k)`` on S could underflow) takes ``pi_S = exp(u - lse_S)`` directly.
+    """
     v = logits.shape[-1]
     u = logits.astype(compute_dtype(logits.dtype)) * inv_t
     in_s = unpack_bitmap(bitmap, v)
-    p = jnp.exp(u - lse_v[:, None])
-    pi_s = jnp.where(in_s, jnp.exp(u - lse_s[:, None]), 0.0)
     onehot = jnp.arange(v) == tokens[:, None]
-    g = (g_s + g_f)[:, None] * onehot - g_s[:, None] * pi_s - g_f[:, None] * p
-    g = g + g_z[:, None] * (pi_s - p)
-    return (g * inv_t).astype(logits.dtype)
+    log_z = lse_s - lse_v  # (n,) <= 0
+    g_sf = (g_s + g_f)[:, None]
+
+    def fast() -> Array:
+        p = jnp.exp(u - lse_v[:, None])
+        inv_z = jnp.exp(jnp.minimum(-log_z, 80.0))  # rows past the cap take exact()
+        coef = jnp.where(in_s, ((g_s - g_z) * inv_z)[:, None], 0.0)
+        return g_sf * onehot - p * ((g_f + g_z)[:, None] + coef)
+
+    def exact() -> Array:
+        p = jnp.exp(u - lse_v[:, None])
+        pi_s = jnp.where(in_s, jnp.exp(u - lse_s[:, None]), 0.0)
+        return g_sf * onehot - (g_s - g_z)[:, None] * pi_s - (g_f + g_z)[:, None] * p
+
+    tiny = jnp.any(((g_s != 0) | (g_z != 0)) & (log_z < jnp.log(_TINY_MASS)))
+    return (jax.lax.cond(tiny, exact, fast) * inv_t).astype(logits.dtype)
 
 
 def _map(fn, xs: tuple[Array, ...], chunk: int):  # type: ignore[no-untyped-def]
-    """``fn`` over rows of ``xs`` in chunks of ``chunk`` rows (``jax.lax.map``, one call
-    when it all fits); the last chunk is padded by repeating row 0, then cut off."""
+    """``fn`` over rows of ``xs`` in chunks of ``chunk`` rows; one call when it all fits.
+
+    A ``fori_loop`` slices the inputs in place (``dynamic_slice``) and writes each
+    chunk's outputs into full-size buffers; when ``chunk`` does not divide the rows the
+    last chunk overlaps the one before (its rows are computed twice, same values), so
+    nothing is padded or copied.
+    """
     n = xs[0].shape[0]
     if chunk >= n:
         return fn(*xs)
     k = -(-n // chunk)
-    idx = jnp.concatenate([jnp.arange(n), jnp.zeros(k * chunk - n, jnp.int32)])
-    split = tuple(jnp.take(x, idx, axis=0).reshape(k, chunk, *x.shape[1:]) for x in xs)
-    out = jax.lax.map(lambda a: fn(*a), split)
-    return jax.tree.map(lambda o: o.reshape(k * chunk, *o.shape[2:])[:n], out)
+    parts = [jax.ShapeDtypeStruct((chunk, *x.shape[1:]), x.dtype) for x in xs]
+    shapes = jax.eval_shape(fn, *parts)
+    init = jax.tree.map(lambda o: jnp.zeros((n, *o.shape[1:]), o.dtype), shapes)
+
+    def body(i, acc):  # type: ignore[no-untyped-def]
+        start = jnp.minimum(i * chunk, n - chunk)
+        part = fn(*(jax.lax.dynamic_slice_in_dim(x, start, chunk, axis=0) for x in xs))
+        return jax.tree.map(
+            lambda a, o: jax.lax.dynamic_update_slice_in_dim(a, o, start, axis=0), acc, part
+        )
+
+    return jax.lax.fori_loop(0, k, body, init)
 
 
 @jax.custom_vjp
@@ -166,7 +218,9 @@ def _rows_logprobs(
 def _rows_fwd(logits, tokens, bitmap, valid, inv_t, chunk):  # type: ignore[no-untyped-def]
     n_chunk = chunk.shape[0]  # static: the chunk size travels as an array's shape
     u_y, lse_v, lse_s = _map(
-        lambda lg, y, bm: _fwd_rows(lg, y, bm, inv_t), (logits, tokens, bitmap), n_chunk
+        lambda lg, y, bm, ok: _fwd_rows(lg, y, bm, ok, inv_t),
+        (logits, tokens, bitmap, valid),
+        n_chunk,
     )
     zero = jnp.zeros_like(u_y)
     out = (
