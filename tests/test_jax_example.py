@@ -34,6 +34,7 @@ STEPS = 3
 AGREEMENT = 2e-4
 
 
+@pytest.mark.slow  # 40 s on the 2-core machine: a server, a JAX compile, three steps
 def test_jax_grpo_trains_pushes_and_agrees_with_the_engine(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
