@@ -9,7 +9,7 @@ STAMP := $(VENV)/.dvp-installed
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install serve test lint bench clean
+.PHONY: install serve test lint bench clean compose-e2e
 
 install: $(STAMP)
 
@@ -34,6 +34,12 @@ test: install
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/mypy
+
+# Not part of `make test`: builds the CPU image and runs it with docker compose, checks
+# it from the host, stops and removes it (about 10 minutes on 2 cores; starts a Docker
+# daemon if none answers, as root). docs/compose.md says what it checks.
+compose-e2e: install
+	PYTHON=$(abspath $(PY)) bash deploy/compose_e2e.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

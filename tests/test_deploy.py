@@ -1,7 +1,7 @@
 """docker-compose.yml and docker/Dockerfile.{cpu,gpu}, checked without a docker daemon.
 
-No image is built here and nothing is run in a container: there is no docker
-daemon on this machine (and no GPU with vLLM). What can be checked statically is:
+These tests build no image and run no container (``make compose-e2e`` does that for
+the CPU profile, docs/compose.md; there is no GPU here). What is checked statically:
 
 - the compose file, interpolated like ``docker compose config`` does (with the
   defaults, and with every variable overridden), is valid under the Compose

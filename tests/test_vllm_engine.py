@@ -329,6 +329,24 @@ def test_cpu_env(monkeypatch: pytest.MonkeyPatch) -> None:
     assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "0"  # the user's choice stays
 
 
+def test_cpu_env_without_cxx_compiler(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No C++ compiler: vLLM's torch.compile'd sampler helpers run eagerly instead of
+    killing the engine at the first rollout (no g++ in the CPU image)."""
+    monkeypatch.setenv("TORCH_COMPILE_DISABLE", "")  # restored to unset afterwards
+    monkeypatch.delenv("TORCH_COMPILE_DISABLE")
+    monkeypatch.setenv("CXX", "dvp-no-such-compiler")
+    setup_cpu_env(VllmSettings())
+    assert os.environ["TORCH_COMPILE_DISABLE"] == "1"
+    monkeypatch.delenv("TORCH_COMPILE_DISABLE")
+    monkeypatch.setenv("CXX", sys.executable)  # a compiler is there: torch.compile stays on
+    setup_cpu_env(VllmSettings())
+    assert "TORCH_COMPILE_DISABLE" not in os.environ
+    monkeypatch.setenv("TORCH_COMPILE_DISABLE", "0")
+    monkeypatch.setenv("CXX", "dvp-no-such-compiler")
+    setup_cpu_env(VllmSettings())
+    assert os.environ["TORCH_COMPILE_DISABLE"] == "0"  # the user's choice stays
+
+
 def test_factory_picks_and_falls_back(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

