@@ -84,8 +84,8 @@ __all__ = [
 # client imports without torch. They are left out of __all__ for the same reason
 # (a star-import would pull torch in).
 _TORCH_EXPORTS = {
-    "Aggregation": "losses",
-    "Correction": "losses",
+    "Aggregation": "loss_options",
+    "Correction": "loss_options",
     "PolicyLossConfig": "losses",
     "PolicyLossOutput": "losses",
     "policy_loss": "losses",

@@ -34,43 +34,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import Enum
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import Array
 
+from ..loss_options import Aggregation, Correction, parse_enum
 from .rule import compute_dtype
 
 __all__ = ["Aggregation", "Correction", "PolicyLossConfig", "PolicyLossOutput", "policy_loss"]
-
-
-class Correction(str, Enum):
-    """Behaviour correction between the trainer's old policy and the engine."""
-
-    NONE = "none"
-    TOKEN_TIS = "token-tis"
-    SEQ_TIS = "seq-tis"
-    TOKEN_MIS = "token-mis"
-    SEQ_MIS = "seq-mis"
-    ICEPOP = "icepop"
-
-
-class Aggregation(str, Enum):
-    """How per-token losses become one scalar (module docstring)."""
-
-    TOKEN_MEAN = "token-mean"
-    SEQ_MEAN_TOKEN_MEAN = "seq-mean-token-mean"
-    SEQ_MEAN_TOKEN_SUM = "seq-mean-token-sum"
-
-
-def _enum(cls: type[Enum], value: object, name: str) -> Enum:
-    try:
-        return cls(value)
-    except ValueError:
-        allowed = ", ".join(repr(m.value) for m in cls)  # type: ignore[attr-defined]
-        raise ValueError(f"{name} must be one of {allowed}, got {value!r}") from None
 
 
 @dataclass(frozen=True)
@@ -96,8 +69,12 @@ class PolicyLossConfig:
     aggregation: Aggregation = Aggregation.TOKEN_MEAN
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "correction", _enum(Correction, self.correction, "correction"))
-        object.__setattr__(self, "aggregation", _enum(Aggregation, self.aggregation, "aggregation"))
+        object.__setattr__(
+            self, "correction", parse_enum(Correction, self.correction, "correction")
+        )
+        object.__setattr__(
+            self, "aggregation", parse_enum(Aggregation, self.aggregation, "aggregation")
+        )
         if not 0.0 <= self.eps_low < 1.0:
             raise ValueError(f"eps_low must be in [0, 1), got {self.eps_low}")
         if not self.eps_high > 0.0 or math.isinf(self.eps_high):
