@@ -284,7 +284,9 @@ def test_trainer_names_resolve_from_the_package() -> None:
     """``dvp_client.policy_loss`` etc. resolve lazily to the ``dvp_client.train`` modules."""
     import dvp_client
 
+    import importlib
+
     for name in dvp_client._TORCH_EXPORTS:
-        module = dvp_client._TORCH_EXPORTS[name]
-        assert getattr(dvp_client, name).__module__ == f"dvp_client.train.{module}", name
+        module = importlib.import_module(f"dvp_client.train.{dvp_client._TORCH_EXPORTS[name]}")
+        assert getattr(dvp_client, name) is getattr(module, name), name
     assert dvp_client.policy_loss is policy_loss
