@@ -178,6 +178,9 @@ def serve(
             "1e-3 for float32, 0.25 for 16-bit, 1.0 with --quantize)."
         ),
     ] = None,
+    max_lora_rank: Annotated[
+        int, typer.Option(help="Largest rank r of a LoRA adapter POST /v1/weights accepts.")
+    ] = _DEFAULTS.max_lora_rank,
     threads: Annotated[
         int | None,
         typer.Option(help="Torch engine: intra-op threads (default: all cores but one)."),
@@ -259,6 +262,7 @@ def serve(
             weights_drain_timeout_s=weights_drain_timeout,
             weights_verify=weights_verify,
             weights_verify_atol=weights_verify_atol,
+            max_lora_rank=max_lora_rank,
             shutdown_timeout_s=shutdown_timeout,
             threads=threads,
             continuous_batching=continuous_batching,

@@ -102,6 +102,8 @@ class ServerConfig:
             reference forward of the file (``service/verify.py``).
         weights_verify_atol: the largest |log p| difference that check allows; None:
             by the engine's precision (``service/verify.default_atol``).
+        max_lora_rank: the largest rank ``r`` of a LoRA adapter ``POST /v1/weights``
+            accepts (422 above it; ``service/adapter.py``).
         shutdown_timeout_s: after SIGTERM, how long in-flight requests may take to
             finish before they are cancelled.
         threads: torch engine: intra-op threads; None: every usable core but one
@@ -150,6 +152,7 @@ class ServerConfig:
     weights_drain_timeout_s: float = 300.0
     weights_verify: bool = False
     weights_verify_atol: float | None = None
+    max_lora_rank: int = 64
     shutdown_timeout_s: float = 120.0
     threads: int | None = None
     continuous_batching: bool = True
@@ -222,6 +225,8 @@ class ServerConfig:
                 f"weights_update_policy must be one of {INFLIGHT_POLICIES}, "
                 f"got {self.weights_update_policy!r}"
             )
+        if self.max_lora_rank < 1:
+            raise ValueError(f"max_lora_rank must be >= 1, got {self.max_lora_rank}")
         if self.weights_verify_atol is not None and not self.weights_verify_atol > 0:
             raise ValueError(
                 f"weights_verify_atol must be positive, got {self.weights_verify_atol}"

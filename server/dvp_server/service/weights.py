@@ -39,12 +39,14 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from dvp_schemas import (
     ErrorResponse,
+    LoraAdapterInfo,
     WeightsInfo,
     WeightsUpdateRequest,
     WeightsUpdateResponse,
@@ -54,7 +56,9 @@ from fastapi import APIRouter, Query, Request
 
 from ..config import ServerConfig
 from ..engines.base import Engine, EngineError
+from ..engines.lora import LoraWeights, merged_weights
 from ..errors import ServiceError, validation_error
+from .adapter import check_adapter, is_adapter_dir, unpack_adapter
 from .admission import Admission
 from .checkpoint import CheckpointError, ModelManifest, check_checkpoint
 from .verify import VerifyMismatch, default_atol, verify_engine
@@ -165,6 +169,11 @@ class WeightManager:
         self._current: list[Path] = (
             sorted(self._model_dir.glob("*.safetensors")) if self._model_dir else []
         )
+        # the base checkpoint an adapter is served on (its files, its source), and the
+        # adapter served now (None: the checkpoint alone)
+        self._base_files, self._base_source = list(self._current), self.source
+        self.adapter: LoraAdapterInfo | None = None
+        self._lora: tuple[LoraWeights, float] | None = None
 
     def close(self) -> None:
         """Remove the staging directory of uploads."""
@@ -177,6 +186,8 @@ class WeightManager:
             loaded_at=self.loaded_at,
             num_tensors=self.num_tensors,
             on_inflight=self.config.weights_update_policy,  # type: ignore[arg-type]
+            base_source=self._base_source if self.adapter else None,
+            adapter=self.adapter,
         )
 
     def _expected(self) -> ModelManifest:
@@ -203,8 +214,18 @@ class WeightManager:
         root = self.config.weights_root
         target = await asyncio.to_thread(resolve_under_root, root, request.path)
         assert root is not None  # resolve_under_root refuses a missing root
-        files = await asyncio.to_thread(weight_files, target, root)
         rel = target.relative_to(root.resolve())
+        if await asyncio.to_thread(is_adapter_dir, target):
+            return await self._apply_adapter(
+                target,
+                f"path:{rel}",
+                "path",
+                request.on_inflight,
+                request.drain_timeout_s,
+                version=request.policy_version,
+                verify=request.verify,
+            )
+        files = await asyncio.to_thread(weight_files, target, root)
         return await self._apply(
             files,
             f"path:{rel}",
@@ -221,9 +242,24 @@ class WeightManager:
         on_inflight: str | None,
         drain_timeout_s: float | None,
         verify: bool | None = None,
+        kind: str = "checkpoint",
     ) -> WeightsUpdateResponse:
-        """``POST /v1/weights/upload``: the body is one safetensors file."""
+        """``POST /v1/weights/upload``: the body is one safetensors file, or with ``kind``
+        ``"adapter"`` a tar of a PEFT adapter folder (``adapter.unpack_adapter``)."""
         digest = hashlib.sha256(body).hexdigest()
+        if kind == "adapter":
+            folder = Path(tempfile.mkdtemp(prefix="adapter-", dir=self._staging))
+            try:
+                try:
+                    await asyncio.to_thread(unpack_adapter, body, folder)
+                except CheckpointError as exc:
+                    raise validation_error("body", str(exc)) from None
+                return await self._apply_adapter(
+                    folder, f"upload:sha256:{digest}", "body", on_inflight, drain_timeout_s,
+                    verify=verify,
+                )  # fmt: skip
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
         fd, name = tempfile.mkstemp(suffix=".safetensors", dir=self._staging)
         path = Path(name)
         try:
@@ -257,16 +293,129 @@ class WeightManager:
         names in messages (default their own); ``verify``: check the engine after the
         load (None: the server's default)."""
         load = self._loader()
+        self._check_version(version)
+        try:
+            count = await asyncio.to_thread(check_checkpoint, files, self._expected(), names)
+        except CheckpointError as exc:
+            raise validation_error(param, str(exc)) from None
+
+        async def swap(v: int | None, recompute: bool) -> int:
+            return await self._load(load, files, param, v, recompute=recompute)
+
+        def done(v: int) -> None:
+            self._keep(files, v)
+            self._base_files, self._base_source = self._current, source
+            self.adapter, self._lora = None, None
+            self.source, self.loaded_at, self.num_tensors = source, _now(), count
+
+        return await self._gated(
+            swap, done, source, on_inflight, drain_timeout_s, version, verify, files
+        )
+
+    async def _apply_adapter(
+        self,
+        folder: Path,
+        source: str,
+        param: str,
+        on_inflight: str | None,
+        drain_timeout_s: float | None,
+        version: int | None = None,
+        verify: bool | None = None,
+    ) -> WeightsUpdateResponse:
+        """Check a PEFT LoRA folder (``adapter.py``), then serve base + adapter inside the
+        gate: the engine's ``load_adapter`` (exact merge), else a full checkpoint merged
+        here from the base files and loaded as one. ``verify`` is for checkpoints (422)."""
+        load = self._loader()
+        self._check_version(version)
+        if verify:
+            raise validation_error(
+                "verify",
+                "the check after the load is for checkpoints; an adapter update is not "
+                "checked (send verify: false, or push the merged checkpoint)",
+            )
+        try:
+            adapter = await asyncio.to_thread(
+                check_adapter, folder, self._expected(), self.config.max_lora_rank
+            )
+            lora = await asyncio.to_thread(adapter.load)
+        except CheckpointError as exc:
+            raise validation_error(param, str(exc)) from None
+        info = LoraAdapterInfo(
+            source=source,
+            rank=adapter.rank,
+            lora_alpha=adapter.alpha,
+            scale=adapter.scale,
+            target_modules=adapter.target_modules,
+            num_tensors=len(lora),
+            served_as="merged",
+        )
+
+        async def swap(v: int | None, recompute: bool) -> int:
+            return await self._load_adapter(lora, adapter.scale, param, v, recompute, load)
+
+        def done(v: int) -> None:
+            self.adapter, self._lora = info, (lora, adapter.scale)
+            self.source, self.loaded_at = source, _now()
+
+        return await self._gated(swap, done, source, on_inflight, drain_timeout_s, version, False)
+
+    def _check_version(self, version: int | None) -> None:
         if version is not None and version <= self.engine.policy_version:
             raise validation_error(
                 "policy_version",
                 f"must be above the served policy_version {self.engine.policy_version}, "
                 f"got {version}",
             )
+
+    async def _load_adapter(
+        self,
+        lora: LoraWeights | None,
+        scale: float,
+        param: str,
+        version: int | None,
+        recompute: bool,
+        load: Any,
+    ) -> int:
+        """base + ``lora`` (None: the base alone) served as ``version``: the engine's own
+        ``load_adapter``, else a merged full checkpoint through ``load_weights``."""
+        direct = getattr(self.engine, "load_adapter", None)
+        if direct is not None:
+            return await self._run_load(
+                lambda: direct(lora, scale, self._base_files, version=version, recompute=recompute),
+                param,
+            )
+        merged = await asyncio.to_thread(self._merged_checkpoint, lora or {}, scale)
         try:
-            count = await asyncio.to_thread(check_checkpoint, files, self._expected(), names)
-        except CheckpointError as exc:
-            raise validation_error(param, str(exc)) from None
+            return await self._load(load, [merged], param, version, recompute=recompute)
+        finally:
+            merged.unlink(missing_ok=True)
+
+    def _merged_checkpoint(self, lora: LoraWeights, scale: float) -> Path:
+        """The base files with each adapted weight merged, as one staging safetensors file."""
+        from safetensors.torch import load_file, save_file
+
+        base = {}
+        for f in self._base_files:
+            base.update(load_file(str(f)))
+        base.update(merged_weights(base, lora, scale))
+        fd, name = tempfile.mkstemp(suffix=".safetensors", dir=self._staging)
+        os.close(fd)
+        save_file(base, name)
+        return Path(name)
+
+    async def _gated(
+        self,
+        swap: Callable[[int | None, bool], Awaitable[int]],
+        done: Callable[[int], None],
+        source: str,
+        on_inflight: str | None,
+        drain_timeout_s: float | None,
+        version: int | None,
+        verify: bool | None,
+        files: list[Path] | None = None,
+    ) -> WeightsUpdateResponse:
+        """``swap`` inside the closed gate (or with rollouts in flight), then ``done``;
+        ``verify`` (None: the server's default) checks the engine against ``files``."""
         policy = on_inflight or self.config.weights_update_policy
         previous = self.engine.policy_version
         reason = None
@@ -276,7 +425,7 @@ class WeightManager:
                 "on_inflight='abort'); retry to sample with the new weights"
             )
         timeout = drain_timeout_s or self.config.weights_drain_timeout_s
-        check = self.config.weights_verify if verify is None else verify
+        check = files is not None and (self.config.weights_verify if verify is None else verify)
         if policy in IN_FLIGHT:
             if check:
                 raise validation_error(
@@ -287,23 +436,22 @@ class WeightManager:
                 )
             async with self.admission.in_flight_update() as report:
                 t0 = time.perf_counter()
-                version = await self._load(
-                    load, files, param, version, recompute=policy == "recompute"
-                )
+                version = await swap(version, policy == "recompute")
                 load_s = time.perf_counter() - t0
                 checked = None
-                self._keep(files, version)
-                self.source, self.loaded_at, self.num_tensors = source, _now(), count
+                done(version)
         else:
             async with self.admission.exclusive(
                 abort_reason=reason, abort=self.engine.abort, timeout_s=timeout
             ) as report:
                 t0 = time.perf_counter()
-                version = await self._load(load, files, param, version)
+                version = await swap(version, False)
                 load_s = time.perf_counter() - t0
-                checked = await self._verify(load, files, previous) if check else None
-                self._keep(files, version)
-                self.source, self.loaded_at, self.num_tensors = source, _now(), count
+                checked = None
+                if check:
+                    assert files is not None
+                    checked = await self._verify(self._loader(), files, previous)
+                done(version)
         logger.info(
             "weights: policy_version %d -> %d from %s (%s: %d drained, %d aborted; held %.2f s, "
             "swap %.2f s)",
@@ -356,6 +504,8 @@ class WeightManager:
         except VerifyMismatch as exc:
             logger.error("weights: verify failed, restoring policy_version %d: %s", previous, exc)
             await self._load(load, self._current, "verify", previous)
+            if self._lora is not None:  # the adapter served before, on that checkpoint
+                await self._load_adapter(*self._lora, "verify", previous, False, load)
             raise validation_error(
                 "verify",
                 f"{exc}; the previous weights were loaded again: policy_version {previous} serves",
@@ -379,11 +529,17 @@ class WeightManager:
             ServiceError: 422 (``param``) when the engine refused the files and kept
                 or restored the previous weights; 500 when it could not restore them.
         """
+        if recompute:
+            return await self._run_load(lambda: load(files, version=version, recompute=True), param)
+        return await self._run_load(
+            lambda: load(files) if version is None else load(files, version=version), param
+        )
+
+    async def _run_load(self, call: Callable[[], Awaitable[Any]], param: str) -> int:
+        """Await the engine's load; a failure says what still serves (see :meth:`_load`)."""
         previous, name = self.engine.policy_version, self.engine.info.name
         try:
-            if recompute:
-                return int(await load(files, version=version, recompute=True))
-            return int(await (load(files) if version is None else load(files, version=version)))
+            return int(await call())
         except ValueError as exc:
             logger.warning("weights: the %s engine failed the load: %s", name, exc)
             raise validation_error(
@@ -463,13 +619,19 @@ async def upload_weights(
     on_inflight: str | None = Query(None, pattern="^(drain|abort|keep|recompute)$"),
     drain_timeout_s: float | None = Query(None, gt=0.0, le=86400.0),
     verify: bool | None = Query(None),
+    kind: str = Query("checkpoint", pattern="^(checkpoint|adapter)$"),
 ) -> WeightsUpdateResponse:
-    """Load weights from the body: one safetensors file (small models; --max-request-bytes).
+    """Load weights from the body: one safetensors file (small models; --max-request-bytes),
+    or with ``kind=adapter`` a tar (or .tar.gz) of a PEFT LoRA adapter folder.
 
     curl -s localhost:8000/v1/weights/upload --data-binary @model.safetensors \\
       -H 'content-type: application/octet-stream'
+    tar -cf - -C lora adapter_config.json adapter_model.safetensors | curl -s \\
+      'localhost:8000/v1/weights/upload?kind=adapter' --data-binary @-
     """
     body = await request.body()
     if not body:
-        raise validation_error("body", "the body must be a safetensors file, got 0 bytes")
-    return await _manager(request).update_from_bytes(body, on_inflight, drain_timeout_s, verify)
+        raise validation_error("body", f"the body must be a {kind}, got 0 bytes")
+    return await _manager(request).update_from_bytes(
+        body, on_inflight, drain_timeout_s, verify, kind
+    )

