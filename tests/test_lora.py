@@ -239,3 +239,78 @@ def test_vllm_engine_serves_adapters(
         check_adapter_sequence(server.base_url, tiny_lora, lora_root)
     finally:
         stop_server(server)
+
+
+# --- TRL with peft_config ---------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_trl_with_peft_config_pushes_the_adapter(
+    torch_lora: str, tiny_lora: Path, lora_root: Path, tmp_path: Path
+) -> None:
+    """DVPGRPOTrainer with a LoraConfig for 3 steps against the torch-engine server: each
+    push is the adapter folder alone, the server serves it (policy_version + 1 per step,
+    the adapter reported), and trainer and engine masked log-probs agree within 2e-4
+    on every token of every step (B moves away from its zero init after step 1)."""
+    pytest.importorskip("trl")
+    from _trl_setup import PROMPTS, grpo_config
+    from datasets import Dataset
+    from dvp_client import Client
+    from test_trl_integration import STEPS, Recording, gaps, hash_reward
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    client = Client(torch_lora, timeout=600)
+    v0 = version(torch_lora)
+    trainer = Recording(
+        AutoModelForCausalLM.from_pretrained(str(tiny_lora), dtype=torch.float32),
+        hash_reward,
+        client=client,
+        pruning={"min_p": 0.05},
+        weights_dir=lora_root / "trl",
+        args=grpo_config(tmp_path / "out", batch=8, steps=STEPS),
+        train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
+        processing_class=AutoTokenizer.from_pretrained(str(tiny_lora)),
+        peft_config=peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    )
+    trainer.records = []
+    trainer.train()
+    assert trainer.policy_versions == [v0 + 1 + k for k in range(STEPS)]
+    g = gaps(trainer)
+    assert len(g) == STEPS and max(g) < 2e-4, g
+    served = httpx.get(f"{torch_lora}/v1/weights", timeout=30).json()
+    assert served["adapter"]["rank"] == 4 and served["adapter"]["target_modules"] == [
+        "q_proj",
+        "v_proj",
+    ]
+    pushed = sorted((lora_root / "trl").iterdir())[-1]
+    assert {p.name for p in pushed.iterdir()} >= {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    }
+    assert not (pushed / "model.safetensors").exists()
+    lora_b = [v for k, v in trainer.model.state_dict().items() if "lora_B" in k]
+    assert any(bool(b.abs().sum() > 0) for b in lora_b)  # a trained, non-zero adapter
+
+
+def test_merged_push_equals_peft_merge(tiny_lora: Path, lora_root: Path) -> None:
+    """sync='merged' writes the base model's tensors with each adapted linear merged,
+    equal to peft's own merge_and_unload (on a copy), and leaves the model unmerged."""
+    from dvp_client.integrations._weights import merged_tensors
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_lora), dtype=torch.float32)
+    model = peft.PeftModel.from_pretrained(base, str(lora_root / "a1"))
+    got = merged_tensors(model)
+    want = load_file(str(tiny_lora / "model.safetensors"))
+    assert set(got) == set(want)
+    ref = peft.PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(str(tiny_lora), dtype=torch.float32),
+        str(lora_root / "a1"),
+    ).merge_and_unload()
+    for name, t in ref.state_dict().items():
+        if name in got:
+            torch.testing.assert_close(got[name], t, atol=1e-6, rtol=0)
+    assert not torch.equal(
+        got["model.layers.0.mlp.down_proj.weight"], want["model.layers.0.mlp.down_proj.weight"]
+    )
+    assert any("lora_A" in k for k in model.state_dict())  # still an adapter model
