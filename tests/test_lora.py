@@ -314,3 +314,35 @@ def test_merged_push_equals_peft_merge(tiny_lora: Path, lora_root: Path) -> None
         got["model.layers.0.mlp.down_proj.weight"], want["model.layers.0.mlp.down_proj.weight"]
     )
     assert any("lora_A" in k for k in model.state_dict())  # still an adapter model
+
+
+@pytest.mark.slow
+def test_grpo_example_with_lora_rank(
+    torch_lora: str,
+    tiny_lora: Path,
+    lora_root: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """examples/grpo.py --lora-rank 4: each step pushes the adapter folder alone; engine
+    and trainer agree at the fp32 floor (K3 <= 1e-8) at every step."""
+    import csv
+
+    from test_example_grpo import args, load_example
+
+    grpo = load_example()
+    monkeypatch.setattr(grpo, "reward", lambda text, answer: float(len(text or "") % 2))
+    start = version(torch_lora)
+    out = tmp_path / "out"
+    argv = args(torch_lora, tiny_lora, lora_root / "grpo", out, "--lora-rank", "4")
+    argv += ["--eval-every", "0", "--lr", "1e-2", "--min-p", "0.01"]
+    assert grpo.main(argv) == 0
+    rows = [r for r in csv.DictReader((out / "steps.csv").open()) if r["step"]]
+    assert [int(r["policy_version"]) for r in rows] == [start + k for k in (1, 2, 3)]
+    k3 = [float(r["k3"]) for r in rows]
+    assert all(0 <= k <= 1e-8 for k in k3), k3
+    last = lora_root / "grpo" / "step-00003"
+    assert (last / "adapter_model.safetensors").is_file()
+    assert not (last / "model.safetensors").exists()
+    served = httpx.get(f"{torch_lora}/v1/weights", timeout=30).json()
+    assert served["adapter"]["source"].endswith("step-00003") and served["adapter"]["rank"] == 4
