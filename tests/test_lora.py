@@ -346,3 +346,57 @@ def test_grpo_example_with_lora_rank(
     assert not (last / "model.safetensors").exists()
     served = httpx.get(f"{torch_lora}/v1/weights", timeout=30).json()
     assert served["adapter"]["source"].endswith("step-00003") and served["adapter"]["rank"] == 4
+
+
+def test_adapter_update_in_flight_names_each_tokens_version(
+    tiny_lora: Path, lora_root: Path
+) -> None:
+    """An adapter loaded with recompute while a rollout decodes (torch engine, in
+    process): the rollout's tokens carry versions 0 then 1, each token's KV its own
+    version's, and every token scores the same teacher-forced under the weights of its
+    version (base before the switch, base + adapter after; 1e-5, sets equal)."""
+    import asyncio
+    import time
+
+    from dvp_server.engines.scoring import ScoreParams
+    from dvp_server.engines.torch.engine import TorchEngine
+    from dvp_server.service.adapter import check_adapter
+    from dvp_server.service.checkpoint import ModelManifest
+    from test_async_updates import PROMPT, RULE, TOKENS, joined, params
+
+    adapter = check_adapter(lora_root / "a1", ModelManifest.from_model_dir(tiny_lora), MAX_RANK)
+    lora, base = adapter.load(), [tiny_lora / "model.safetensors"]
+    eng = TorchEngine(tiny_lora, max_batch=8, threads=1, flush_every=4)
+    eng.step_hook = lambda ids: time.sleep(0.005)
+    sp = ScoreParams(temperature=1.0, rule=RULE, return_safe_token_ids=True)
+
+    async def run() -> tuple[list, object, object]:
+        await eng.start()
+        try:
+            chunks, got, loaded = [], 0, None
+            async for c in eng.generate("r", PROMPT, params()):
+                chunks.append(c)
+                got += len(c.token_ids)
+                if loaded is None and got >= 10:
+                    loaded = asyncio.ensure_future(
+                        eng.load_adapter(lora, adapter.scale, base, recompute=True)
+                    )
+            assert loaded is not None and await loaded == 1
+            y = joined(chunks)["tokens"].tolist()
+            with_adapter = (await eng.score([(PROMPT, y)], sp))[0]
+            assert await eng.load_adapter(None, 1.0, base) == 2  # the base alone again
+            without = (await eng.score([(PROMPT, y)], sp))[0]
+            return chunks, with_adapter, without
+        finally:
+            await eng.shutdown()
+
+    chunks, with_adapter, without = asyncio.run(run())
+    r = joined(chunks)
+    assert len(r["tokens"]) == TOKENS and set(r["pv"]) == {0, 1}
+    assert np.all(r["kv"] == r["pv"])
+    s = int(np.argmax(r["pv"] == 1))
+    moved = np.abs(with_adapter.masked - without.masked)  # type: ignore[attr-defined]
+    assert moved.max() > 1e-2  # the adapter changes what the engine computes
+    for part, ref in ((slice(0, s), without), (slice(s, TOKENS), with_adapter)):
+        assert np.max(np.abs(r["masked"][part] - ref.masked[part])) < 1e-5  # type: ignore[attr-defined]
+        assert np.array_equal(r["sizes"][part], ref.sizes[part])  # type: ignore[attr-defined]
