@@ -48,17 +48,21 @@ def start(model: str, engine: str, root: Path, port: int, log: Path) -> subproce
         cmd += ["--kv-cache-bytes", str(1 << 30)]
     proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 3600
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited: {log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        time.sleep(1)
-    proc.kill()
-    raise SystemExit("server did not start")
+    try:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise SystemExit(f"server exited: {log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    return proc
+            except httpx.TransportError:
+                pass
+            time.sleep(1)
+        raise SystemExit("server did not start")
+    except BaseException:  # interrupted too: leave no server behind
+        proc.kill()
+        proc.wait()
+        raise
 
 
 def folder_bytes(path: Path) -> int:

@@ -20,10 +20,14 @@ LoraWeights = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
 def merged_weights(
     base: Mapping[str, torch.Tensor], lora: LoraWeights, scale: float
 ) -> dict[str, torch.Tensor]:
-    """``W + scale * B @ A`` per adapted weight, computed in float64, returned in float32.
+    """``W + scale * B @ A`` per adapted weight, in float32.
 
     PEFT's forward of a LoRA linear (dropout off) is ``x W^T + scale * (x A^T) B^T``,
-    the same map as ``x (W + scale * B A)^T``.
+    the same map as ``x (W + scale * B A)^T``. One fused ``addmm`` in float32 per
+    weight: the product's ``r`` terms are summed in float32, so the result is within
+    a few float32 ulps of the float64 merge rounded once (far below an fp32 engine's
+    own summation-order error), at 1/20 of its time (measured on SmolLM2's linears:
+    0.9 s against 20 s for the float64 merge, one thread, loaded machine).
 
     Args:
         base: parameter name -> the base weight ``(out, in)`` (never one already merged:
@@ -34,8 +38,8 @@ def merged_weights(
     Returns:
         Parameter name -> merged weight ``(out, in)`` (float32), for the names of ``lora``.
     """
-    out = {}
-    for name, (a, b) in lora.items():
-        w = base[name].to(torch.float64) + scale * (b.to(torch.float64) @ a.to(torch.float64))
-        out[name] = w.to(torch.float32)
-    return out
+    f32 = torch.float32
+    return {
+        name: torch.addmm(base[name].to(f32), b.to(f32), a.to(f32), alpha=scale)
+        for name, (a, b) in lora.items()
+    }

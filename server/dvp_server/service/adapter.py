@@ -21,7 +21,7 @@ every tensor a ``lora_A`` / ``lora_B`` of a 2-D weight of the served model (the
 embedding and a tied head excepted), with ``A (r, in)``, ``B (out, r)`` against the
 weight's ``(out, in)``, both present, floating; each ``target_modules`` entry names
 some adapted module; every value finite. ``engines/lora.merged_weights`` computes
-``W'`` in float64 from the base weights (never from weights already merged, so switching
+``W'`` (float32) from the base weights (never from weights already merged, so switching
 adapters or back to a checkpoint accumulates nothing).
 
 Blocking file I/O: callers run it off the event loop.
@@ -103,11 +103,11 @@ class LoraAdapter:
         return sorted({name.removesuffix(".weight").rsplit(".", 1)[-1] for name in self.keys})
 
     def load(self) -> dict[str, tuple[Any, Any]]:
-        """Parameter name -> (A ``(r, in)``, B ``(out, r)``) as float64 tensors."""
+        """Parameter name -> (A ``(r, in)``, B ``(out, r)``) as float32 tensors."""
         from safetensors.torch import load_file
 
         raw = load_file(str(self.weights))
-        return {p: (raw[a].double(), raw[b].double()) for p, (a, b) in self.keys.items()}
+        return {p: (raw[a].float(), raw[b].float()) for p, (a, b) in self.keys.items()}
 
 
 def _config(path: Path, max_rank: int) -> tuple[int, float, float, Any]:
