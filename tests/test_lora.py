@@ -126,6 +126,10 @@ def adapters_root(model: Path, root: Path) -> Path:
     edit_adapter(a1, root / "nan", tensors=nan)
     edit_adapter(a1, root / "no-weights", tensors=lambda sd: sd)
     (root / "no-weights" / "adapter_model.safetensors").unlink()
+    outside = edit_adapter(a1, root.parent / f"{root.name}-outside")
+    (root / "link-out").mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (root / "link-out" / name).symlink_to(outside / name)
     return root
 
 
@@ -210,6 +214,8 @@ def test_bad_adapters_change_nothing(torch_lora: str, lora_root: Path) -> None:
         assert r.status_code == 422, (name, r.text)
         err = r.json()["error"]
         assert err["param"] == "path" and message in err["message"], (name, err)
+    r = push(base, "link-out")  # the adapter's files link outside the root
+    assert r.status_code == 403 and r.json()["error"]["param"] == "path", r.text
     r = httpx.post(
         f"{base}/v1/weights/upload?kind=adapter", content=tar_of(lora_root / "nan"), timeout=60
     )

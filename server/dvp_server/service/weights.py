@@ -58,7 +58,13 @@ from ..config import ServerConfig
 from ..engines.base import Engine, EngineError
 from ..engines.lora import LoraWeights, merged_weights
 from ..errors import ServiceError, validation_error
-from .adapter import check_adapter, is_adapter_dir, unpack_adapter
+from .adapter import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    check_adapter,
+    is_adapter_dir,
+    unpack_adapter,
+)
 from .admission import Admission
 from .checkpoint import CheckpointError, ModelManifest, check_checkpoint
 from .verify import VerifyMismatch, default_atol, verify_engine
@@ -131,6 +137,15 @@ def weight_files(target: Path, root: Path) -> list[Path]:
             raise validation_error("path", f"{f.name!r} is not a .safetensors file")
         real.append(r)
     return real
+
+
+def _inside_root(folder: Path, root: Path) -> None:
+    """An adapter folder's files must not link outside the root (403 naming ``path``)."""
+    for f in (folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS):
+        if f.exists() and not f.resolve().is_relative_to(root.resolve()):
+            raise ServiceError(
+                403, "permission_error", f"path: {f.name!r} links outside the weights root", "path"
+            )
 
 
 # --- the manager -----------------------------------------------------------------------
@@ -216,6 +231,7 @@ class WeightManager:
         assert root is not None  # resolve_under_root refuses a missing root
         rel = target.relative_to(root.resolve())
         if await asyncio.to_thread(is_adapter_dir, target):
+            await asyncio.to_thread(_inside_root, target, root)
             return await self._apply_adapter(
                 target,
                 f"path:{rel}",
