@@ -98,9 +98,9 @@ class LoraAdapterInfo(ResponseModel):
     scale: float = Field(description="lora_alpha / r (lora_alpha / sqrt(r) with rsLoRA).")
     target_modules: list[str] = Field(description="The adapted modules' names (q_proj, ...).")
     num_tensors: int = Field(description="Weights of the base model the adapter changes.")
-    served_as: Literal["merged", "runtime"] = Field(
-        description="'merged': the engine computes with W + scale * B @ A (exact); "
-        "'runtime': the engine applies the adapter beside the base (vLLM LoRA)."
+    served_as: Literal["merged"] = Field(
+        description="How the engine applies it: 'merged' (it computes with the weights "
+        "W + scale * B @ A, exact)."
     )
 
 
