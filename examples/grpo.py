@@ -14,7 +14,9 @@ Each step:
    rollout correction against the engine's ``masked_logprobs``; AdamW step;
 4. every ``--push-every`` steps, save the policy as safetensors under ``--weights-dir``
    (inside the server's ``--weights-root``) and ``POST /v1/weights``; the reply's
-   ``policy_version`` must be the previous one plus one.
+   ``policy_version`` must be the previous one plus one. With ``--lora-rank r`` a peft
+   LoRA adapter is trained instead, and pushed alone (its folder: the server serves it
+   on its base weights) or merged (``--lora-sync merged``).
 
 The initial weights are pushed before step 1, so a server reused from an earlier
 run starts from the same weights as the trainer. Per step it logs reward,
@@ -98,6 +100,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="train only the last K decoder layers and the final norm (0: all)",
     )
     p.add_argument("--push-every", type=int, default=1)
+    p.add_argument(
+        "--lora-rank",
+        type=int,
+        default=0,
+        help="train a LoRA adapter of this rank on every linear (peft) instead of the weights",
+    )
+    p.add_argument(
+        "--lora-sync",
+        default="adapter",
+        choices=["adapter", "merged"],
+        help="with --lora-rank: push the adapter alone, or the merged model",
+    )
     p.add_argument("--eval-every", type=int, default=5, help="0: no greedy eval")
     p.add_argument("--eval-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
@@ -111,16 +125,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def load_policy(spec: str, train_layers: int, seed: int) -> tuple[Any, Path]:
-    """The trainer's fp32 copy of the served weights (resolved as dvp-serve resolves them)."""
+def load_policy(spec: str, train_layers: int, seed: int, lora_rank: int = 0) -> tuple[Any, Path]:
+    """The trainer's fp32 copy of the served weights (resolved as dvp-serve resolves them);
+    with ``lora_rank``, a peft LoRA model on every linear (alpha = 2 r, no dropout)."""
     from dvp_server.model_store import resolve_model  # the same files the server loaded
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     model_dir = resolve_model(spec)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    if lora_rank > 0:
+        from peft import LoraConfig, get_peft_model
+
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        config = LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, target_modules=targets)
+        model = get_peft_model(model, config)
     model.train()
-    if train_layers > 0:
+    if train_layers > 0 and lora_rank == 0:
         model.requires_grad_(False)
         for layer in model.model.layers[-train_layers:]:
             layer.requires_grad_(True)
@@ -136,11 +157,16 @@ class WeightPusher:
     """
 
     def __init__(
-        self, client: Client, model_dir: Path, weights_dir: Path, on_inflight: str | None = None
+        self,
+        client: Client,
+        model_dir: Path,
+        weights_dir: Path,
+        sync: str = "adapter",
+        on_inflight: str | None = None,
     ) -> None:
         from safetensors import safe_open
 
-        self.client, self.weights_dir = client, weights_dir.resolve()
+        self.client, self.weights_dir, self.sync = client, weights_dir.resolve(), sync
         self.on_inflight = on_inflight  # None: the server's policy
         self.names: list[str] = []
         for f in sorted(model_dir.glob("*.safetensors")):
@@ -154,13 +180,19 @@ class WeightPusher:
         from safetensors.torch import save_file
 
         t0 = time.perf_counter()
-        state = model.state_dict()
         target = self.weights_dir / f"step-{step:05d}"
         target.mkdir(parents=True, exist_ok=True)
-        save_file(
-            {k: state[k].detach().contiguous() for k in self.names},
-            str(target / "model.safetensors"),
-        )
+        lora = hasattr(model, "peft_config")
+        if lora and self.sync == "adapter":  # adapter_config.json + adapter_model.safetensors
+            model.save_pretrained(str(target))
+        else:
+            from dvp_client.integrations._weights import merged_tensors
+
+            state = merged_tensors(model) if lora else model.state_dict()
+            save_file(
+                {k: state[k].detach().contiguous() for k in self.names},
+                str(target / "model.safetensors"),
+            )
         try:
             (reply,) = self.client.update_weights(  # one server: one reply
                 target,
@@ -315,13 +347,13 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     name = f"dvp rho={args.min_p:g}" if args.dvp else "no dvp"
     name += f", {args.correction}"
     args.out.mkdir(parents=True, exist_ok=True)
-    model, model_dir = load_policy(args.model, args.train_layers, args.seed)
+    model, model_dir = load_policy(args.model, args.train_layers, args.seed, args.lora_rank)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     cfg = PolicyLossConfig(correction=args.correction, aggregation=args.aggregation, cap=args.cap)
     rows: list[dict[str, Any]] = []
     with Client(args.url, api_key=args.api_key, timeout=1800) as client:
-        pusher = WeightPusher(client, model_dir, args.weights_dir)
+        pusher = WeightPusher(client, model_dir, args.weights_dir, args.lora_sync)
         pusher.push(model, 0)  # the server starts from the trainer's weights
         for step in range(1, args.steps + 1):
             t0 = time.perf_counter()

@@ -282,9 +282,9 @@ def test_group_advantages_constant_group_is_zero_and_bad_input() -> None:
 
 def test_trainer_names_resolve_from_the_package() -> None:
     """``dvp_client.policy_loss`` etc. resolve lazily to the ``dvp_client.train`` modules."""
-    import dvp_client
-
     import importlib
+
+    import dvp_client
 
     for name in dvp_client._TORCH_EXPORTS:
         module = importlib.import_module(f"dvp_client.train.{dvp_client._TORCH_EXPORTS[name]}")

@@ -138,11 +138,11 @@ def test_tied_embeddings_are_written_once_under_the_input_name() -> None:
     assert len(untied) == len(tied) + 1
 
 
-def test_models_with_adapters_are_refused() -> None:
+def test_adapters_loaded_into_a_plain_model_are_refused() -> None:
     from dvp_client.integrations._weights import check_pushable
 
     model = _llama(False)
     check_pushable(model)
     model._hf_peft_config_loaded = True  # what transformers sets after load_adapter()
-    with pytest.raises(ValueError, match="PEFT adapters are not supported"):
+    with pytest.raises(ValueError, match="adapters loaded into a transformers model"):
         check_pushable(model)

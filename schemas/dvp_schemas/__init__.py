@@ -37,6 +37,7 @@ from .stream import (
 from .weights import (
     FleetStatus,
     InflightPolicy,
+    LoraAdapterInfo,
     ReplicaWeights,
     WeightsInfo,
     WeightsUpdateRequest,
@@ -61,6 +62,7 @@ __all__ = [
     "FleetStatus",
     "HealthResponse",
     "InflightPolicy",
+    "LoraAdapterInfo",
     "ModelCard",
     "ModelList",
     "PackedSafeTokenIds",

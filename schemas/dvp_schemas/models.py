@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field
 
 from ._base import ResponseModel
+from .weights import LoraAdapterInfo
 
 # Per-token fields an engine may return. Engines list the ones they fill exactly.
 RolloutField = Literal[
@@ -42,6 +43,9 @@ class ModelCard(ResponseModel):
     max_model_len: int
     policy_version: int
     capabilities: EngineCapabilities
+    adapter: LoraAdapterInfo | None = Field(
+        None, description="The LoRA adapter served on the base weights; null: none."
+    )
 
 
 class ModelList(ResponseModel):

@@ -1,7 +1,8 @@
 """POST /v1/weights, POST /v1/weights/upload, GET /v1/weights: policy weight updates.
 
 A weight update replaces every tensor of the served checkpoint (same names, same
-shapes) and bumps ``policy_version``. What happens to in-flight rollouts:
+shapes), or serves a PEFT LoRA adapter on the base checkpoint (docs/lora.md), and
+bumps ``policy_version``. What happens to in-flight rollouts:
 
 - ``"drain"`` (default): the update waits for them (new rollouts wait at
   admission meanwhile); no rollout mixes two versions;
@@ -38,7 +39,8 @@ class WeightsUpdateRequest(RequestModel):
         max_length=4096,
         description="A .safetensors file, or a directory of them, relative to the server's "
         "--weights-root (an absolute path must lie inside it). '..' or symlinks that leave "
-        "the root are refused (403).",
+        "the root are refused (403). A directory holding adapter_config.json is a PEFT LoRA "
+        "adapter (with adapter_model.safetensors): served on the base checkpoint.",
     )
     on_inflight: InflightPolicy | None = Field(
         None,
@@ -87,6 +89,21 @@ class ReplicaWeights(ResponseModel):
     )
 
 
+class LoraAdapterInfo(ResponseModel):
+    """A LoRA adapter served on top of the base weights (``W + scale * B @ A``)."""
+
+    source: str = Field(description="'path:<relative folder>' or 'upload:sha256:<hex>'.")
+    rank: int = Field(description="The adapter's rank r.")
+    lora_alpha: float = Field(description="Its lora_alpha.")
+    scale: float = Field(description="lora_alpha / r (lora_alpha / sqrt(r) with rsLoRA).")
+    target_modules: list[str] = Field(description="The adapted modules' names (q_proj, ...).")
+    num_tensors: int = Field(description="Weights of the base model the adapter changes.")
+    served_as: Literal["merged"] = Field(
+        description="How the engine applies it: 'merged' (it computes with the weights "
+        "W + scale * B @ A, exact)."
+    )
+
+
 class WeightsInfo(ResponseModel):
     """The weights being served."""
 
@@ -98,6 +115,14 @@ class WeightsInfo(ResponseModel):
     loaded_at: str = Field(description="When they were loaded (ISO 8601, UTC).")
     num_tensors: int = Field(description="Tensors in the checkpoint.")
     on_inflight: InflightPolicy = Field(description="The server's default update policy.")
+    base_source: str | None = Field(
+        None,
+        description="The base checkpoint (as in 'source') when an adapter is served; "
+        "null otherwise.",
+    )
+    adapter: LoraAdapterInfo | None = Field(
+        None, description="The LoRA adapter served on the base; null: the checkpoint alone."
+    )
 
 
 class WeightsVerifyReport(ResponseModel):

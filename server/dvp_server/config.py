@@ -197,6 +197,11 @@ class ServerConfig:
         "Seconds a draining weight update waits (then 409, nothing changed).",
         flag="weights-drain-timeout",
     )
+    max_lora_rank: int = option(
+        64,
+        "Largest rank r of a LoRA adapter POST /v1/weights accepts (422 above it; "
+        "service/adapter.py).",
+    )
     weights_verify: bool = option(
         False,
         "Check every weight update (the request's 'verify' default): the engine's log-probs "
@@ -315,6 +320,8 @@ class ServerConfig:
                 f"weights_update_policy must be one of {INFLIGHT_POLICIES}, "
                 f"got {self.weights_update_policy!r}"
             )
+        if self.max_lora_rank < 1:
+            raise ValueError(f"max_lora_rank must be >= 1, got {self.max_lora_rank}")
         if self.weights_verify_atol is not None and not self.weights_verify_atol > 0:
             raise ValueError(
                 f"weights_verify_atol must be positive, got {self.weights_verify_atol}"

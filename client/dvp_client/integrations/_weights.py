@@ -2,8 +2,12 @@
 
 Used by the trainer integrations (:mod:`dvp_client.integrations.trl`). Tied embeddings
 are written once, under the input embedding's name (what a tied checkpoint holds and
-what the server expects); PEFT models are refused, since the server loads whole
-checkpoints, not adapters.
+what the server expects). A PEFT ``PeftModel`` (LoRA) is pushed as its adapter
+(``sync="adapter"``: ``save_pretrained`` writes ``adapter_config.json`` and
+``adapter_model.safetensors``, megabytes; the server serves it on its base weights), or
+as the merged model (``sync="merged"``: ``W + scale * B @ A`` per adapted linear, for
+servers that load checkpoints only). Adapters loaded into a plain transformers model
+(``load_adapter``) are refused.
 """
 
 from __future__ import annotations
@@ -17,28 +21,54 @@ import torch
 from .._client import Client
 from .._exceptions import APIStatusError
 
-__all__ = ["WeightPusher", "check_pushable", "checkpoint_tensors"]
+__all__ = ["SYNC_MODES", "WeightPusher", "check_pushable", "checkpoint_tensors", "merged_tensors"]
+
+#: How a PEFT model is pushed: its adapter only, or the merged weights.
+SYNC_MODES = ("adapter", "merged")
 
 
 def check_pushable(model: Any) -> None:
-    """Raise ``ValueError`` for models whose weights cannot be pushed as a checkpoint."""
-    if _has_adapters(model):
+    """Raise ``ValueError`` for models whose weights cannot be pushed."""
+    if getattr(model, "_hf_peft_config_loaded", False) and not is_peft_model(model):
         raise ValueError(
-            "PEFT adapters are not supported: the server loads whole checkpoints. Merge the "
-            "adapter first (model = model.merge_and_unload()) and train the merged model, or "
-            "train without peft_config."
+            "adapters loaded into a transformers model (load_adapter) are not supported: "
+            "wrap the model with peft (get_peft_model / PeftModel.from_pretrained) or pass "
+            "peft_config, and the adapter is pushed on its own"
         )
 
 
-def _has_adapters(model: Any) -> bool:
-    """A peft ``PeftModel``, or a transformers model with adapters loaded into it."""
-    if getattr(model, "_hf_peft_config_loaded", False):
-        return True
+def is_peft_model(model: Any) -> bool:
+    """A peft ``PeftModel``."""
     try:
         from peft import PeftModel
     except ImportError:
         return False
     return isinstance(model, PeftModel)
+
+
+def merged_tensors(model: Any) -> dict[str, torch.Tensor]:
+    """A LoRA ``PeftModel``'s weights as a checkpoint of its base model, each adapted
+    linear merged (``W + sum over active adapters of scale * B @ A``, peft's
+    ``get_delta_weight``), without changing the model (no ``merge_and_unload``)."""
+    from peft.tuners.lora import LoraLayer
+
+    base = model.get_base_model()
+    merged: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for name, module in base.named_modules():
+            if isinstance(module, LoraLayer):
+                layer: Any = module  # peft's Linear: get_delta_weight(adapter) -> (out, in)
+                w = layer.get_base_layer().weight.detach().clone()
+                for a in layer.active_adapters:
+                    w += layer.get_delta_weight(a)
+                merged[f"{name}.weight"] = w
+    out = {}
+    for name, t in checkpoint_tensors(base).items():
+        if ".lora_" in name:
+            continue
+        name = name.replace(".base_layer.", ".")
+        out[name] = merged.get(name, t).contiguous()
+    return out
 
 
 def checkpoint_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -64,13 +94,16 @@ class WeightPusher:
         version: the policy version the server serves after the last push.
     """
 
-    def __init__(self, client: Client, weights_dir: str | Path) -> None:
-        self.client, self.weights_dir = client, Path(weights_dir).resolve()
+    def __init__(self, client: Client, weights_dir: str | Path, sync: str = "adapter") -> None:
+        if sync not in SYNC_MODES:
+            raise ValueError(f"sync must be one of {SYNC_MODES}, got {sync!r}")
+        self.client, self.weights_dir, self.sync = client, Path(weights_dir).resolve(), sync
         self.version = int(client.request("GET", "/v1/weights")["policy_version"])
         self._last: Path | None = None
 
     def push(self, model: torch.nn.Module, tag: str) -> int:
-        """Save ``model`` as ``<weights_dir>/<tag>/model.safetensors`` and load it.
+        """Save ``model`` as ``<weights_dir>/<tag>/model.safetensors`` and load it (a
+        ``PeftModel``: its adapter folder there, or the merged weights; ``sync``).
 
         Returns:
             The new policy version.
@@ -83,7 +116,13 @@ class WeightPusher:
 
         target = self.weights_dir / tag
         target.mkdir(parents=True, exist_ok=True)
-        save_file(checkpoint_tensors(model), str(target / "model.safetensors"))
+        if not is_peft_model(model):
+            save_file(checkpoint_tensors(model), str(target / "model.safetensors"))
+        elif self.sync == "merged":
+            save_file(merged_tensors(model), str(target / "model.safetensors"))
+        else:  # adapter_config.json + adapter_model.safetensors (the adapter only)
+            peft_model: Any = model
+            peft_model.save_pretrained(str(target))
         try:
             replies = self.client.update_weights(target)
         except APIStatusError as err:

@@ -10,7 +10,8 @@ What :class:`DVPGRPOTrainer` changes, per generation:
 1. weights: when the trainer's step moved since the last push (and before the first
    generation), the policy is saved under ``weights_dir`` (inside the server's
    ``--weights-root``) and loaded with ``POST /v1/weights``; ``policy_version`` must go
-   up by one (tied embeddings written once; PEFT models refused). With several
+   up by one (tied embeddings written once; with ``peft_config`` or a PEFT model, the
+   LoRA adapter alone, or the merged model with ``sync="merged"``). With several
    processes only the main one saves and pushes; the others wait for it and receive
    the new version;
 2. rollouts (:class:`DVPRollout`, TRL's ``rollout_func``): TRL hands over each prompt
@@ -44,8 +45,9 @@ Processes: one, or several in plain data parallelism (DDP: ``accelerate launch
 (DeepSpeed ZeRO-1/2 is not refused but untested).
 
 Not supported (refused with an error): ``use_vllm``, ``beta != 0`` (no reference-KL
-term), PEFT adapters, loss types other than grpo / bnpo / dapo, sharded parameters
-(FSDP, DeepSpeed ZeRO-3: the push saves the main process's full model).
+term), adapters loaded into a plain transformers model, loss types other than
+grpo / bnpo / dapo, sharded parameters (FSDP, DeepSpeed ZeRO-3: the push saves the
+main process's full model).
 """
 
 from __future__ import annotations
@@ -210,6 +212,9 @@ class DVPGRPOTrainer(GRPOTrainer):
             rollout correction.
         push_weights: push the policy before each generation (turn off only to measure
             what a stale server does).
+        sync: with a PEFT model (or ``peft_config``): ``"adapter"`` pushes the LoRA
+            adapter alone (the server serves it on its base weights), ``"merged"`` the
+            merged weights as a full checkpoint (servers without adapters).
         stop: stop strings for sampling.
         **kwargs: ``args``, ``train_dataset``, ``processing_class``, ... for ``GRPOTrainer``.
 
@@ -230,14 +235,10 @@ class DVPGRPOTrainer(GRPOTrainer):
         loss_config: PolicyLossConfig | None = None,
         push_weights: bool = True,
         stop: Sequence[str] | None = None,
+        sync: str = "adapter",
         **kwargs: Any,
     ) -> None:
         check_pushable(model)
-        if kwargs.get("peft_config") is not None:
-            raise ValueError(
-                "peft_config is not supported: the server loads whole checkpoints, not "
-                "adapters; train the full model (or merge an adapter first)"
-            )
         rollout = DVPRollout(
             client, pruning, stop=stop, seed=getattr(kwargs.get("args"), "seed", 0)
         )
@@ -260,7 +261,7 @@ class DVPGRPOTrainer(GRPOTrainer):
             )
         self.dvp_rollout, self.dvp_loss_config = rollout, loss_config
         self.dvp_push_weights = push_weights
-        self._dvp_pusher = WeightPusher(client, weights_dir)
+        self._dvp_pusher = WeightPusher(client, weights_dir, sync)
         self._dvp_pushed_step: int | None = None
         self.policy_versions: list[int] = []
         self.last_dvp_step: dict[str, Any] | None = None
@@ -345,7 +346,8 @@ class DVPGRPOTrainer(GRPOTrainer):
             # are all-reduced; accelerate's mixed precision as configured) with one
             # position of logits; the hidden states come from a hook on the backbone.
             got: list[torch.Tensor] = []
-            hook = inner.base_model.register_forward_hook(lambda _m, _a, o: got.append(o[0]))
+            backbone = _backbone(inner)
+            hook = backbone.register_forward_hook(lambda _m, _a, o: got.append(o[0]))
             try:
                 model(t.input_ids, logits_to_keep=1, use_cache=False, **kw)
             finally:
@@ -408,6 +410,12 @@ def _check_parallelism(trainer: GRPOTrainer) -> None:
             "(accelerate launch --num_processes N without a DeepSpeed config, or torchrun "
             "--nproc_per_node N)."
         )
+
+
+def _backbone(model: Any) -> Any:
+    """The transformer under the LM head (a ``PeftModel``'s: that of its base model)."""
+    get_base = getattr(model, "get_base_model", None)
+    return (get_base() if callable(get_base) else model).base_model
 
 
 def _plain_head(model: Any, head: Any) -> bool:

@@ -122,6 +122,7 @@ async def list_models(request: Request) -> ModelList:
         max_model_len=info.max_model_len,
         policy_version=service.engine.policy_version,
         capabilities=info.capabilities,
+        adapter=getattr(getattr(request.app.state, "weights", None), "adapter", None),
     )
     return ModelList(data=[card])
 

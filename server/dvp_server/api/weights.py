@@ -70,13 +70,19 @@ async def upload_weights(
     on_inflight: str | None = Query(None, pattern="^(drain|abort|keep|recompute)$"),
     drain_timeout_s: float | None = Query(None, gt=0.0, le=86400.0),
     verify: bool | None = Query(None),
+    kind: str = Query("checkpoint", pattern="^(checkpoint|adapter)$"),
 ) -> WeightsUpdateResponse:
-    """Load weights from the body: one safetensors file (small models; --max-request-bytes).
+    """Load weights from the body: one safetensors file (small models; --max-request-bytes),
+    or with ``kind=adapter`` a tar (or .tar.gz) of a PEFT LoRA adapter folder.
 
     curl -s localhost:8000/v1/weights/upload --data-binary @model.safetensors \\
       -H 'content-type: application/octet-stream'
+    tar -cf - -C lora adapter_config.json adapter_model.safetensors | curl -s \\
+      'localhost:8000/v1/weights/upload?kind=adapter' --data-binary @-
     """
     body = await request.body()
     if not body:
-        raise validation_error("body", "the body must be a safetensors file, got 0 bytes")
-    return await _manager(request).update_from_bytes(body, on_inflight, drain_timeout_s, verify)
+        raise validation_error("body", f"the body must be a {kind}, got 0 bytes")
+    return await _manager(request).update_from_bytes(
+        body, on_inflight, drain_timeout_s, verify, kind
+    )

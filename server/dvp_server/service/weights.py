@@ -1,32 +1,12 @@
 """Policy weight updates: ``POST /v1/weights``, ``POST /v1/weights/upload``, ``GET /v1/weights``.
 
-An update, in order:
-
-1. find the files: a ``.safetensors`` file or a directory of them under
-   ``--weights-root`` (:func:`resolve_under_root`: the path is resolved with
-   symlinks followed and must stay inside the root, else 403 naming ``path``), or
-   the uploaded bytes, saved to a private staging file;
-2. check them completely, off the event loop, before any engine sees them
-   (:func:`.checkpoint.check_checkpoint`: each header's structure and byte
-   ranges, every tensor's name, shape and dtype against the served model's
-   :class:`.checkpoint.ModelManifest`, no tensor missing, every value finite);
-   422 naming ``path`` (or ``body``) with the first problem. Nothing has been
-   held or changed yet, and rollouts keep running meanwhile;
-3. close the admission gate (:meth:`Admission.exclusive`): new rollouts wait;
-   in-flight ones drain, or are aborted (``on_inflight="abort"``), with a
-   timeout (409, nothing changed);
-4. ``engine.load_weights(files)`` swaps them between two engine steps and
-   returns the new ``policy_version``; with ``verify`` (or ``--weights-verify``) the
-   engine's log-probs are then checked against a reference forward of the file
-   (``verify.py``) while the gate is still closed, and a disagreement reloads the
-   previous weights (kept as links, ``policy_version`` back to the previous one) and
-   answers 422 naming ``verify``; the gate reopens. If the engine fails
-   the load anyway (the file changed after the check, an I/O error), it keeps
-   or restores the previous weights and raises ``ValueError``: 422 naming
-   ``path`` / ``body``, ``policy_version`` unchanged. An engine that could not
-   restore them raises :class:`~.engines.base.EngineError`: 500
-   ``weights_load_error`` (the supervisor restarts it with the previous weights).
-
+An update: find the files under ``--weights-root`` (``weight_files.py``: 403 outside
+it) or stage the upload; check them completely before any engine sees them
+(``checkpoint.py``, or ``adapter.py`` for a LoRA adapter: 422 naming ``path`` /
+``body``); swap them in (``drain`` / ``abort``: inside the closed admission gate;
+``keep`` / ``recompute``: with rollouts in flight); with ``verify``, check the engine
+against the file (``verify.py``) and restore the previous weights on a disagreement.
+The whole sequence, its errors and guarantees: docs/weights.md.
 Engines without ``load_weights`` answer 501.
 """
 
@@ -39,11 +19,13 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from dvp_schemas import (
+    LoraAdapterInfo,
     WeightsInfo,
     WeightsUpdateRequest,
     WeightsUpdateResponse,
@@ -52,10 +34,17 @@ from dvp_schemas import (
 
 from ..config import ServerConfig
 from ..engines.base import Engine, EngineError, WeightLoader
+from ..engines.lora import LoraWeights, merged_checkpoint
 from ..errors import ServiceError, validation_error
+from .adapter import (
+    check_adapter,
+    is_adapter_dir,
+    unpack_adapter,
+)
 from .admission import Admission
 from .checkpoint import CheckpointError, ModelManifest, check_checkpoint
 from .verify import ReferenceWorker, VerifyMismatch, default_atol, verify_engine
+from .weight_files import inside_root, keep_links, resolve_under_root, weight_files
 
 __all__ = ["WeightManager", "resolve_under_root", "weight_files"]
 
@@ -63,71 +52,6 @@ logger = logging.getLogger(__name__)
 
 #: Policies under which in-flight rollouts continue across the swap.
 IN_FLIGHT = ("keep", "recompute")
-
-
-# --- files ---------------------------------------------------------------------------
-
-
-def resolve_under_root(root: Path | None, path: str) -> Path:
-    """The real path of ``path`` (relative to ``root``, or absolute inside it).
-
-    Symlinks are resolved before the check, so neither ``..`` nor a link can leave
-    the root; existence is checked only after containment (no probing outside).
-
-    Raises:
-        ServiceError: 403 (``path``) when no root is configured or the path leaves
-            it; 422 (``path``) when it does not exist.
-    """
-    if root is None:
-        raise ServiceError(
-            403,
-            "permission_error",
-            "path: loading weights from a path is disabled on this server (start it with "
-            "--weights-root)",
-            "path",
-        )
-    base = root.resolve()
-    try:
-        target = (base / path).resolve()  # an absolute `path` replaces base; then checked
-        if not target.is_relative_to(base):
-            raise ServiceError(
-                403, "permission_error", f"path: {path[:200]!r} is outside the weights root", "path"
-            )
-        exists = target.exists()
-    except (OSError, ValueError) as exc:  # name too long, NUL byte, a link loop
-        raise validation_error("path", f"not a usable path: {exc}") from None
-    if not exists:
-        raise validation_error("path", f"{path[:200]!r} does not exist under the weights root")
-    return target
-
-
-def weight_files(target: Path, root: Path) -> list[Path]:
-    """The ``.safetensors`` files of a file or directory (not recursive), each re-checked
-    against the root (a directory may hold links that leave it).
-
-    Raises:
-        ServiceError: 403 for a file outside the root, 422 when there is no file.
-    """
-    if target.is_dir():
-        files = sorted(p for p in target.iterdir() if p.name.endswith(".safetensors"))
-    else:
-        files = [target]
-    if not files:
-        raise validation_error("path", "the directory holds no .safetensors file")
-    real = []
-    for f in files:
-        r = f.resolve()
-        if not r.is_relative_to(root.resolve()):
-            raise ServiceError(
-                403, "permission_error", f"path: {f.name!r} links outside the weights root", "path"
-            )
-        if not r.is_file() or not r.name.endswith(".safetensors"):
-            raise validation_error("path", f"{f.name!r} is not a .safetensors file")
-        real.append(r)
-    return real
-
-
-# --- the manager -----------------------------------------------------------------------
 
 
 def _now() -> str:
@@ -164,6 +88,11 @@ class WeightManager:
         self._current: list[Path] = (
             sorted(self._model_dir.glob("*.safetensors")) if self._model_dir else []
         )
+        # the base checkpoint an adapter is served on (its files, its source), and the
+        # adapter served now (None: the checkpoint alone)
+        self._base_files, self._base_source = list(self._current), self.source
+        self.adapter: LoraAdapterInfo | None = None
+        self._lora: tuple[LoraWeights, float] | None = None
 
     def close(self) -> None:
         """Remove the staging directory of uploads; stop verify's process."""
@@ -177,6 +106,8 @@ class WeightManager:
             loaded_at=self.loaded_at,
             num_tensors=self.num_tensors,
             on_inflight=self.config.weights_update_policy,  # type: ignore[arg-type]
+            base_source=self._base_source if self.adapter else None,
+            adapter=self.adapter,
         )
 
     def _expected(self) -> ModelManifest:
@@ -202,8 +133,19 @@ class WeightManager:
         root = self.config.weights_root
         target = await asyncio.to_thread(resolve_under_root, root, request.path)
         assert root is not None  # resolve_under_root refuses a missing root
-        files = await asyncio.to_thread(weight_files, target, root)
         rel = target.relative_to(root.resolve())
+        if await asyncio.to_thread(is_adapter_dir, target):
+            await asyncio.to_thread(inside_root, target, root)
+            return await self._apply_adapter(
+                target,
+                f"path:{rel}",
+                "path",
+                request.on_inflight,
+                request.drain_timeout_s,
+                version=request.policy_version,
+                verify=request.verify,
+            )
+        files = await asyncio.to_thread(weight_files, target, root)
         return await self._apply(
             files,
             f"path:{rel}",
@@ -220,9 +162,24 @@ class WeightManager:
         on_inflight: str | None,
         drain_timeout_s: float | None,
         verify: bool | None = None,
+        kind: str = "checkpoint",
     ) -> WeightsUpdateResponse:
-        """``POST /v1/weights/upload``: the body is one safetensors file."""
+        """``POST /v1/weights/upload``: the body is one safetensors file, or with ``kind``
+        ``"adapter"`` a tar of a PEFT adapter folder (``adapter.unpack_adapter``)."""
         digest = hashlib.sha256(body).hexdigest()
+        if kind == "adapter":
+            folder = Path(tempfile.mkdtemp(prefix="adapter-", dir=self._staging))
+            try:
+                try:
+                    await asyncio.to_thread(unpack_adapter, body, folder)
+                except CheckpointError as exc:
+                    raise validation_error("body", str(exc)) from None
+                return await self._apply_adapter(
+                    folder, f"upload:sha256:{digest}", "body", on_inflight, drain_timeout_s,
+                    verify=verify,
+                )  # fmt: skip
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
         fd, name = tempfile.mkstemp(suffix=".safetensors", dir=self._staging)
         path = Path(name)
         try:
@@ -256,16 +213,118 @@ class WeightManager:
         names in messages (default their own); ``verify``: check the engine after the
         load (None: the server's default)."""
         load = self._loader()
+        self._check_version(version)
+        try:
+            count = await asyncio.to_thread(check_checkpoint, files, self._expected(), names)
+        except CheckpointError as exc:
+            raise validation_error(param, str(exc)) from None
+
+        async def swap(v: int | None, recompute: bool) -> int:
+            return await self._load(load, files, param, v, recompute=recompute)
+
+        def done(v: int) -> None:
+            self._keep(files, v)
+            self._base_files, self._base_source = self._current, source
+            self.adapter, self._lora = None, None
+            self.source, self.loaded_at, self.num_tensors = source, _now(), count
+
+        return await self._gated(
+            swap, done, source, on_inflight, drain_timeout_s, version, verify, files
+        )
+
+    async def _apply_adapter(
+        self,
+        folder: Path,
+        source: str,
+        param: str,
+        on_inflight: str | None,
+        drain_timeout_s: float | None,
+        version: int | None = None,
+        verify: bool | None = None,
+    ) -> WeightsUpdateResponse:
+        """Check a PEFT LoRA folder (``adapter.py``), then serve base + adapter inside the
+        gate: the engine's ``load_adapter`` (exact merge), else a full checkpoint merged
+        here from the base files and loaded as one. ``verify`` is for checkpoints (422)."""
+        load = self._loader()
+        self._check_version(version)
+        if verify:
+            raise validation_error(
+                "verify",
+                "the check after the load is for checkpoints; an adapter update is not "
+                "checked (send verify: false, or push the merged checkpoint)",
+            )
+        try:
+            adapter = await asyncio.to_thread(
+                check_adapter, folder, self._expected(), self.config.max_lora_rank
+            )
+            lora = await asyncio.to_thread(adapter.load)
+        except CheckpointError as exc:
+            raise validation_error(param, str(exc)) from None
+        info = LoraAdapterInfo(
+            source=source,
+            rank=adapter.rank,
+            lora_alpha=adapter.alpha,
+            scale=adapter.scale,
+            target_modules=adapter.target_modules,
+            num_tensors=len(lora),
+            served_as="merged",
+        )
+
+        async def swap(v: int | None, recompute: bool) -> int:
+            return await self._load_adapter(lora, adapter.scale, param, v, recompute, load)
+
+        def done(v: int) -> None:
+            self.adapter, self._lora = info, (lora, adapter.scale)
+            self.source, self.loaded_at = source, _now()
+
+        return await self._gated(swap, done, source, on_inflight, drain_timeout_s, version, False)
+
+    def _check_version(self, version: int | None) -> None:
         if version is not None and version <= self.engine.policy_version:
             raise validation_error(
                 "policy_version",
                 f"must be above the served policy_version {self.engine.policy_version}, "
                 f"got {version}",
             )
+
+    async def _load_adapter(
+        self,
+        lora: LoraWeights | None,
+        scale: float,
+        param: str,
+        version: int | None,
+        recompute: bool,
+        load: Any,
+    ) -> int:
+        """base + ``lora`` (None: the base alone) served as ``version``: the engine's own
+        ``load_adapter``, else a merged full checkpoint through ``load_weights``."""
+        direct = getattr(self.engine, "load_adapter", None)
+        if direct is not None:
+            return await self._run_load(
+                lambda: direct(lora, scale, self._base_files, version=version, recompute=recompute),
+                param,
+            )
+        merged = await asyncio.to_thread(
+            merged_checkpoint, self._base_files, lora or {}, scale, self._staging
+        )
         try:
-            count = await asyncio.to_thread(check_checkpoint, files, self._expected(), names)
-        except CheckpointError as exc:
-            raise validation_error(param, str(exc)) from None
+            return await self._load(load, [merged], param, version, recompute=recompute)
+        finally:
+            merged.unlink(missing_ok=True)
+
+    async def _gated(
+        self,
+        swap: Callable[[int | None, bool], Awaitable[int]],
+        done: Callable[[int], None],
+        source: str,
+        on_inflight: str | None,
+        drain_timeout_s: float | None,
+        version: int | None,
+        verify: bool | None,
+        files: list[Path] | None = None,
+    ) -> WeightsUpdateResponse:
+        """``swap`` inside the closed gate (or with rollouts in flight), then ``done``;
+        ``verify`` (None: the server's default) checks the engine against ``files``."""
         policy = on_inflight or self.config.weights_update_policy
         previous = self.engine.policy_version
         reason = None
@@ -275,7 +334,7 @@ class WeightManager:
                 "on_inflight='abort'); retry to sample with the new weights"
             )
         timeout = drain_timeout_s or self.config.weights_drain_timeout_s
-        check = self.config.weights_verify if verify is None else verify
+        check = files is not None and (self.config.weights_verify if verify is None else verify)
         if policy in IN_FLIGHT:
             if check:
                 raise validation_error(
@@ -286,23 +345,22 @@ class WeightManager:
                 )
             async with self.admission.in_flight_update() as report:
                 t0 = time.perf_counter()
-                version = await self._load(
-                    load, files, param, version, recompute=policy == "recompute"
-                )
+                version = await swap(version, policy == "recompute")
                 load_s = time.perf_counter() - t0
                 checked = None
-                self._keep(files, version)
-                self.source, self.loaded_at, self.num_tensors = source, _now(), count
+                done(version)
         else:
             async with self.admission.exclusive(
                 abort_reason=reason, abort=self.engine.abort, timeout_s=timeout
             ) as report:
                 t0 = time.perf_counter()
-                version = await self._load(load, files, param, version)
+                version = await swap(version, False)
                 load_s = time.perf_counter() - t0
-                checked = await self._verify(load, files, previous) if check else None
-                self._keep(files, version)
-                self.source, self.loaded_at, self.num_tensors = source, _now(), count
+                checked = None
+                if check:
+                    assert files is not None
+                    checked = await self._verify(self._loader(), files, previous)
+                done(version)
         logger.info(
             "weights: policy_version %d -> %d from %s (%s: %d drained, %d aborted; held %.2f s, "
             "swap %.2f s)",
@@ -322,20 +380,7 @@ class WeightManager:
 
     def _keep(self, files: list[Path], version: int) -> None:
         """Links to the served checkpoint's files, for :meth:`_verify`'s restore."""
-        folder = self._staging / f"served-{version}"
-        folder.mkdir(exist_ok=True)
-        kept = []
-        for i, f in enumerate(files):
-            dst = folder / f"{i:05d}.safetensors"
-            try:
-                os.link(Path(f).resolve(), dst)
-            except OSError:  # another file system: a copy
-                shutil.copyfile(f, dst)
-            kept.append(dst)
-        for old in self._staging.glob("served-*"):
-            if old != folder:
-                shutil.rmtree(old, ignore_errors=True)
-        self._current = kept
+        self._current = keep_links(files, self._staging, version)
 
     async def _verify(self, load: Any, files: list[Path], previous: int) -> WeightsVerifyReport:
         """The engine against a reference forward of ``files`` (``verify.py``); on a
@@ -355,6 +400,8 @@ class WeightManager:
         except VerifyMismatch as exc:
             logger.error("weights: verify failed, restoring policy_version %d: %s", previous, exc)
             await self._load(load, self._current, "verify", previous)
+            if self._lora is not None:  # the adapter served before, on that checkpoint
+                await self._load_adapter(*self._lora, "verify", previous, False, load)
             raise validation_error(
                 "verify",
                 f"{exc}; the previous weights were loaded again: policy_version {previous} serves",
@@ -378,11 +425,14 @@ class WeightManager:
             ServiceError: 422 (``param``) when the engine refused the files and kept
                 or restored the previous weights; 500 when it could not restore them.
         """
+        extra: dict[str, Any] = {"recompute": True} if recompute else {}
+        return await self._run_load(lambda: load(files, version=version, **extra), param)
+
+    async def _run_load(self, call: Callable[[], Awaitable[Any]], param: str) -> int:
+        """Await the engine's load; a failure says what still serves (see :meth:`_load`)."""
         previous, name = self.engine.policy_version, self.engine.info.name
         try:
-            if recompute:
-                return int(await load(files, version=version, recompute=True))
-            return int(await (load(files) if version is None else load(files, version=version)))
+            return int(await call())
         except ValueError as exc:
             logger.warning("weights: the %s engine failed the load: %s", name, exc)
             raise validation_error(
@@ -392,11 +442,9 @@ class WeightManager:
             ) from None
         except EngineError as exc:
             logger.error("weights: the %s engine failed the load: %s", name, exc)
-            raise ServiceError(
-                500,
-                "weights_load_error",
+            message = (
                 f"{param}: the {name} engine failed to load this checkpoint and could not "
                 f"restore the previous weights ({exc}); it restarts with policy_version "
-                f"{previous}; do not resend this checkpoint unchanged",
-                param,
-            ) from None
+                f"{previous}; do not resend this checkpoint unchanged"
+            )
+            raise ServiceError(500, "weights_load_error", message, param) from None

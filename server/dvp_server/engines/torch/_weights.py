@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["WeightsInput", "copy_weights", "read_weights"]
+__all__ = ["WeightsInput", "copy_weights", "read_named_tensors", "read_weights"]
 
 WeightsInput = Sequence[Path] | Mapping[str, torch.Tensor]
 
@@ -82,3 +82,22 @@ def copy_weights(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor]) ->
         for name, t in tensors.items():
             targets[name].copy_(t)
     return len(tensors)
+
+
+def read_named_tensors(files: Sequence[Path], names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """The named tensors (float32) from safetensors files, each read alone.
+
+    Raises:
+        ValueError: a name none of the files holds.
+    """
+    from safetensors import safe_open
+
+    out: dict[str, torch.Tensor] = {}
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            for name in set(names) & set(f.keys()):
+                out[name] = f.get_tensor(name).to(torch.float32)
+    missing = sorted(set(names) - set(out))
+    if missing:
+        raise ValueError(f"tensor {missing[0]!r} is not in the base checkpoint")
+    return out

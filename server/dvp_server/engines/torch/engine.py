@@ -33,6 +33,7 @@ from dvp_schemas import EngineCapabilities
 from ...model_store import eos_ids, load_tokenizer, model_name
 from ..base import EngineError, EngineInfo, EngineParams, PolicyVersion, RolloutChunk
 from ..inputs import checked_prompt
+from ..lora import LoraWeights, merged_weights
 from ..scoring import ScoredSequence, ScoreParams, score_sequences
 from . import _fp8
 from ._batch import DecodeBatch, SlackLayer
@@ -41,7 +42,7 @@ from ._kernels import install as install_kernels
 from ._prefix import PrefixCache
 from ._rows import Row, StopStringMatcher
 from ._scheduler import EngineStats, KvBudget, KvBudgetError, SchedulerMixin, StepHook
-from ._weights import WeightsInput, copy_weights, read_weights
+from ._weights import WeightsInput, copy_weights, read_named_tensors, read_weights
 
 __all__ = ["DTYPES", "EngineStats", "TorchEngine", "default_threads"]
 
@@ -196,6 +197,9 @@ class TorchEngine(SchedulerMixin):
         self._state = "starting"
         self._version = PolicyVersion()
         self._model_lock = threading.Lock()  # held by every step and by a weight swap
+        #: The base weights of the parameters an adapter changed (float32, read from the
+        #: base checkpoint): every adapter merges into these, a checkpoint puts them back.
+        self._lora_base: dict[str, torch.Tensor] = {}
         #: Called in the scheduler thread after each step with the batch size (metrics).
         self.on_step: Callable[[int], None] | None = None
 
@@ -235,6 +239,45 @@ class TorchEngine(SchedulerMixin):
         tensors = await asyncio.to_thread(read_weights, weights)
         return await asyncio.to_thread(self._swap_weights, tensors, version, recompute)
 
+    async def load_adapter(
+        self,
+        lora: LoraWeights | None,
+        scale: float,
+        base: Sequence[Path],
+        version: int | None = None,
+        recompute: bool = False,
+    ) -> int:
+        """Serve base + a LoRA adapter (merged exactly), or the base again (``lora`` None).
+
+        Each adapted weight becomes ``W + scale * B @ A`` (``engines/lora.py``) with
+        ``W`` the base tensor, read once from ``base`` and kept aside: switching
+        adapters never accumulates, and weights no longer adapted get their base back.
+        The swap is :meth:`load_weights`' (every copy refreshed; in-flight rollouts).
+
+        Args:
+            lora: parameter name -> (A ``(r, in)``, B ``(out, r)``); None: no adapter.
+            scale: the adapter's ``lora_alpha / r``.
+            base: the served base checkpoint's safetensors files.
+            version, recompute: as in :meth:`load_weights`.
+
+        Raises:
+            ValueError: a name or shape the model does not have (nothing changed).
+        """
+        tensors = await asyncio.to_thread(self._adapter_tensors, lora or {}, scale, base)
+        return await asyncio.to_thread(self._swap_weights, tensors, version, recompute, True)
+
+    def _adapter_tensors(
+        self, lora: LoraWeights, scale: float, base: Sequence[Path]
+    ) -> dict[str, torch.Tensor]:
+        """The tensors to copy: merged weights, and the base of those no longer adapted."""
+        need = [n for n in lora if n not in self._lora_base]
+        fresh = read_named_tensors(base, need) if need else {}
+        bases = {**self._lora_base, **fresh}
+        out = {n: t for n, t in bases.items() if n not in lora}  # back to their base
+        out.update(merged_weights(bases, lora, scale))
+        self._lora_base = bases
+        return out
+
     def _load_model(self, auto_cls: Any, model_dir: str | os.PathLike[str], dtype: Any) -> Any:
         """The model in ``dtype``; with ``quantize``, its linears rounded from float32."""
         if self.quantize is None:
@@ -245,10 +288,21 @@ class TorchEngine(SchedulerMixin):
         return model
 
     def _swap_weights(
-        self, tensors: dict[str, torch.Tensor], version: int | None, recompute: bool = False
+        self,
+        tensors: dict[str, torch.Tensor],
+        version: int | None,
+        recompute: bool = False,
+        adapter: bool = False,
     ) -> int:
+        """Copy ``tensors`` in and refresh every derived copy; ``adapter``: they are an
+        adapter's merge (else a checkpoint: any weight an adapter changed that it leaves
+        out gets its base back, and no base is kept any longer)."""
+        if not adapter and self._lora_base:
+            tensors = {**{n: t for n, t in self._lora_base.items() if n not in tensors}, **tensors}
         with self._model_lock, torch.inference_mode():
             copy_weights(self.model, tensors)
+            if not adapter:
+                self._lora_base = {}
             if self.quantize is not None:  # round again from the sent precision
                 _fp8.requantize(self._fp8_linears, tensors, _fp8.MODES[self.quantize])
             forget_packed(self.model)
