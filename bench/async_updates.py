@@ -16,8 +16,9 @@ every other round, so the machine's other jobs hit them alike.
 
 Measured, from the server's ``/metrics`` polled every ``--poll`` seconds:
 
-- generated tokens/s over the window (the completion-token counter; it also
-  counts the tokens of rollouts an abort then throws away);
+- generated tokens/s over the window (torch: the tokens of every engine step,
+  ``dvp_batch_size_sum``; vLLM: the completion-token counter, fed per 16-step
+  chunk; both also count the tokens of rollouts an abort then throws away);
 - tokens lost: engine-generated tokens of the whole arm minus the tokens in the
   responses the clients got (abort fails the whole request it hits);
 - per update: the response's ``wait_s`` (drain: the gate closed while the batch
@@ -61,6 +62,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 ARMS = ["none", "drain", "abort", "keep", "recompute"]
 TOKENS = 'dvp_tokens_total{"kind": "completion"}'
 STEPS = "dvp_batch_size_count"
+STEP_ROWS = "dvp_batch_size_sum"  # rows per decode step summed: tokens, step by step
 
 
 def _model(spec: str, engine: str, tmp: Path) -> Path:
@@ -117,12 +119,13 @@ def _server(engine: str, model: Path, root: Path, args: argparse.Namespace, tmp:
 
 
 class Poller(threading.Thread):
-    """``/metrics`` every ``period`` s: (time, completion tokens, engine steps)."""
+    """``/metrics`` every ``period`` s: (time, completion tokens, engine steps, tokens
+    by step)."""
 
     def __init__(self, url: str, period: float) -> None:
         super().__init__(daemon=True)
         self.url, self.period = url, period
-        self.samples: list[tuple[float, float, float]] = []
+        self.samples: list[tuple[float, float, float, float]] = []
         self.done = threading.Event()
         self.first = threading.Event()
 
@@ -134,13 +137,16 @@ class Poller(threading.Thread):
                 except (httpx.HTTPError, ValueError):
                     self.done.wait(self.period)
                     continue
-                self.samples.append((time.perf_counter(), m.get(TOKENS, 0.0), m.get(STEPS, 0.0)))
+                now = time.perf_counter()
+                row = (now, m.get(TOKENS, 0.0), m.get(STEPS, 0.0), m.get(STEP_ROWS, 0.0))
+                self.samples.append(row)
                 self.first.set()
                 self.done.wait(self.period)
 
-    def at(self, t: float) -> float:
-        """Completion tokens at the last sample before ``t``."""
-        before = [s[1] for s in self.samples if s[0] <= t]
+    def at(self, t: float, steps: bool) -> float:
+        """Generated tokens at the last sample before ``t`` (``steps``: counted per engine
+        step; else per chunk sent)."""
+        before = [s[3 if steps else 1] for s in self.samples if s[0] <= t]
         return before[-1] if before else 0.0
 
     def gap(self, t0: float, t1: float, steps: bool) -> float:
@@ -227,7 +233,7 @@ def run_arm(url: str, arm: str, args: argparse.Namespace, rnd: int, flip: list[i
         u["gap_s"] = poller.gap(u["t0"], u["t1"] + 1.0, steps)
         u["call_s"] = u["t1"] - u["t0"]
         del u["t0"], u["t1"]
-    window_tokens = poller.at(w1) - poller.at(w0)
+    window_tokens = poller.at(w1, steps) - poller.at(w0, steps)
     return {
         "tok_s": window_tokens / (w1 - w0),
         "lost_tokens": end_tokens - start_tokens - delivered[0],
@@ -312,7 +318,8 @@ def _report(results: dict[str, Any], args: argparse.Namespace) -> None:
         base = [r["tok_s"] for r in per.get("none", [])]
         for arm, runs in per.items():
             tps = [r["tok_s"] for r in runs]
-            ratio = f"{med([t / b for t, b in zip(tps, base, strict=False)]):.2f}x" if base else "-"
+            ok = base and min(base) > 0
+            ratio = f"{med([t / b for t, b in zip(tps, base, strict=False)]):.2f}x" if ok else "-"
             ups = [u for r in runs for u in r["updates"]]
             gaps = [u["gap_s"] for u in ups]
             loads = [r["load"] for r in runs]
