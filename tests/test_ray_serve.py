@@ -4,7 +4,9 @@ One local Ray (2 CPUs, no dashboard) and one application deployed from a config,
 as ``serve run deploy/ray/serve.yaml`` does; the scenario runs in order in one
 test (Ray's start is the expensive part): requests spread over both replicas; a
 fleet weight update with rollouts in flight; a replica killed and back at the
-fleet's version; Serve's own 503s (its queue full) retried by ``dvp_client``.
+fleet's version; Serve's own 503s (its queue full) retried by ``dvp_client``. A
+second test on the same application: a fleet update with ``on_inflight: "keep"``
+(each replica swaps in place, nothing drained) while long rollouts decode.
 """
 
 from __future__ import annotations
