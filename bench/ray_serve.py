@@ -14,11 +14,12 @@ The load: ``--clients`` threads, ``--requests`` each, one after the other; each
 request ``--prompts`` prompts x ``--n`` x ``--max-tokens`` (eos ignored, seeded).
 Reported per arm: rollouts/s and tokens/s over the whole run, p50 / max latency.
 
-Then, on the Serve arm, a fleet weight update (the served checkpoint again, as
-``policy_version`` 1, ``on_inflight=drain``) in the middle of the same load:
-the update's wall time (the client call until every replica serves 1), the
-longest per-replica hold and swap, the rollouts drained, and the load's
-rollouts/s with the update in it.
+Then, on the Serve arm, fleet weight updates (the served checkpoint again, as the
+next ``policy_version``) in the middle of the same load, ``on_inflight`` ``drain``
+and ``keep`` in turn (``--update-rounds`` pairs, the order swapped every other
+pair): the update's wall time (the client call until every replica serves the new
+version), the longest per-replica hold and swap, the rollouts drained and kept,
+and the load's rollouts/s with the update in it.
 
     .venv/bin/python bench/ray_serve.py                       # tiny random model
     .venv/bin/python bench/ray_serve.py --model smollm2 --clients 4 --requests 4
@@ -214,6 +215,8 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--threads-total", type=int, default=2)
+    p.add_argument("--update-rounds", type=int, default=1, help="fleet updates: drain+keep pairs")
+    p.add_argument("--skip-direct", action="store_true", help="only the Serve arm and updates")
     args = p.parse_args()
     print(f"load average at start: {os.getloadavg()}", flush=True)
     results: dict[str, Any] = {"args": vars(args)}
@@ -227,29 +230,52 @@ def main() -> None:
         results["serve-2x1"] = load([url], args)
         print("serve-2x1", json.dumps(results["serve-2x1"]), flush=True)
 
-        def update() -> dict[str, Any]:
+        version = [0]
+
+        def update(policy: str) -> dict[str, Any]:
+            version[0] += 1
             t0 = time.perf_counter()
-            [r] = Client(url, timeout=900).update_weights("same", policy_version=1)
+            [r] = Client(url, timeout=900).update_weights(
+                "same",
+                policy_version=version[0],
+                on_inflight=policy,  # type: ignore[arg-type]
+            )
             return {
                 "update_s": time.perf_counter() - t0,
                 "replica_hold_s": r.wait_s,
                 "replica_swap_s": r.load_s,
                 "drained_rollouts": r.drained_rollouts,
+                "kept_rollouts": r.kept_rollouts,
                 "versions": sorted({x.policy_version for x in r.replicas or []}),
             }
 
-        results["serve-2x1+update"] = load([url], args, during=update)
-        print("serve-2x1+update", json.dumps(results["serve-2x1+update"]), flush=True)
+        for i in range(args.update_rounds):
+            for policy in ("drain", "keep") if i % 2 == 0 else ("keep", "drain"):
+                name = f"serve-2x1+{policy}"
+                res = load([url], args, during=lambda p=policy: update(p))  # type: ignore[misc]
+                results.setdefault(name, []).append(res)
+                print(name, json.dumps(res), flush=True)
         ray_stack.close()  # Ray down before the direct arms
-        for name, replicas in (("direct-2x1", 2), ("direct-1x2", 1)):
+        for name, replicas in () if args.skip_direct else (("direct-2x1", 2), ("direct-1x2", 1)):
             with ExitStack() as arm:
                 urls = direct(model, args, replicas, arm)
                 _warm(urls, args)
                 results[name] = load(urls, args)
                 print(name, json.dumps(results[name]), flush=True)
-    base = results["direct-1x2"]["rollouts_per_s"]
-    for name in ("direct-2x1", "serve-2x1", "serve-2x1+update"):
-        print(f"{name}: {results[name]['rollouts_per_s'] / base:.2f}x direct-1x2 rollouts/s")
+    ref = "serve-2x1" if args.skip_direct else "direct-1x2"
+    base = results[ref]["rollouts_per_s"]
+    for name in ("direct-2x1", "serve-2x1"):
+        if name in results:
+            print(f"{name}: {results[name]['rollouts_per_s'] / base:.2f}x {ref} rollouts/s")
+    for policy in ("drain", "keep"):
+        for res in results[f"serve-2x1+{policy}"]:
+            u = res["during"]
+            print(
+                f"serve-2x1+{policy}: {res['rollouts_per_s'] / base:.2f}x {ref} rollouts/s; "
+                f"fleet update {u['update_s']:.2f} s (replica hold {u['replica_hold_s']:.2f} s, "
+                f"swap {u['replica_swap_s']:.2f} s), {u['drained_rollouts']} drained, "
+                f"{u['kept_rollouts']} kept, versions {u['versions']}"
+            )
     print(f"load average at end: {os.getloadavg()}")
 
 

@@ -4,7 +4,9 @@ One local Ray (2 CPUs, no dashboard) and one application deployed from a config,
 as ``serve run deploy/ray/serve.yaml`` does; the scenario runs in order in one
 test (Ray's start is the expensive part): requests spread over both replicas; a
 fleet weight update with rollouts in flight; a replica killed and back at the
-fleet's version; Serve's own 503s (its queue full) retried by ``dvp_client``.
+fleet's version; Serve's own 503s (its queue full) retried by ``dvp_client``. A
+second test on the same application: a fleet update with ``on_inflight: "keep"``
+(each replica swaps in place, nothing drained) while long rollouts decode.
 """
 
 from __future__ import annotations
@@ -284,3 +286,55 @@ def test_fleet_on_ray_serve(serve_url: str) -> None:
     assert 503 in codes and set(codes) <= {200, 503}, codes
     with ThreadPoolExecutor(12) as pool:
         assert list(pool.map(retried, range(12))) == [2] * 12
+
+
+@pytest.mark.slow
+def test_fleet_keep_update_in_flight(serve_url: str) -> None:
+    """A fleet update with ``on_inflight: "keep"`` while long rollouts decode on both
+    replicas: nothing drained or aborted, the rollouts in flight across it carry the
+    old and the new version in their spans (KV of the old one), every replica serves
+    the new version when the call returns."""
+    url = serve_url
+    old = _fleet(url)["policy_version"]
+    new = old + 1
+    body = {
+        "prompts": [[1, 2, 3]],
+        "n": 2,
+        "sampling": {"max_tokens": 400, "seed": 3, "ignore_eos": True},
+    }
+    done: list[tuple[float, float, httpx.Response]] = []
+
+    def post(_: int) -> None:
+        t0 = time.monotonic()
+        r = httpx.post(f"{url}/v1/rollouts", json=body, timeout=300)
+        done.append((t0, time.monotonic(), r))
+
+    with ThreadPoolExecutor(4) as pool:  # 2 per replica: Serve's max_ongoing_requests
+        futures = [pool.submit(post, i) for i in range(4)]
+        time.sleep(1.0)
+        t0 = time.monotonic()
+        [update] = Client(url, max_retries=0).update_weights(
+            "certain", policy_version=new, on_inflight="keep"
+        )
+        t1 = time.monotonic()
+        for f in futures:
+            f.result()
+    assert update.policy_version == new and update.previous_version == old
+    assert update.drained_rollouts == 0 and update.aborted_rollouts == 0
+    assert update.replicas and {r.policy_version for r in update.replicas} == {new}
+    assert len(update.replicas) == 2
+    spanned = 0
+    for start, end, r in done:
+        assert r.status_code == 200, r.text
+        for ro in r.json()["rollouts"]:
+            assert len(ro["token_ids"]) == 400  # no token lost
+            spans = ro["version_spans"]
+            pvs = [s[1] for s in spans]
+            assert pvs == sorted(pvs) and set(pvs) <= {old, new}, spans
+            assert all(kv == old for _, _, kv in spans), spans  # keep: the prefill's KV
+            if start < t0 and end > t1:  # in flight across the whole fleet call
+                assert pvs == [old, new], spans
+                spanned += 1
+    assert spanned, [(s - t0, e - t1) for s, e, _ in done]
+    fleet = _wait_converged(url, new, 60)
+    assert {r["policy_version"] for r in fleet["replicas"]} == {new}

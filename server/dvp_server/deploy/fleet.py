@@ -229,6 +229,7 @@ class FleetReplica:
         self.last_update = {
             "drained": response.drained_rollouts,
             "aborted": response.aborted_rollouts,
+            "kept": response.kept_rollouts,
             "load_s": response.load_s,
             "wait_s": response.wait_s,
         }
@@ -412,7 +413,8 @@ class FleetReplica:
         self, before: FleetStatus, after: FleetStatus, config: Any
     ) -> WeightsUpdateResponse:
         """The fleet update's answer: the new version, every replica's, and their loads
-        (rollouts drained / aborted summed over replicas; the longest hold and swap)."""
+        (rollouts drained / aborted / kept summed over replicas; the longest hold and
+        swap)."""
         info = self._state().weights.info()
         reports = await asyncio.to_thread(_kv_read, self._prefix)
         loads = [reports.get(r.replica, {}) for r in after.replicas]
@@ -425,6 +427,7 @@ class FleetReplica:
             previous_version=before.policy_version,
             aborted_rollouts=sum(r.get("aborted", 0) for r in loads),
             drained_rollouts=sum(r.get("drained", 0) for r in loads),
+            kept_rollouts=sum(r.get("kept", 0) for r in loads),
             wait_s=max((r.get("wait_s", 0.0) for r in loads), default=0.0),
             load_s=max((r.get("load_s", 0.0) for r in loads), default=0.0),
             replicas=after.replicas,
