@@ -29,10 +29,12 @@ import os
 import random
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -496,10 +498,25 @@ def main(argv: list[str] | None = None) -> int:
     cfg.results.mkdir(parents=True, exist_ok=True)
     cfg.weights_root.mkdir(parents=True, exist_ok=True)
     servers = Servers(cfg.weights_root, cfg.results / "logs", cfg.port)
+
+    def on_term(*_: object) -> None:
+        raise KeyboardInterrupt  # leaves the loop; the servers get stopped
+
+    signal.signal(signal.SIGTERM, on_term)
     try:
-        for seed in cfg.seed_list:  # seed-major: complete paired sets first
-            for arm in cfg.arm_list:
-                run_one(arm, seed, cfg, servers)
+        for attempt in range(3):  # a run that failed (server crash, ...) is retried later
+            failed = 0
+            for seed in cfg.seed_list:  # seed-major: complete paired sets first
+                for arm in cfg.arm_list:
+                    try:
+                        run_one(arm, seed, cfg, servers)
+                    except (Exception, SystemExit):  # SystemExit: a failed check
+                        failed += 1
+                        print(f"!!! {arm.name} seed {seed} failed (pass {attempt}):", flush=True)
+                        traceback.print_exc()
+                        sys.stdout.flush()
+            if not failed:
+                break
     finally:
         servers.stop()
     return 0
