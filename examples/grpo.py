@@ -11,7 +11,9 @@ Each step:
 3. the trainer's fp32 recomputation: teacher-forced logits of the policy, then
    ``dvp_client.train.objective.pruned_logprobs`` in replay mode (the engine's sets; the
    whole vocabulary without DVP), ``dvp_client.train.losses.policy_loss`` with the chosen
-   rollout correction against the engine's ``masked_logprobs``; AdamW step;
+   rollout correction against the engine's ``masked_logprobs``; AdamW step (with
+   ``--minibatches M``, M steps on slices of whole groups, against the trainer's own
+   log-probs from before the first: the PPO ratio moves and clipping acts);
 4. every ``--push-every`` steps, save the policy as safetensors under ``--weights-dir``
    (inside the server's ``--weights-root``) and ``POST /v1/weights``; the reply's
    ``policy_version`` must be the previous one plus one. With ``--lora-rank r`` a peft
@@ -99,6 +101,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0,
         help="train only the last K decoder layers and the final norm (0: all)",
     )
+    p.add_argument(
+        "--minibatches",
+        type=int,
+        default=1,
+        help="AdamW steps per batch, each on a slice of whole groups (1: one on-policy step)",
+    )
     p.add_argument("--push-every", type=int, default=1)
     p.add_argument(
         "--lora-rank",
@@ -120,6 +128,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.plot is None and args.weights_dir is None:
         p.error("--weights-dir is required (a directory inside the server's --weights-root)")
+    if args.minibatches < 1 or (args.plot is None and args.minibatches > args.prompts):
+        p.error(f"--minibatches must be in 1..--prompts, got {args.minibatches}")
     if args.dvp and not 0 < args.min_p <= 1:
         p.error(f"--min-p must be in (0, 1] with --dvp, got {args.min_p}")
     return args
@@ -278,6 +288,67 @@ def train_step(
     }
 
 
+def train_minibatches(
+    model: Any,
+    opt: torch.optim.Optimizer,
+    batch: RolloutBatch,
+    rewards: torch.Tensor,
+    cfg: PolicyLossConfig,
+    minibatches: int,
+) -> dict[str, float]:
+    """Several AdamW steps on one batch: ``minibatches`` slices of whole GRPO groups.
+
+    The PPO "old" log-probs are the trainer's own before the first step (one no-grad
+    forward over the batch, safe sets replayed), so the first slice has ratio 1 and the
+    later ones move and get clipped; the rollout correction compares that "old" with the
+    engine. The step's mismatch metrics are those of the "old" forward.
+    """
+    bt = batch.to_torch(pad_id=0)
+    adv = group_advantages(rewards, bt.group_ids)  # (B,)
+    with torch.no_grad():
+        old = pruned_logprobs(completion_logits(model, bt), bt.tokens, bt.safe, mask=bt.loss_mask)
+    groups = sorted({r.prompt_index for r in batch.rollouts})
+    per = -(-len(groups) // minibatches)  # ceil
+    stats: dict[str, list[float]] = {}
+    for i in range(0, len(groups), per):
+        keep = set(groups[i : i + per])
+        rows = [j for j, r in enumerate(batch.rollouts) if r.prompt_index in keep]
+        sub = batch.model_copy(update={"rollouts": [batch.rollouts[j] for j in rows]})
+        st = sub.to_torch(pad_id=0)
+        t = st.tokens.shape[1]  # <= the batch's: completions are right-padded
+        res = pruned_logprobs(completion_logits(model, st), st.tokens, st.safe, mask=st.loss_mask)
+        out = policy_loss(
+            res.logprobs,
+            adv[rows],
+            res.mask,
+            old_logprobs=old.logprobs[rows, :t],
+            engine_logprobs=st.engine_masked_logprobs,
+            config=cfg,
+        )
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        for key, v in {**out.metrics(prefix=""), "grad_norm": float(grad_norm)}.items():
+            stats.setdefault(key, []).append(v)
+    m = batch_metrics(bt, old, quantiles=(0.001, 0.5, 0.999))
+    d = (old.logprobs - bt.engine_masked_logprobs)[old.mask].abs().double()
+    q = torch.quantile(d, torch.tensor([0.5, 0.99, 1.0], dtype=d.dtype)).tolist()
+    return {
+        **{key: sum(v) / len(v) for key, v in stats.items()},
+        "k3": m["mismatch/k3_pruned"],
+        "abs_dlogp_mean": m["mismatch/abs_dlogp_mean_pruned"],
+        "abs_logratio_p50": q[0],
+        "abs_logratio_p99": q[1],
+        "abs_logratio_max": q[2],
+        "is_weight_q0.001": m["is_weight/q0.001"],
+        "is_weight_q0.999": m["is_weight/q0.999"],
+        "safe_size_mean": m["dvp/safe_size_mean"],
+        "pruned_mass": m.get("dvp/pruned_mass_engine", math.nan),
+        "tokens": m["mismatch/tokens"],
+    }
+
+
 def evaluate(client: Client, args: argparse.Namespace) -> float:
     """Greedy accuracy on a fixed held-out set (temperature 0, no pruning)."""
     rng = random.Random(-1 - args.seed)
@@ -366,7 +437,10 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             rewards = torch.tensor(
                 [reward(r.text, answers[r.prompt_index]) for r in batch.rollouts]
             )
-            metrics = train_step(model, opt, batch.to_torch(pad_id=0), rewards, cfg)
+            if args.minibatches > 1:
+                metrics = train_minibatches(model, opt, batch, rewards, cfg, args.minibatches)
+            else:
+                metrics = train_step(model, opt, batch.to_torch(pad_id=0), rewards, cfg)
             t2 = time.perf_counter()
             push_s = pusher.push(model, step) if step % args.push_every == 0 else 0.0
             row = {

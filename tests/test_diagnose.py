@@ -114,8 +114,11 @@ def test_logit_eps_and_the_bound_hold_on_random_perturbations(seed: int) -> None
     lp, lq = torch.log_softmax(z / 0.5, -1), torch.log_softmax((z + delta) / 0.5, -1)
     frac = bound_violation_fraction(lq, lp, eps)
     assert frac["with_second_order"] == 0.0  # exact: |dlogp| <= 2 eps (1 - p) + eps^2 / 2
+    share = float((lp >= math.log(0.01)).double().mean())
+    assert 0 < frac["share_p_ge_0.01"] == pytest.approx(share)
     broken = bound_violation_fraction(lq, lp, eps / 10)  # a too-small eps must show
     assert broken["first_order"] > 0.1
+    assert 0 <= broken["first_order_p_ge_0.01"] <= 1
 
 
 # --- end to end on the tiny model --------------------------------------------------------
@@ -186,6 +189,8 @@ def test_outputs_json_text_and_png(diagnose_out: Path) -> None:
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     text = (diagnose_out / "diagnose.txt").read_text()
     assert "whole vocabulary" in text and "rho=0.1" in text
+    assert "pairs with p >= 0.01" in text
+    assert 0 < result["vocab"]["bound_violation"]["share_p_ge_0.01"] < 1
 
 
 @pytest.mark.slow

@@ -78,7 +78,12 @@ def args(url: str, model: Path, weights: Path, out: Path, *extra: str) -> list[s
 
 @pytest.mark.slow  # 5 s idle, 2 min on the busy 2-core machine: a server and two runs
 @pytest.mark.parametrize(
-    "flags", [("--dvp", "--min-p", "0.01", "--correction", "token-tis"), ("--no-dvp",)]
+    "flags",
+    [
+        ("--dvp", "--min-p", "0.01", "--correction", "token-tis"),
+        ("--no-dvp",),
+        ("--dvp", "--min-p", "0.01", "--correction", "token-tis", "--minibatches", "2"),
+    ],
 )
 def test_grpo_trains_pushes_and_logs(
     weights_server: tuple[ServerProcess, Path],
@@ -112,6 +117,8 @@ def test_grpo_trains_pushes_and_logs(
         assert all(0 < float(r["pruned_mass"]) < 1 for r in train)
     else:
         assert all(float(r["safe_size_mean"]) == 49152 for r in train)
+    if "--minibatches" in flags:  # two AdamW steps per batch, logged as their mean
+        assert all(math.isfinite(float(r["clip_frac"])) for r in train)
     # the pushed weights are the trained ones: they differ from the start
     pushed = load_file(str(root / "run" / "step-00003" / "model.safetensors"))
     initial = load_file(str(tiny_model_dir / "model.safetensors"))

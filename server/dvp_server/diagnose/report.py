@@ -84,7 +84,10 @@ def render_text(result: dict[str, Any]) -> str:
         f"  per-position logit eps = min_c max|dz/T - c|: median {v['eps_logits']['median']:.4g}, "
         f"max {v['eps_logits']['max']:.4g}; pairs above 2*eps*(1-p): "
         f"{v['bound_violation']['first_order']:.3g} (first order), "
-        f"{v['bound_violation']['with_second_order']:.3g} (+ eps^2/2)",
+        f"{v['bound_violation']['with_second_order']:.3g} (+ eps^2/2); "
+        f"pairs with p >= 0.01: {v['bound_violation'].get('share_p_ge_0.01', math.nan):.3g} "
+        f"of all, above the bound among them "
+        f"{v['bound_violation'].get('first_order_p_ge_0.01', math.nan):.3g}",
         "",
         "With and without DVP (replay mode; log ratio d = log pi_S(y) trainer - engine):",
         f"  {'setting':>12} {'tokens':>7} {'|d| p50':>9} {'|d| p99':>9} {'p99.9':>9} "
