@@ -17,7 +17,7 @@ def _steps(rng: np.random.Generator, t: int) -> Steps:
     tokens = rng.integers(0, 1000, size=t)
     masked = -rng.random(t).astype(np.float32)
     records = [
-        ("k", s, int(rng.integers(1, 50)), float(-rng.random()), None, None) for s in range(t)
+        ("k", s, int(rng.integers(1, 50)), float(-rng.random()), None, None, 0) for s in range(t)
     ]
     return Steps(tokens, masked, records)
 

@@ -115,8 +115,9 @@ def test_processor_applies_the_rule_as_sent_and_ships_it(seed: int) -> None:
                 assert torch.isfinite(out[j]).numpy().tolist() == ref.tolist(), f"row {j}"
                 assert torch.equal(out[j][ref], before[j][ref])  # S unchanged
                 (rec,) = await channel.take(f"k{j}", j, j + 1)
-                key, step, size, logmass, ids, score = rec
+                key, step, size, logmass, ids, score, version = rec
                 assert (key, step, size, score) == (f"k{j}", j, int(ref.sum()), None)
+                assert version == 0  # the weights version this process computes with
                 u = z / (t if t > 0 else 1.0)
                 assert logmass == pytest.approx(lse(u[ref]) - lse(u), abs=ATOL)
                 if j == 2:
@@ -207,6 +208,7 @@ def _records(sizes: list[int], logmass: list[float], with_ids: bool) -> list[tup
             lm,
             np.sort(rng.choice(V, n, replace=False)).astype(np.int32) if with_ids else None,
             None,
+            0,  # the weights version that computed the step
         )
         for s, (n, lm) in enumerate(zip(sizes, logmass, strict=True))
     ]
