@@ -242,7 +242,7 @@ def tied_vllm(
         tmp_path_factory.mktemp("fresh-vllm") / "model", tied=True, **VLLM_TINY_HEADS
     )
     root = weights_root(model, tmp_path_factory.mktemp("fresh-vllm-root"))
-    flags = ["--engine", "vllm", "--max-batch", "16", "--max-tokens-cap", "64"]
+    flags = ["--engine", "vllm", "--max-batch", "16", "--max-tokens-cap", "480"]
     flags += ["--kv-cache-bytes", str(VLLM_KV_CACHE_BYTES), "--weights-root", str(root)]
     flags += ["--max-request-bytes", str(64 << 20), "--log-level", "info"]
     log = tmp_path_factory.mktemp("fresh-vllm-log") / "server.log"
@@ -379,7 +379,7 @@ def test_vllm_in_flight_update(tied_vllm: tuple[str, Path, Path], policy: str) -
     body = {
         "prompts": [[1, 2, 3, 4], [9, 10, 11]],
         "n": 2,
-        "sampling": {"max_tokens": 64, "seed": 4, "ignore_eos": True},
+        "sampling": {"max_tokens": 480, "seed": 4, "ignore_eos": True},
         "pruning": {"min_p": 0.01},
     }
     out: dict[str, httpx.Response] = {}
@@ -389,7 +389,7 @@ def test_vllm_in_flight_update(tied_vllm: tuple[str, Path, Path], policy: str) -
         )
     )
     t.start()
-    time.sleep(1.0)
+    time.sleep(0.5)  # decoding: 480 steps take seconds even on a warm engine
     name = "p1.safetensors" if v % 2 else "p2.safetensors"
     r = push(base, name, on_inflight=policy)
     t.join()
@@ -399,7 +399,7 @@ def test_vllm_in_flight_update(tied_vllm: tuple[str, Path, Path], policy: str) -
     spanned = [ro for ro in rolls if len(ro["version_spans"]) > 1]
     assert spanned, [ro["version_spans"] for ro in rolls]  # the update landed mid-rollout
     for ro in rolls:
-        assert len(ro["token_ids"]) == 64
+        assert len(ro["token_ids"]) == 480
         pvs = [s[1] for s in ro["version_spans"]]
         assert pvs == sorted(pvs) and set(pvs) <= {v, v + 1}
         for _i, pv, kv in ro["version_spans"]:
