@@ -259,10 +259,9 @@ def test_trl_with_peft_config_pushes_the_adapter(
     the adapter reported), and trainer and engine masked log-probs agree within 2e-4
     on every token of every step (B moves away from its zero init after step 1)."""
     pytest.importorskip("trl")
-    from _trl_setup import PROMPTS, grpo_config
+    from _trl_setup import PROMPTS, STEPS, Recording, gaps, grpo_config, hash_reward
     from datasets import Dataset
     from dvp_client import Client
-    from test_trl_integration import STEPS, Recording, gaps, hash_reward
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     client = Client(torch_lora, timeout=600)
