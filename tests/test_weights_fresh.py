@@ -107,6 +107,22 @@ def version(base: str) -> int:
     return int(httpx.get(f"{base}/v1/weights", timeout=30).json()["policy_version"])
 
 
+def assert_scores_match(ro: dict[str, Any], score: dict[str, Any], start: int) -> None:
+    """A rollout's tokens from ``start`` on against their teacher-forced ``/v1/score``:
+    log p within TOL at every token; log pi_S within TOL wherever the two safe sets have
+    the same size (a token within float32 noise of the min_p cut may be in one set and
+    not the other: the masked value then moves by that token's share, ~1e-3), which
+    must be at least 99% of the tokens."""
+    got, ref = np.array(ro["logprobs"][start:]), np.array(score["logprobs"][start:])
+    assert np.abs(got - ref).max() <= TOL, np.abs(got - ref).max()
+    same = np.array(ro["safe_sizes"][start:]) == np.array(score["safe_sizes"][start:])
+    assert same.mean() >= 0.99, np.flatnonzero(~same)
+    masked = np.array(ro["masked_logprobs"][start:])[same]
+    assert None not in score["masked_logprobs"][start:]  # every sampled token is in S
+    d = np.abs(masked - np.array(score["masked_logprobs"][start:])[same])
+    assert d.max() <= TOL, d.max()
+
+
 def push(base: str, name: str, **extra: Any) -> httpx.Response:
     return httpx.post(f"{base}/v1/weights", json={"path": name, **extra}, timeout=600)
 
@@ -419,10 +435,9 @@ def test_vllm_in_flight_update(tied_vllm: tuple[str, Path, Path], policy: str) -
         },
         timeout=120,
     ).json()["results"][0]
-    got, ref = ro["masked_logprobs"][s:], score["masked_logprobs"][s:]
     if policy == "recompute":
-        assert None not in ref, ref  # every sampled token is in the new weights' S
-        assert np.abs(np.array(got) - np.array(ref)).max() <= TOL
+        assert_scores_match(ro, score, s)
     else:  # keep: the prefix's KV is the old weights', teacher forcing's is the new, so
         # the scores differ (a token may even fall outside the recomputed S: None)
+        got, ref = ro["masked_logprobs"][s:], score["masked_logprobs"][s:]
         assert any(b is None or abs(a - b) > TOL for a, b in zip(got, ref, strict=True))

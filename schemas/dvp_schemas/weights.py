@@ -98,9 +98,10 @@ class LoraAdapterInfo(ResponseModel):
     scale: float = Field(description="lora_alpha / r (lora_alpha / sqrt(r) with rsLoRA).")
     target_modules: list[str] = Field(description="The adapted modules' names (q_proj, ...).")
     num_tensors: int = Field(description="Weights of the base model the adapter changes.")
-    served_as: Literal["merged"] = Field(
+    served_as: Literal["merged", "runtime"] = Field(
         description="How the engine applies it: 'merged' (it computes with the weights "
-        "W + scale * B @ A, exact)."
+        "W + scale * B @ A, exact) or 'runtime' (vLLM's LoRA kernels add "
+        "scale * B @ (A @ x) beside the base, --enable-lora)."
     )
 
 

@@ -200,7 +200,14 @@ class ServerConfig:
     max_lora_rank: int = option(
         64,
         "Largest rank r of a LoRA adapter POST /v1/weights accepts (422 above it; "
-        "service/adapter.py).",
+        "service/adapter.py); with --enable-lora also vLLM's max_lora_rank (1, 8, 16, 32, "
+        "64, 128, 256, 320 or 512).",
+    )
+    enable_lora: bool = option(
+        False,
+        "vLLM engine: serve LoRA adapters with vLLM's runtime LoRA (the adapter computed "
+        "beside the base, each update megabytes; the LoRA kernels run on every step). "
+        "Without it an adapter is merged into a full reload. The torch engine always merges.",
     )
     weights_verify: bool = option(
         False,

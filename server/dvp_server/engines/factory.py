@@ -74,6 +74,9 @@ def build_engine(config: ServerConfig, model_dir: str | os.PathLike[str] | None 
     if name == "torch":
         from .torch.engine import TorchEngine
 
+        if config.enable_lora:
+            logger.info("--enable-lora is for the vLLM engine: the torch engine merges adapters")
+
         return TorchEngine(
             Path(model_dir),
             dtype=config.dtype,
@@ -102,5 +105,7 @@ def build_engine(config: ServerConfig, model_dir: str | os.PathLike[str] | None 
         enforce_eager=config.enforce_eager,
         kv_cache_bytes=config.kv_cache_bytes,
         quantization=quantization,
+        enable_lora=config.enable_lora,
+        max_lora_rank=config.max_lora_rank,
     )
     return VllmEngine(Path(model_dir), settings)

@@ -34,13 +34,9 @@ from dvp_schemas import (
 
 from ..config import ServerConfig
 from ..engines.base import Engine, EngineError, WeightLoader
-from ..engines.lora import LoraWeights, merged_checkpoint
 from ..errors import ServiceError, validation_error
-from .adapter import (
-    check_adapter,
-    is_adapter_dir,
-    unpack_adapter,
-)
+from .adapter import is_adapter_dir, unpack_adapter
+from .adapter_updates import AdapterUpdates, ServedLora
 from .admission import Admission
 from .checkpoint import CheckpointError, ModelManifest, check_checkpoint
 from .verify import ReferenceWorker, VerifyMismatch, default_atol, verify_engine
@@ -58,7 +54,7 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
-class WeightManager:
+class WeightManager(AdapterUpdates):
     """Checks, stages and applies weight updates for one engine.
 
     Args:
@@ -92,7 +88,7 @@ class WeightManager:
         # adapter served now (None: the checkpoint alone)
         self._base_files, self._base_source = list(self._current), self.source
         self.adapter: LoraAdapterInfo | None = None
-        self._lora: tuple[LoraWeights, float] | None = None
+        self._lora: ServedLora | None = None
 
     def close(self) -> None:
         """Remove the staging directory of uploads; stop verify's process."""
@@ -232,53 +228,6 @@ class WeightManager:
             swap, done, source, on_inflight, drain_timeout_s, version, verify, files
         )
 
-    async def _apply_adapter(
-        self,
-        folder: Path,
-        source: str,
-        param: str,
-        on_inflight: str | None,
-        drain_timeout_s: float | None,
-        version: int | None = None,
-        verify: bool | None = None,
-    ) -> WeightsUpdateResponse:
-        """Check a PEFT LoRA folder (``adapter.py``), then serve base + adapter inside the
-        gate: the engine's ``load_adapter`` (exact merge), else a full checkpoint merged
-        here from the base files and loaded as one. ``verify`` is for checkpoints (422)."""
-        load = self._loader()
-        self._check_version(version)
-        if verify:
-            raise validation_error(
-                "verify",
-                "the check after the load is for checkpoints; an adapter update is not "
-                "checked (send verify: false, or push the merged checkpoint)",
-            )
-        try:
-            adapter = await asyncio.to_thread(
-                check_adapter, folder, self._expected(), self.config.max_lora_rank
-            )
-            lora = await asyncio.to_thread(adapter.load)
-        except CheckpointError as exc:
-            raise validation_error(param, str(exc)) from None
-        info = LoraAdapterInfo(
-            source=source,
-            rank=adapter.rank,
-            lora_alpha=adapter.alpha,
-            scale=adapter.scale,
-            target_modules=adapter.target_modules,
-            num_tensors=len(lora),
-            served_as="merged",
-        )
-
-        async def swap(v: int | None, recompute: bool) -> int:
-            return await self._load_adapter(lora, adapter.scale, param, v, recompute, load)
-
-        def done(v: int) -> None:
-            self.adapter, self._lora = info, (lora, adapter.scale)
-            self.source, self.loaded_at = source, _now()
-
-        return await self._gated(swap, done, source, on_inflight, drain_timeout_s, version, False)
-
     def _check_version(self, version: int | None) -> None:
         if version is not None and version <= self.engine.policy_version:
             raise validation_error(
@@ -286,31 +235,6 @@ class WeightManager:
                 f"must be above the served policy_version {self.engine.policy_version}, "
                 f"got {version}",
             )
-
-    async def _load_adapter(
-        self,
-        lora: LoraWeights | None,
-        scale: float,
-        param: str,
-        version: int | None,
-        recompute: bool,
-        load: Any,
-    ) -> int:
-        """base + ``lora`` (None: the base alone) served as ``version``: the engine's own
-        ``load_adapter``, else a merged full checkpoint through ``load_weights``."""
-        direct = getattr(self.engine, "load_adapter", None)
-        if direct is not None:
-            return await self._run_load(
-                lambda: direct(lora, scale, self._base_files, version=version, recompute=recompute),
-                param,
-            )
-        merged = await asyncio.to_thread(
-            merged_checkpoint, self._base_files, lora or {}, scale, self._staging
-        )
-        try:
-            return await self._load(load, [merged], param, version, recompute=recompute)
-        finally:
-            merged.unlink(missing_ok=True)
 
     async def _gated(
         self,

@@ -47,6 +47,7 @@ from typing import Any
 from dvp_schemas import PruningRule
 
 from ..base import EngineParams
+from ._lora import check_lora_rank
 from ._worker import EXTENSION_FQCN
 
 #: How vLLM loads the safe-set processor in its own process.
@@ -87,6 +88,10 @@ class VllmSettings:
         kv_cache_bytes: KV cache size; None: 1 GiB on CPU, vLLM's sizing on GPU.
         quantization: vLLM's ``quantization`` method (``"fp8_per_block"`` for
             ``--quantize fp8``, see :func:`vllm_quantization`); None: none.
+        enable_lora: serve adapters with vLLM's runtime LoRA (``_lora.py``); False:
+            adapters are merged into a full reload by the server.
+        max_lora_rank: vLLM's ``max_lora_rank`` with ``enable_lora`` (one of
+            ``_lora.VLLM_LORA_RANKS``).
         seed: engine seed (requests carry their own seeds).
         flush_every: steps between chunks of a running rollout (vLLM's per-request
             ``stream_interval``).
@@ -102,6 +107,8 @@ class VllmSettings:
     enforce_eager: bool | None = None
     kv_cache_bytes: int | None = None
     quantization: str | None = None
+    enable_lora: bool = False
+    max_lora_rank: int = 64
     seed: int = 0
     flush_every: int = 16
 
@@ -226,6 +233,13 @@ def engine_args(model_dir: Path, settings: VllmSettings, *, cpu: bool) -> Any:
             kwargs["kv_cache_memory_bytes"] = settings.kv_cache_bytes
     if settings.quantization is not None:
         kwargs["quantization"] = settings.quantization
+    if settings.enable_lora:  # one slot: the policy adapter (_lora.py)
+        kwargs.update(
+            enable_lora=True,
+            max_lora_rank=check_lora_rank(settings.max_lora_rank),
+            max_loras=1,
+            max_cpu_loras=1,
+        )
     return AsyncEngineArgs(**kwargs)
 
 

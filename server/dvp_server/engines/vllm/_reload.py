@@ -15,7 +15,7 @@ from typing import Any
 
 from ..base import EngineError
 
-__all__ = ["link_weights", "reload_weights", "version_salt"]
+__all__ = ["link_weights", "load_lora", "reload_weights", "version_salt"]
 
 
 def link_weights(weights: Sequence[Path]) -> Path:
@@ -40,19 +40,39 @@ def version_salt(version: int) -> str:
     return f"dvp-v{version}"
 
 
-async def reload_weights(llm: Any, folder: Path, version: int, recompute: bool = False) -> None:
+async def reload_weights(
+    llm: Any, folder: Path, version: int, recompute: bool = False, lora: Path | None = None
+) -> None:
     """vLLM's workers read the safetensors in ``folder`` and rebuild every kernel derived
     from the weights (``_worker.py``: vLLM's own reload leaves a tied head's CPU kernel
-    on the old weights); then the prefix cache is reset (KV of the old weights).
+    on the old weights), and with ``lora`` load the policy adapter slot from that folder
+    (``_lora.py``); then the prefix cache is reset (KV of the old weights).
 
     Raises:
         EngineError: vLLM failed the reload.
     """
+    kwargs: dict[str, Any] = {"weights_path": str(folder), "version": version}
+    if lora is not None:
+        kwargs["lora_path"] = str(lora)
     try:
-        await llm.collective_rpc(
-            "dvp_reload_weights", kwargs={"weights_path": str(folder), "version": version}
-        )
+        await llm.collective_rpc("dvp_reload_weights", kwargs=kwargs)
     except Exception as exc:
         raise EngineError(f"vLLM failed to reload the weights: {exc}") from exc
     # False while running requests hold blocks (keep): the salt keeps them apart
+    await llm.reset_prefix_cache(reset_running_requests=recompute)
+
+
+async def load_lora(llm: Any, folder: Path, version: int, recompute: bool = False) -> None:
+    """vLLM's workers load the policy adapter slot from ``folder`` in place and stamp
+    later steps ``version`` (``_worker.py``); then the prefix cache is reset.
+
+    Raises:
+        ValueError: vLLM refused the adapter (the previous one still serves).
+    """
+    try:
+        await llm.collective_rpc(
+            "dvp_load_lora", kwargs={"lora_path": str(folder), "version": version}
+        )
+    except Exception as exc:
+        raise ValueError(f"vLLM failed to load the adapter: {exc}") from exc
     await llm.reset_prefix_cache(reset_running_requests=recompute)

@@ -45,6 +45,7 @@ async def score_with_vllm(
     params: ScoreParams,
     *,
     policy_version: int,
+    lora_request: Any = None,
 ) -> list[ScoredSequence]:
     """Score every sequence concurrently (one vLLM request each).
 
@@ -54,12 +55,13 @@ async def score_with_vllm(
         sequences: ``(prompt ids, completion ids)``, checked by the serving layer.
         params: temperature, the rule as sent, what to return.
         policy_version: reported in every result.
+        lora_request: the policy adapter's ``LoRARequest`` (runtime LoRA), or None.
 
     Raises:
         EngineError: vLLM did not emit the forced tokens or the records did not come.
     """
     results = await asyncio.gather(
-        *(_one(llm, channel, p, c, params, policy_version) for p, c in sequences)
+        *(_one(llm, channel, p, c, params, policy_version, lora_request) for p, c in sequences)
     )
     return [_assemble(recs, params, policy_version) for recs in results]
 
@@ -71,6 +73,7 @@ async def _one(
     completion: list[int],
     params: ScoreParams,
     version: int,
+    lora_request: Any,
 ) -> list[tuple[Any, ...]]:
     """The step records of one forced sequence (empty completion: none)."""
     from vllm import SamplingParams, TokensPrompt
@@ -101,7 +104,10 @@ async def _one(
     # salted with the served version: never a prefix block of older weights
     salt = version_salt(version)
     stream = llm.generate(
-        TokensPrompt(prompt_token_ids=prompt, cache_salt=salt), sp, request_id=key
+        TokensPrompt(prompt_token_ids=prompt, cache_salt=salt),
+        sp,
+        request_id=key,
+        lora_request=lora_request,
     )
     try:
         async for out in stream:

@@ -86,12 +86,30 @@ def refresh_cpu_kernels(model: Any) -> int:
 class WeightsExtension:
     """Mixed into vLLM's worker class; ``self`` is the worker."""
 
-    def dvp_reload_weights(self, weights_path: str, version: int = 0) -> int:
+    def dvp_reload_weights(
+        self, weights_path: str, version: int = 0, lora_path: str | None = None
+    ) -> int:
         """Reload every tensor from ``weights_path`` in place, then rebuild the CPU
-        kernels the reload left stale (the module docstring); later steps are stamped
+        kernels the reload left stale (the module docstring); with ``lora_path`` (runtime
+        LoRA on) the policy adapter slot is loaded from it too; later steps are stamped
         ``version``. Returns the count of kernels rebuilt."""
         worker: Any = self
         worker.reload_weights(weights_path=weights_path)
         rebuilt = refresh_cpu_kernels(worker.model_runner.get_model())
+        if lora_path is not None:
+            self.dvp_load_lora(lora_path, version)
         _VERSION[0] = int(version)
         return rebuilt
+
+    def dvp_load_lora(self, lora_path: str, version: int) -> None:
+        """Replace the policy adapter slot's weights with the adapter in ``lora_path``, in
+        place (``_lora.py``: requests in flight use it from their next step); later steps
+        are stamped ``version``. The old adapter serves on if the new one fails to load."""
+        from vllm.lora.request import LoRARequest
+
+        from ._lora import POLICY_LORA_ID, POLICY_LORA_NAME
+
+        worker: Any = self
+        request = LoRARequest(POLICY_LORA_NAME, POLICY_LORA_ID, lora_path, load_inplace=True)
+        worker.add_lora(request)
+        _VERSION[0] = int(version)

@@ -52,9 +52,11 @@ from ._args import (
     setup_cpu_env,
 )
 from ._channel import StepChannel, StepTimeout
-from ._reload import link_weights, reload_weights, version_salt
+from ._lora import write_zero_adapter
+from ._reload import reload_weights, version_salt
 from ._score import score_with_vllm
 from ._steps import StepBuffer, Steps, chunk_fields, read_sampled
+from ._updates import WeightUpdates
 
 __all__ = ["VllmEngine", "VllmSettings"]
 
@@ -71,7 +73,7 @@ ALL_FIELDS: list[Any] = [
 _FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length", "abort": "abort"}
 
 
-class VllmEngine:
+class VllmEngine(WeightUpdates):
     """vLLM's ``AsyncLLM`` behind the :class:`~.base.Engine` protocol.
 
     Args:
@@ -98,6 +100,10 @@ class VllmEngine:
         self._weights_dir: Path | None = None  # links to the last loaded weights
         # versions at which a recompute update prefilled every in-flight rollout again
         self._recomputes: list[int] = []
+        # --enable-lora: the adapter the policy slot serves (a zero one for the base
+        # alone, _lora.py), and the zero one
+        self._lora_dir: Path | None = None
+        self._zero_lora: Path | None = None
 
     # ----------------------------------------------------------------- protocol
 
@@ -105,79 +111,6 @@ class VllmEngine:
     def policy_version(self) -> int:
         """Weights version: 0 at start, +1 per :meth:`load_weights`."""
         return self._version.value
-
-    async def load_weights(
-        self, weights: Sequence[Path], version: int | None = None, recompute: bool = False
-    ) -> int:
-        """Reload the model's weights in place from safetensors files; the new version.
-
-        vLLM's scheduler pauses between two steps with its requests kept; its workers
-        reload from a folder of links to the files and stamp later steps with the new
-        version (``_worker.py``); the prefix cache is reset; generation resumes. With
-        ``recompute`` vLLM first preempts every running request, which it then
-        prefills again under the new weights. Requests are salted with their admission
-        version, so none reads an older version's prefix blocks (docs/async.md).
-
-        If vLLM fails the reload (its layers may then be half-loaded), the previous
-        weights are reloaded at once (:meth:`_restore_weights`).
-
-        Args:
-            weights: the checked ``.safetensors`` files.
-            version: the ``policy_version`` to serve them as (a fleet's number); None:
-                the current one plus one.
-
-        Raises:
-            ValueError: vLLM failed the reload and the previous weights serve again.
-            EngineError: the engine is not running, or the previous weights could not
-                be restored either (the engine is then marked dead and restarted).
-        """
-        llm = self._running()
-        folder = link_weights(weights)
-        new = self._version.value + 1 if version is None else version
-        await llm.pause_generation(mode="keep", clear_cache=False)
-        try:
-            await reload_weights(llm, folder, new, recompute=recompute)
-        except BaseException as exc:
-            shutil.rmtree(folder, ignore_errors=True)
-            if isinstance(exc, EngineError):
-                await self._restore_weights(llm, exc)
-            raise
-        finally:
-            with contextlib.suppress(Exception):
-                await llm.resume_generation()
-        if recompute:
-            self._recomputes.append(new)
-        old, self._weights_dir = self._weights_dir, folder
-        weakref.finalize(self, shutil.rmtree, folder, True)  # at the latest at exit
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        return self._version.advance(version)
-
-    async def _restore_weights(self, llm: Any, failure: EngineError) -> None:
-        """Reload the previous weights after a failed reload, which left vLLM's layers
-        on the meta device (the next step would kill the ``EngineCore``).
-
-        Twice: a reload that failed mid-way leaves some layers with part of their
-        tensors buffered (vLLM's layerwise reload); the first restore can complete
-        such a layer early with those stale tensors, but it ends with every layer's
-        reload state reset, so the second loads every tensor from a clean state.
-
-        Raises:
-            ValueError: restored; the message says why the reload failed.
-            EngineError: not restored; the engine is marked dead (the supervisor
-                restarts it, with the previous weights).
-        """
-        previous = self._weights_dir or self.model_dir
-        try:
-            for _ in range(2):
-                await reload_weights(llm, previous, self._version.value)
-        except EngineError as again:
-            self._state = "dead"
-            raise EngineError(
-                f"{failure}; restoring the previous weights failed: {again}"
-            ) from again
-        logger.warning("weights reload failed, previous weights restored: %s", failure)
-        raise ValueError(f"{failure}; the previous weights were reloaded") from failure
 
     @property
     def state(self) -> str:
@@ -212,6 +145,10 @@ class VllmEngine:
             setup_cpu_env(self.settings)
         require_v1_model_runner()
         args = engine_args(self.model_dir, self.settings, cpu=cpu)
+        if self.settings.enable_lora and self._zero_lora is None:
+            self._zero_lora = write_zero_adapter(self.model_dir)
+            weakref.finalize(self, shutil.rmtree, self._zero_lora, True)
+            self._lora_dir = self._zero_lora
         self._channel = StepChannel()  # bound before vLLM's processes connect to it
         await self._channel.start()
         t0 = time.perf_counter()
@@ -219,7 +156,9 @@ class VllmEngine:
         try:
             self._llm = await asyncio.shield(build)
             if self._weights_dir is not None:  # a restart: serve the same weights again
-                await reload_weights(self._llm, self._weights_dir, self._version.value)
+                await reload_weights(
+                    self._llm, self._weights_dir, self._version.value, lora=self._lora_dir
+                )
                 logger.info("re-applied the weights of policy_version %d", self._version.value)
         except BaseException:  # failed, or cancelled (server stopping): leave no processes
             if self._llm is None:
@@ -300,6 +239,7 @@ class VllmEngine:
             TokensPrompt(prompt_token_ids=prompt, cache_salt=version_salt(admitted)),
             sp,
             request_id=request_id,
+            lora_request=self._lora_request(),
         )
         flush, buf, finished, done = self.settings.flush_every, StepBuffer(), False, 0
         try:
@@ -380,7 +320,12 @@ class VllmEngine:
         channel = self._channel
         assert channel is not None  # set while running
         return await score_with_vllm(
-            llm, channel, sequences, params, policy_version=self.policy_version
+            llm,
+            channel,
+            sequences,
+            params,
+            policy_version=self.policy_version,
+            lora_request=self._lora_request(),
         )
 
     # ---------------------------------------------------------------- helpers
