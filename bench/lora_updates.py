@@ -12,12 +12,20 @@ server's ``load_s`` (the swap alone), medians over ``--rounds``; then a greedy d
 the merged checkpoint served (tokens/s), which is the decode cost of serving an
 adapter vs merged weights.
 
+With ``--enable-lora`` (vLLM) the server serves adapters with vLLM's runtime LoRA, and
+a second vLLM server without it (the merged checkpoint, no LoRA kernels: what a user
+gets who pushes merged weights) is decoded in alternation with it, rounds
+interleaved: ``decode_tokens_per_s`` then has ``adapter`` (runtime LoRA, rank
+``--rank``), ``merged`` (the merged checkpoint on the LoRA server: the zero adapter's
+kernels still run) and ``merged_plain`` (the second server).
+
 It starts its own server (``--engine torch`` or ``vllm``, fp32, the model
 ``--model``; SmolLM2 by default) with ``--weights-root`` in a temporary folder and
 stops it at the end.
 
     .venv/bin/python bench/lora_updates.py --engine torch --rank 16
     .venv/bin/python bench/lora_updates.py --engine vllm --rank 16
+    .venv/bin/python bench/lora_updates.py --engine vllm --rank 16 --enable-lora
 """
 
 from __future__ import annotations
@@ -40,8 +48,10 @@ ROOT = Path(__file__).resolve().parents[1]
 LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def start(model: str, engine: str, root: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "dvp_server", "--model", model, "--engine", engine]
+def start(
+    model: str, engine: str, root: Path, port: int, log: Path, *extra: str
+) -> subprocess.Popen[bytes]:
+    cmd = [sys.executable, "-m", "dvp_server", "--model", model, "--engine", engine, *extra]
     cmd += ["--port", str(port), "--weights-root", str(root), "--max-lora-rank", "64"]
     cmd += ["--log-level", "warning", "--max-batch", "16"]
     if engine == "vllm":
@@ -102,8 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decode-tokens", type=int, default=64)
     p.add_argument("--decode-n", type=int, default=8)
     p.add_argument("--port", type=int, default=8931)
+    p.add_argument("--enable-lora", action="store_true", help="vLLM's runtime LoRA (above)")
     p.add_argument("--json", type=Path, help="write the results here too")
     args = p.parse_args(argv)
+    if args.enable_lora and args.engine != "vllm":
+        p.error("--enable-lora is for --engine vllm")
 
     from dvp_client.integrations._weights import merged_tensors
     from dvp_server.model_store import resolve_model
@@ -118,10 +131,17 @@ def main(argv: list[str] | None = None) -> int:
     names = None
     with tempfile.TemporaryDirectory(prefix="dvp-lora-bench-") as tmp:
         root = Path(tmp)
-        proc = start(str(model_dir), args.engine, root, args.port, root / "server.log")
+        extra = ["--enable-lora"] if args.enable_lora else []
+        proc = start(str(model_dir), args.engine, root, args.port, root / "server.log", *extra)
         url = f"http://127.0.0.1:{args.port}"
+        plain = plain_url = None
         res: dict[str, dict[str, list[float]]] = {"adapter": {}, "full": {}}
+        tps: dict[str, list[float]] = {"adapter": [], "merged": []}
         try:
+            if args.enable_lora:
+                plain = start(str(model_dir), "vllm", root, args.port + 1, root / "plain.log")
+                plain_url = f"http://127.0.0.1:{args.port + 1}"
+                tps["merged_plain"] = []
             from safetensors import safe_open
 
             names = []
@@ -153,19 +173,28 @@ def main(argv: list[str] | None = None) -> int:
                     row.setdefault("request_s", []).append(wall)
                     row.setdefault("load_s", []).append(load)
             last = args.rounds - 1
-            push(url, f"a{last}")
-            decode_tps(url, 8, 2)  # warm-up
-            tps_a = [decode_tps(url, args.decode_tokens, args.decode_n) for _ in range(2)]
-            push(url, f"m{last}")
-            decode_tps(url, 8, 2)
-            tps_m = [decode_tps(url, args.decode_tokens, args.decode_n) for _ in range(2)]
+            if plain_url is not None:
+                push(plain_url, f"m{last}")
+                decode_tps(plain_url, 8, 2)  # warm-up
+            for kind, folder in (("adapter", f"a{last}"), ("merged", f"m{last}")):
+                push(url, folder)
+                decode_tps(url, 8, 2)  # warm-up
+                for _ in range(2):  # interleaved with the plain server's merged weights
+                    tps[kind].append(decode_tps(url, args.decode_tokens, args.decode_n))
+                    if plain_url is not None:
+                        tps["merged_plain"].append(
+                            decode_tps(plain_url, args.decode_tokens, args.decode_n)
+                        )
         finally:
-            proc.terminate()
-            proc.wait(timeout=60)
+            for server in (proc, plain):
+                if server is not None:
+                    server.terminate()
+                    server.wait(timeout=60)
     out: dict[str, Any] = {"engine": args.engine, "model": args.model, "rank": args.rank}
     for kind, row in res.items():
         out[kind] = {k: statistics.median(v) for k, v in row.items()}
-    out["decode_tokens_per_s"] = {"adapter": max(tps_a), "merged": max(tps_m)}
+    out["enable_lora"] = args.enable_lora
+    out["decode_tokens_per_s"] = {k: statistics.median(v) for k, v in tps.items()}
     print(json.dumps(out, indent=2))
     if args.json:
         args.json.write_text(json.dumps(out, indent=2) + "\n")
