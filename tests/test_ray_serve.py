@@ -291,56 +291,60 @@ def test_fleet_on_ray_serve(serve_url: str) -> None:
 @pytest.mark.slow
 def test_fleet_keep_update_in_flight(serve_url: str) -> None:
     """A fleet update with ``on_inflight: "keep"`` while long rollouts decode on both
-    replicas: nothing drained or aborted, the rollouts in flight across it carry the
-    old and the new version in their spans (KV of the old one), every replica serves
-    the new version when the call returns."""
+    replicas: nothing drained or aborted or lost, every rollout's spans go from the old
+    to the new version with the KV of its prefill throughout, and some rollout was
+    decoding when the update landed (spans of both versions; up to 3 tries, each a new
+    version, since on a fast machine 400 tokens may all decode before the update lands);
+    every replica serves the new version when the call returns."""
     url = serve_url
-    old = _fleet(url)["policy_version"]
-    new = old + 1
     body = {
         "prompts": [[1, 2, 3]],
         "n": 8,  # a full batch per request (max_batch 8): decoding lasts long enough
         "sampling": {"max_tokens": 400, "seed": 3, "ignore_eos": True},
     }
-    done: list[tuple[float, float, httpx.Response]] = []
 
-    def post(_: int) -> None:
+    def post(_: int) -> httpx.Response:
         while True:  # Serve's router may queue past its small limit: retry its 503
-            t0 = time.monotonic()
             r = httpx.post(f"{url}/v1/rollouts", json=body, timeout=300)
             if r.status_code != 503:
-                break
+                return r
             time.sleep(0.2)
-        done.append((t0, time.monotonic(), r))
 
-    with ThreadPoolExecutor(4) as pool:  # 2 per replica: Serve's max_ongoing_requests
-        futures = [pool.submit(post, i) for i in range(4)]
-        time.sleep(0.3)
-        t0 = time.monotonic()
-        [update] = Client(url, max_retries=0).update_weights(
-            "certain", policy_version=new, on_inflight="keep"
+    spanned, tries = 0, []
+    while not spanned and len(tries) < 3:
+        old = _fleet(url)["policy_version"]
+        new = old + 1
+        with ThreadPoolExecutor(4) as pool:  # 2 per replica: Serve's max_ongoing_requests
+            futures = [pool.submit(post, i) for i in range(4)]
+            time.sleep(0.3)
+            [update] = Client(url, max_retries=0).update_weights(
+                "certain", policy_version=new, on_inflight="keep"
+            )
+            done = [f.result() for f in futures]
+        assert update.policy_version == new and update.previous_version == old
+        assert update.drained_rollouts == 0 and update.aborted_rollouts == 0
+        assert update.replicas and {r.policy_version for r in update.replicas} == {new}
+        assert len(update.replicas) == 2
+        for r in done:
+            assert r.status_code == 200, r.text
+            for ro in r.json()["rollouts"]:
+                assert len(ro["token_ids"]) == 400  # no token lost
+                spans = ro["version_spans"]
+                pvs = [s[1] for s in spans]
+                assert pvs in ([old], [new], [old, new]), spans
+                # keep: the prefill's KV throughout (a request queued past the update,
+                # by Serve or by the engine's batch, was prefilled by the new weights)
+                assert all(kv == spans[0][1] for _, _, kv in spans), spans
+                spanned += pvs == [old, new]
+        tries.append(
+            sorted(
+                {
+                    tuple(s[1] for s in ro["version_spans"])
+                    for r in done
+                    for ro in r.json()["rollouts"]
+                }
+            )
         )
-        t1 = time.monotonic()
-        for f in futures:
-            f.result()
-    assert update.policy_version == new and update.previous_version == old
-    assert update.drained_rollouts == 0 and update.aborted_rollouts == 0
-    assert update.replicas and {r.policy_version for r in update.replicas} == {new}
-    assert len(update.replicas) == 2
-    spanned = 0
-    for start, end, r in done:
-        assert r.status_code == 200, r.text
-        for ro in r.json()["rollouts"]:
-            assert len(ro["token_ids"]) == 400  # no token lost
-            spans = ro["version_spans"]
-            pvs = [s[1] for s in spans]
-            assert pvs == sorted(pvs) and set(pvs) <= {old, new}, spans
-            # keep: the prefill's KV throughout (a request Serve queued past the update
-            # was prefilled by the new weights)
-            assert all(kv == spans[0][1] for _, _, kv in spans), spans
-            if start < t0 and end > t1:  # in flight across the whole fleet call
-                assert pvs == [old, new], spans
-                spanned += 1
-    assert spanned, [(round(s - t0, 3), round(e - t1, 3)) for s, e, _ in done]
+    assert spanned, tries
     fleet = _wait_converged(url, new, 60)
     assert {r["policy_version"] for r in fleet["replicas"]} == {new}
