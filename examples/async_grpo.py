@@ -47,15 +47,8 @@ from dvp_client.train.objective import pruned_logprobs
 from dvp_client.train.staleness import staleness_metrics
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from grpo import (
-    STOP,
-    WeightPusher,
-    completion_logits,
-    load_policy,
-    problem,
-    reward,
-    write_csv,
-)
+from _addition import STOP, problem, reward, write_csv
+from grpo import WeightPusher, completion_logits, load_policy
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

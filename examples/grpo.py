@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import csv
 import math
-import random
 import shutil
 import sys
 import time
@@ -56,20 +55,8 @@ from dvp_client.train.metrics import batch_metrics
 from dvp_client.train.objective import pruned_logprobs
 from dvp_client.train.tensors import RolloutTensors
 
-SHOTS = ((2, 3), (4, 1), (6, 2))
-STOP = "\n"
-
-
-def problem(rng: random.Random) -> tuple[str, int]:
-    """A few-shot addition prompt and its answer."""
-    a, b = rng.randint(0, 9), rng.randint(0, 9)
-    shots = "".join(f"{x}+{y}={x + y}\n" for x, y in SHOTS)
-    return f"{shots}{a}+{b}=", a + b
-
-
-def reward(text: str | None, answer: int) -> float:
-    """1.0 when the completion, stripped, is exactly the answer; else 0.0."""
-    return 1.0 if text is not None and text.split(STOP)[0].strip() == str(answer) else 0.0
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _addition import evaluate, reward, sample, write_csv
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -222,24 +209,6 @@ class WeightPusher:
         return time.perf_counter() - t0
 
 
-def sample(client: Client, args: argparse.Namespace, step: int) -> tuple[RolloutBatch, list[int]]:
-    """This step's problems (the same for every run with this seed) and their rollouts."""
-    rng = random.Random(args.seed * 1_000_003 + step)
-    probs = [problem(rng) for _ in range(args.prompts)]
-    rule = {"min_p": args.min_p} if args.dvp else {"min_p": 0.0}
-    batch = client.rollouts(
-        [q for q, _ in probs],
-        n=args.n,
-        temperature=args.temperature,
-        max_tokens=args.max_tokens,
-        stop=[STOP],
-        seed=args.seed * 1_000_003 + step,
-        pruning=rule,
-        return_safe_token_ids=args.dvp,
-    )
-    return batch, [a for _, a in probs]
-
-
 def completion_logits(model: Any, bt: RolloutTensors) -> torch.Tensor:
     """Teacher-forced fp32 logits predicting each completion step, ``[B, T, V]``."""
     t = bt.tokens.shape[1]
@@ -349,20 +318,6 @@ def train_minibatches(
     }
 
 
-def evaluate(client: Client, args: argparse.Namespace) -> float:
-    """Greedy accuracy on a fixed held-out set (temperature 0, no pruning)."""
-    rng = random.Random(-1 - args.seed)
-    probs = [problem(rng) for _ in range(args.eval_size)]
-    batch = client.rollouts(
-        [q for q, _ in probs],
-        temperature=0.0,
-        max_tokens=args.max_tokens,
-        stop=[STOP],
-        pruning={"min_p": 0.0},
-    )
-    return sum(reward(r.text, probs[r.prompt_index][1]) for r in batch.rollouts) / len(probs)
-
-
 def check_versions(batch: RolloutBatch, expected: int) -> None:
     """Every rollout must come from the weights pushed last."""
     got = {r.policy_version for r in batch.rollouts}
@@ -470,14 +425,6 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     write_csv(rows, args.out / "steps.csv")
     plot([args.out / "steps.csv"], args.out / "steps.png")
     return rows
-
-
-def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
-    fields = list(dict.fromkeys(k for r in rows for k in r))
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows(rows)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,10 +36,8 @@ Run (two terminals, from the repository root)::
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
-import random
 import shutil
 import sys
 import time
@@ -52,7 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from dvp_client import APIStatusError, Client, RolloutBatch
+from dvp_client import APIStatusError, Client
 from dvp_client.train.jax import (
     Aggregation,
     Correction,
@@ -66,23 +64,12 @@ from dvp_client.train.jax import (
 )
 from safetensors.numpy import load_file, save_file
 
-SHOTS = ((2, 3), (4, 1), (6, 2))
-STOP = "\n"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _addition import evaluate, reward, sample, write_csv
+
 PROMPT_BUCKET = 16  # left-pad prompts to a multiple of this: few shapes for jit
 
 Params = dict[str, Any]
-
-
-def problem(rng: random.Random) -> tuple[str, int]:
-    """A few-shot addition prompt and its answer."""
-    a, b = rng.randint(0, 9), rng.randint(0, 9)
-    shots = "".join(f"{x}+{y}={x + y}\n" for x, y in SHOTS)
-    return f"{shots}{a}+{b}=", a + b
-
-
-def reward(text: str | None, answer: int) -> float:
-    """1.0 when the completion, stripped, is exactly the answer; else 0.0."""
-    return 1.0 if text is not None and text.split(STOP)[0].strip() == str(answer) else 0.0
 
 
 def parity_reward(text: str | None, answer: int) -> float:
@@ -336,34 +323,6 @@ class WeightPusher:
         return time.perf_counter() - t0
 
 
-def sample(client: Client, args: argparse.Namespace, step: int) -> tuple[RolloutBatch, list[int]]:
-    """This step's problems (the same for every run with this seed) and their rollouts."""
-    rng = random.Random(args.seed * 1_000_003 + step)
-    probs = [problem(rng) for _ in range(args.prompts)]
-    batch = client.rollouts(
-        [q for q, _ in probs],
-        n=args.n,
-        temperature=args.temperature,
-        max_tokens=args.max_tokens,
-        stop=[STOP],
-        seed=args.seed * 1_000_003 + step,
-        pruning={"min_p": args.min_p if args.dvp else 0.0},
-        return_safe_token_ids=args.dvp,
-    )
-    return batch, [a for _, a in probs]
-
-
-def evaluate(client: Client, args: argparse.Namespace) -> float:
-    """Greedy accuracy on a fixed held-out set (temperature 0, no pruning)."""
-    rng = random.Random(-1 - args.seed)
-    probs = [problem(rng) for _ in range(args.eval_size)]
-    batch = client.rollouts(
-        [q for q, _ in probs], temperature=0.0, max_tokens=args.max_tokens, stop=[STOP],
-        pruning={"min_p": 0.0},
-    )  # fmt: skip
-    return sum(reward(r.text, probs[r.prompt_index][1]) for r in batch.rollouts) / len(probs)
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("--url", default="http://127.0.0.1:8000")
@@ -488,14 +447,6 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     }
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return rows
-
-
-def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
-    fields = list(dict.fromkeys(k for r in rows for k in r))
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows(rows)
 
 
 def main(argv: list[str] | None = None) -> int:

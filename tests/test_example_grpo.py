@@ -169,10 +169,11 @@ def test_grpo_without_weights_root_says_how_to_fix(
 
 
 def test_reward_is_exact_match() -> None:
-    grpo = load_example()
-    assert grpo.reward("7", 7) == 1.0 and grpo.reward(" 7 ", 7) == 1.0
-    assert grpo.reward("7, (", 7) == 0.0 and grpo.reward("17", 7) == 0.0
-    assert grpo.reward(None, 7) == 0.0
-    prompt, answer = grpo.problem(__import__("random").Random(0))
+    load_example()  # puts examples/ on sys.path: the task module the examples share
+    task = importlib.import_module("_addition")
+    assert task.reward("7", 7) == 1.0 and task.reward(" 7 ", 7) == 1.0
+    assert task.reward("7, (", 7) == 0.0 and task.reward("17", 7) == 0.0
+    assert task.reward(None, 7) == 0.0
+    prompt, answer = task.problem(__import__("random").Random(0))
     a, b = prompt.splitlines()[-1].rstrip("=").split("+")
     assert answer == int(a) + int(b) and prompt.startswith("2+3=5\n")
