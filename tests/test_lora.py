@@ -484,3 +484,21 @@ def test_adapter_update_in_flight_names_each_tokens_version(
     for part, ref in ((slice(0, s), without), (slice(s, TOKENS), with_adapter)):
         assert np.max(np.abs(r["masked"][part] - ref.masked[part])) < 1e-5  # type: ignore[attr-defined]
         assert np.array_equal(r["sizes"][part], ref.sizes[part])  # type: ignore[attr-defined]
+
+
+def test_runtime_lora_zero_adapter_is_the_base(tiny_lora: Path) -> None:
+    """The zero adapter the vLLM slot serves the base alone with passes the server's own
+    adapter check against the model, and its B is zero (W + B A = W exactly); a
+    --max-lora-rank vLLM does not take is refused naming the flag."""
+    from dvp_server.engines.vllm._lora import check_lora_rank, write_zero_adapter
+    from dvp_server.service.adapter import check_adapter
+    from dvp_server.service.checkpoint import ModelManifest
+
+    folder = write_zero_adapter(tiny_lora)
+    adapter = check_adapter(folder, ModelManifest.from_model_dir(tiny_lora), MAX_RANK)
+    assert adapter.rank == 1 and adapter.target_modules == ["q_proj"]
+    lora = adapter.load()
+    assert len(lora) == 1 and all(float(b.abs().max()) == 0.0 for _a, b in lora.values())
+    assert check_lora_rank(16) == 16
+    with pytest.raises(ValueError, match="--max-lora-rank 4"):
+        check_lora_rank(4)
