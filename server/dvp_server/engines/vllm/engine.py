@@ -53,7 +53,7 @@ from ._args import (
 )
 from ._channel import StepChannel, StepTimeout
 from ._lora import write_zero_adapter
-from ._reload import reload_weights, version_salt
+from ._reload import load_lora, reload_weights, version_salt
 from ._score import score_with_vllm
 from ._steps import StepBuffer, Steps, chunk_fields, read_sampled
 from ._updates import WeightUpdates
@@ -155,11 +155,13 @@ class VllmEngine(WeightUpdates):
         build = asyncio.ensure_future(asyncio.to_thread(AsyncLLM.from_engine_args, args))
         try:
             self._llm = await asyncio.shield(build)
+            version = self._version.value
             if self._weights_dir is not None:  # a restart: serve the same weights again
-                await reload_weights(
-                    self._llm, self._weights_dir, self._version.value, lora=self._lora_dir
-                )
-                logger.info("re-applied the weights of policy_version %d", self._version.value)
+                await reload_weights(self._llm, self._weights_dir, version, lora=self._lora_dir)
+                logger.info("re-applied the weights of policy_version %d", version)
+            elif version and self._lora_dir is not None:  # adapters only: the slot and stamp
+                await load_lora(self._llm, self._lora_dir, version)
+                logger.info("re-applied the adapter of policy_version %d", version)
         except BaseException:  # failed, or cancelled (server stopping): leave no processes
             if self._llm is None:
                 with contextlib.suppress(Exception):
