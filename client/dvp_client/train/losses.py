@@ -70,56 +70,29 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .loss_options import Aggregation, Correction, parse_enum
+from .loss_options import Aggregation, Correction, LossOptions
 from .staleness import stale_tokens, versions_behind, versions_given
 
 __all__ = ["Aggregation", "Correction", "PolicyLossConfig", "PolicyLossOutput", "policy_loss"]
 
 
 @dataclass(frozen=True)
-class PolicyLossConfig:
-    """Hyperparameters of :func:`policy_loss`, validated at construction.
+class PolicyLossConfig(LossOptions):
+    """Hyperparameters of :func:`policy_loss`, validated at construction: the options of
+    :class:`~dvp_client.train.loss_options.LossOptions` (clip, correction, cap, IcePop
+    band, aggregation; shared with the JAX loss) and:
 
     Attributes:
-        eps_low: lower clip, ratio >= 1 - eps_low; in [0, 1).
-        eps_high: upper clip, ratio <= 1 + eps_high; > 0 (DAPO uses 0.28).
-        correction: a :class:`Correction` or its string value.
-        cap: C for TIS / MIS; >= 1 (verl's default threshold is 2).
-        icepop_low, icepop_high: IcePop band [a, b], 0 < a <= 1 <= b.
-        aggregation: an :class:`Aggregation` or its string value.
         max_staleness: drop tokens more than this many versions behind the trainer
             (module docstring); None keeps every token; >= 0 (0 keeps only tokens
             sampled by the trainer's version, over KV of that version when the KV
             versions are given).
     """
 
-    eps_low: float = 0.2
-    eps_high: float = 0.2
-    correction: Correction = Correction.NONE
-    cap: float = 2.0
-    icepop_low: float = 0.5
-    icepop_high: float = 5.0
-    aggregation: Aggregation = Aggregation.TOKEN_MEAN
     max_staleness: int | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(
-            self, "correction", parse_enum(Correction, self.correction, "correction")
-        )
-        object.__setattr__(
-            self, "aggregation", parse_enum(Aggregation, self.aggregation, "aggregation")
-        )
-        if not 0.0 <= self.eps_low < 1.0:
-            raise ValueError(f"eps_low must be in [0, 1), got {self.eps_low}")
-        if not self.eps_high > 0.0 or math.isinf(self.eps_high):
-            raise ValueError(f"eps_high must be positive and finite, got {self.eps_high}")
-        if not self.cap >= 1.0 or math.isinf(self.cap):
-            raise ValueError(f"cap must be >= 1 and finite, got {self.cap}")
-        if not 0.0 < self.icepop_low <= 1.0 <= self.icepop_high < math.inf:
-            raise ValueError(
-                "icepop band must satisfy 0 < icepop_low <= 1 <= icepop_high < inf, "
-                f"got [{self.icepop_low}, {self.icepop_high}]"
-            )
+        super().__post_init__()
         s = self.max_staleness
         if s is not None and (isinstance(s, bool) or not isinstance(s, int)):
             raise ValueError(f"max_staleness must be an int or None, got {s!r}")

@@ -40,52 +40,18 @@ import jax
 import jax.numpy as jnp
 from jax import Array
 
-from ..loss_options import Aggregation, Correction, parse_enum
+from ..loss_options import Aggregation, Correction, LossOptions
 from .rule import compute_dtype
 
 __all__ = ["Aggregation", "Correction", "PolicyLossConfig", "PolicyLossOutput", "policy_loss"]
 
 
 @dataclass(frozen=True)
-class PolicyLossConfig:
+class PolicyLossConfig(LossOptions):
     """Hyperparameters of :func:`policy_loss`, validated at construction (hashable:
-    pass it to ``jit`` as a static argument or close over it).
-
-    Attributes:
-        eps_low: lower clip, ratio >= 1 - eps_low; in [0, 1).
-        eps_high: upper clip, ratio <= 1 + eps_high; > 0.
-        correction: a :class:`Correction` or its string value.
-        cap: C for TIS / MIS; >= 1.
-        icepop_low, icepop_high: IcePop band [a, b], 0 < a <= 1 <= b.
-        aggregation: an :class:`Aggregation` or its string value.
-    """
-
-    eps_low: float = 0.2
-    eps_high: float = 0.2
-    correction: Correction = Correction.NONE
-    cap: float = 2.0
-    icepop_low: float = 0.5
-    icepop_high: float = 5.0
-    aggregation: Aggregation = Aggregation.TOKEN_MEAN
-
-    def __post_init__(self) -> None:
-        object.__setattr__(
-            self, "correction", parse_enum(Correction, self.correction, "correction")
-        )
-        object.__setattr__(
-            self, "aggregation", parse_enum(Aggregation, self.aggregation, "aggregation")
-        )
-        if not 0.0 <= self.eps_low < 1.0:
-            raise ValueError(f"eps_low must be in [0, 1), got {self.eps_low}")
-        if not self.eps_high > 0.0 or math.isinf(self.eps_high):
-            raise ValueError(f"eps_high must be positive and finite, got {self.eps_high}")
-        if not self.cap >= 1.0 or math.isinf(self.cap):
-            raise ValueError(f"cap must be >= 1 and finite, got {self.cap}")
-        if not 0.0 < self.icepop_low <= 1.0 <= self.icepop_high < math.inf:
-            raise ValueError(
-                "icepop band must satisfy 0 < icepop_low <= 1 <= icepop_high < inf, "
-                f"got [{self.icepop_low}, {self.icepop_high}]"
-            )
+    pass it to ``jit`` as a static argument or close over it). The fields and their
+    ranges are :class:`~dvp_client.train.loss_options.LossOptions`' (the torch loss's
+    options but ``max_staleness``)."""
 
 
 class PolicyLossOutput(NamedTuple):
